@@ -1,0 +1,51 @@
+-- flashsale schema. Safe to apply any number of times: every statement is
+-- idempotent, and nothing here ever drops data.
+--
+-- The invariants the purchase statement relies on are enforced here, by the
+-- database, so that no bug in application code can break them:
+--   * stock never negative and never above the total  (CHECK on flash_sales)
+--   * at most one order per user per sale              (UNIQUE on orders)
+
+CREATE TABLE IF NOT EXISTS users (
+    id            uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
+    email         text        NOT NULL,
+    password_hash text        NOT NULL,
+    is_admin      boolean     NOT NULL DEFAULT false,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT users_email_key UNIQUE (email),
+    -- The application lower-cases and trims; the database refuses anything else,
+    -- so two spellings of one address can never become two accounts.
+    CONSTRAINT users_email_normalised CHECK (email = lower(btrim(email)))
+);
+
+CREATE TABLE IF NOT EXISTS flash_sales (
+    id              uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
+    name            text        NOT NULL DEFAULT 'Flash sale',
+    start_date      timestamptz NOT NULL,
+    end_date        timestamptz NOT NULL,
+    total_stock     integer     NOT NULL,
+    remaining_stock integer     NOT NULL,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT flash_sales_window CHECK (end_date > start_date),
+    CONSTRAINT flash_sales_total_stock_positive CHECK (total_stock > 0),
+    CONSTRAINT flash_sales_stock_in_range CHECK (remaining_stock BETWEEN 0 AND total_stock)
+);
+
+CREATE INDEX IF NOT EXISTS flash_sales_end_date_idx ON flash_sales (end_date);
+CREATE INDEX IF NOT EXISTS flash_sales_start_date_idx ON flash_sales (start_date);
+
+CREATE TABLE IF NOT EXISTS orders (
+    id            uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
+    user_id       uuid        NOT NULL REFERENCES users (id) ON DELETE CASCADE,
+    flash_sale_id uuid        NOT NULL REFERENCES flash_sales (id) ON DELETE CASCADE,
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    updated_at    timestamptz NOT NULL DEFAULT now(),
+    -- The real guard against a second order by the same user: see the purchase
+    -- statement in resources/sql.py for why no snapshot check can replace it.
+    CONSTRAINT orders_one_per_user_per_sale UNIQUE (flash_sale_id, user_id)
+);
+
+-- "my orders" looks orders up by user; the unique index above serves lookups by sale.
+CREATE INDEX IF NOT EXISTS orders_user_id_idx ON orders (user_id);
