@@ -38,8 +38,11 @@ CREATE INDEX IF NOT EXISTS flash_sales_start_date_idx ON flash_sales (start_date
 
 CREATE TABLE IF NOT EXISTS orders (
     id            uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
-    user_id       uuid        NOT NULL REFERENCES users (id) ON DELETE CASCADE,
-    flash_sale_id uuid        NOT NULL REFERENCES flash_sales (id) ON DELETE CASCADE,
+    -- No ON DELETE CASCADE: an order that silently vanished would break
+    -- remaining_stock + orders = total_stock. Deleting a buyer or a sale with
+    -- orders is refused instead.
+    user_id       uuid        NOT NULL REFERENCES users (id),
+    flash_sale_id uuid        NOT NULL REFERENCES flash_sales (id),
     created_at    timestamptz NOT NULL DEFAULT now(),
     updated_at    timestamptz NOT NULL DEFAULT now(),
     -- The real guard against a second order by the same user: see the purchase
