@@ -127,7 +127,7 @@ def create_app(settings, pool):
         dumps=functools.partial(json.dumps, default=_json_default, separators=(',', ':')),
     )
     app.resp_options.media_handlers[falcon.MEDIA_JSON] = json_handler
-    errors.add_handlers(app)
+    errors.add_handlers(app, pool)
 
     app.add_route('/health', health.Health(pool))
     app.add_route('/api/auth/register', accounts.Register(pool, credentials, settings))
@@ -200,7 +200,6 @@ def serve(settings):
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
         app = create_app(settings, pool)
-        print(f'flashsale listening on http://{settings.host}:{settings.port}', flush=True)
         proxy = {}
         if settings.trusted_proxy:
             # Behind nginx: believe X-Forwarded-For/-Proto from that address only.
@@ -208,7 +207,7 @@ def serve(settings):
                 'trusted_proxy': settings.trusted_proxy,
                 'trusted_proxy_headers': {'x-forwarded-for', 'x-forwarded-proto'},
             }
-        waitress.serve(
+        server = waitress.create_server(
             app,
             host=settings.host,
             port=settings.port,
@@ -218,6 +217,8 @@ def serve(settings):
             clear_untrusted_proxy_headers=True,
             **proxy,
         )
+        print(f'flashsale listening on http://{settings.host}:{server.effective_port}', flush=True)
+        server.run()
     finally:
         pool.close()
 
