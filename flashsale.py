@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import secrets
-import signal
 import sys
 import uuid
 from datetime import datetime
@@ -27,11 +26,13 @@ from resources import errors
 from resources import health
 from resources import middleware
 from resources import orders
+from resources import openapi
 from resources import page
 from resources import sales
 from resources import sql
 from resources.cache import PollCache
 from resources.credentials import Credentials
+from resources.ratelimit import RateLimits
 
 log = logging.getLogger('flashsale')
 
@@ -63,6 +64,10 @@ class Settings:
     bcrypt_slots: int = 4  # bcrypt calls at once; more logins than that get 503 (THREADS // 2)
     data_dir: str = '.flashsale'  # the embedded database and its secret
     trusted_proxy: str | None = None  # e.g. 127.0.0.1 when behind nginx
+    auth_rate_per_minute: int = 30  # register + login per client address (0: off)
+    purchase_rate_per_second: int = 5  # purchases per user, twice that at once (0: off)
+    rate_limit_exempt: tuple = ('127.0.0.1', '::1')  # client addresses no limit applies to
+    shutdown_timeout: float = 10.0  # seconds SIGTERM waits for requests in flight
 
     @classmethod
     def from_env(cls, environ=os.environ):
@@ -98,6 +103,13 @@ class Settings:
             bcrypt_slots=integer('BCRYPT_SLOTS', max(1, threads // 2), 1, 256),
             data_dir=environ.get('FLASHSALE_DATA_DIR') or cls.data_dir,
             trusted_proxy=environ.get('TRUSTED_PROXY') or None,
+            auth_rate_per_minute=integer('AUTH_RATE_PER_MINUTE', cls.auth_rate_per_minute, 0, 1_000_000),
+            purchase_rate_per_second=integer('PURCHASE_RATE_PER_SECOND', cls.purchase_rate_per_second, 0, 1_000_000),
+            rate_limit_exempt=tuple(
+                a.strip() for a in environ.get('RATE_LIMIT_EXEMPT', ','.join(cls.rate_limit_exempt)).split(',')
+                if a.strip()
+            ),
+            shutdown_timeout=integer('SHUTDOWN_TIMEOUT_MS', int(cls.shutdown_timeout * 1000), 0, 600_000) / 1000,
         )
         if settings.database_url and not settings.jwt_secret:
             raise ConfigError(
@@ -126,9 +138,10 @@ def create_app(settings, pool):
     )
     poll_cache = PollCache(settings.poll_cache_ms / 1000, _json_default)
 
-    stack = [middleware.RequestLog(), middleware.SecurityHeaders()]
+    stack = [middleware.RequestLog(), middleware.SecurityHeaders(), middleware.StaticMethods()]
     if settings.cors_origins:
         stack.append(falcon.CORSMiddleware(allow_origins=list(settings.cors_origins)))
+    stack.append(RateLimits(settings, credentials))
     app = falcon.App(middleware=stack, cors_enable=False)
 
     json_handler = falcon.media.JSONHandler(
@@ -147,6 +160,7 @@ def create_app(settings, pool):
     app.add_route('/api/flash-sales/current', sales.Current(pool, poll_cache))
     app.add_route('/api/flash-sales/{sale_id}', sales.Item(pool, poll_cache))
     app.add_route('/api/flash-sales/{sale_id}/purchase', orders.Purchase(pool, credentials))
+    app.add_route('/openapi.json', openapi.Document())
     page.add_routes(app)
     return app
 
@@ -194,7 +208,7 @@ def _seed_demo(conn, settings):
 
 
 def serve(settings):
-    import waitress  # noqa: PLC0415 (only the serve command needs it)
+    from resources import serving  # noqa: PLC0415 (only the serve command needs waitress)
 
     url, settings = _database(settings)
     with database.connect(settings, url) as conn:
@@ -202,33 +216,16 @@ def serve(settings):
         if not settings.database_url:
             _seed_demo(conn, settings)
     pool = database.open_pool(settings, url)
-    # SIGTERM (docker stop, systemd, kill) stops the server as Ctrl-C does:
-    # waitress lets in-flight requests finish, then the pool is closed (and
-    # the embedded database stopped) on the way out.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
-        app = create_app(settings, pool)
-        proxy = {}
-        if settings.trusted_proxy:
-            # Behind nginx: believe X-Forwarded-For/-Proto from that address only.
-            proxy = {
-                'trusted_proxy': settings.trusted_proxy,
-                'trusted_proxy_headers': {'x-forwarded-for', 'x-forwarded-proto'},
-            }
-        server = waitress.create_server(
-            app,
-            host=settings.host,
-            port=settings.port,
-            threads=settings.threads,
-            ident='flashsale',
-            max_request_body_size=settings.max_body_bytes,
-            clear_untrusted_proxy_headers=True,
-            **proxy,
-        )
+        server = serving.create_server(create_app(settings, pool), settings)
         print(f'flashsale listening on http://{settings.host}:{server.effective_port}', flush=True)
-        server.run()
+        # SIGTERM (docker stop, systemd, kill) and Ctrl-C: stop accepting,
+        # finish and send the answers in flight, then close the pool (and stop
+        # the embedded database) on the way out, exit status 0.
+        serving.run(server, settings.shutdown_timeout)
     finally:
         pool.close()
+        log.info('database pool closed')
 
 
 def init_db(settings):

@@ -1,6 +1,8 @@
 """Connections to PostgreSQL: the pool the app uses, and applying schema.sql."""
 
+import select
 import sys
+import time
 from pathlib import Path
 
 import psycopg
@@ -33,18 +35,56 @@ def connection_options(settings):
     )
 
 
+# A server that does not answer a connection attempt (a host that is down, a
+# dropped packet) would otherwise keep libpq waiting for minutes. TCP
+# keepalives find a peer that vanished while a connection sat open.
+CONNECT_KWARGS = {
+    'connect_timeout': 3,
+    'keepalives': 1,
+    'keepalives_idle': 10,
+    'keepalives_interval': 3,
+    'keepalives_count': 3,
+}
+
+# How long a request waits for a connection while the latest attempt to open
+# one has failed: the database is down, so waiting the whole pool timeout
+# would only hold a thread (and everyone queued behind it) to say so later.
+UNREACHABLE_WAIT = 0.5
+
+# A connection lost with the database is retried 1, 2, 4... seconds later,
+# for this long; after that the next request to need a connection tries again
+# at once. psycopg_pool's default (5 minutes) lets the backoff grow to a
+# minute or more, and the service would stay down that long after the
+# database came back.
+RECONNECT_TIMEOUT = 5.0
+
+
 def connect(settings, url):
     """One connection outside the pool (for commands and start-up work)."""
     return psycopg.connect(
-        url, autocommit=True, row_factory=dict_row, options=connection_options(settings)
+        url, autocommit=True, row_factory=dict_row, options=connection_options(settings), **CONNECT_KWARGS
     )
+
+
+def _hung_up(conn):
+    """True if the server has closed this idle connection. An idle connection
+    in autocommit has nothing to say: anything to read on its socket is the
+    server's goodbye (it restarted, or ended the session) or the closed socket
+    itself. One poll() and no round trip (tests/test_faults.py; README)."""
+    try:
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+    except (psycopg.Error, OSError, ValueError):
+        return True
 
 
 class Pool(ConnectionPool):
     """A ConnectionPool that remembers whether its latest attempt to open a
     connection failed, so that "no connection came free in time" can be told
     apart: the database is down (503 database_unavailable) or merely busy
-    (503 overloaded)."""
+    (503 overloaded). It answers that quickly while the database is down, and
+    never hands out a connection the server has hung up on."""
 
     def __init__(self, *args, **kwargs):
         self.database_unreachable = False
@@ -63,6 +103,23 @@ class Pool(ConnectionPool):
 
         super().__init__(*args, connection_class=Connection, **kwargs)
 
+    def getconn(self, timeout=None):
+        if timeout is None:
+            timeout = self.timeout
+        if self.database_unreachable:
+            timeout = min(timeout, UNREACHABLE_WAIT)
+        deadline = time.monotonic() + timeout
+        while True:
+            conn = super().getconn(max(deadline - time.monotonic(), 0.001))
+            if not _hung_up(conn):
+                return conn
+            # After a database restart every idle connection is dead: the
+            # request would fail on the first. Drop it (the pool opens a
+            # replacement) and take the next, without the pool's own check
+            # loop, which would sleep a second between two dead connections.
+            conn.close()
+            self.putconn(conn)
+
 
 def open_pool(settings, url):
     """The pool the app runs on: as many connections as server threads, so a
@@ -78,7 +135,9 @@ def open_pool(settings, url):
             'autocommit': True,
             'row_factory': dict_row,
             'options': connection_options(settings),
+            **CONNECT_KWARGS,
         },
+        reconnect_timeout=RECONNECT_TIMEOUT,
         name='flashsale',
         open=True,
     )

@@ -58,6 +58,24 @@ def unavailable(code, message, retry_after):
     )
 
 
+def outcome_unknown():
+    # The connection to the database broke while a purchase statement was in
+    # flight: it may have committed just before. Only the purchase raises this.
+    return unavailable(
+        'outcome_unknown',
+        'We lost the database while placing your order, so we cannot tell whether it went through. '
+        'GET /api/me/orders/{flashSaleId} tells; buying again is safe (one order per person).',
+        2,
+    )
+
+
+def rate_limited(retry_after):
+    return APIError(
+        falcon.HTTP_429, 'rate_limited', 'Too many requests; slow down.',
+        headers={'Retry-After': str(retry_after)},
+    )
+
+
 # Falcon raises these itself (routing, methods, streams); give them our shape.
 _FALCON_CODES = {
     falcon.HTTPRouteNotFound: ('not_found', 'No such endpoint.'),

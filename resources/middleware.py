@@ -5,6 +5,8 @@ import re
 import time
 import uuid
 
+import falcon
+
 log = logging.getLogger('flashsale.access')
 
 # A client's request id is echoed into logs: accept only a plain token.
@@ -52,3 +54,13 @@ class RequestLog:
             '%s %s %s %.1fms id=%s',
             req.method, req.path, resp.status[:3], elapsed_ms, req.context.request_id,
         )
+
+
+class StaticMethods:
+    """Falcon's static route serves its file whatever the method: a POST or a
+    DELETE to /static/... would be answered 200 with the file. Only GET and
+    HEAD read a file; anything else gets the API's 405."""
+
+    def process_request(self, req, resp):
+        if req.path.startswith('/static/') and req.method not in ('GET', 'HEAD', 'OPTIONS'):
+            raise falcon.HTTPMethodNotAllowed(['GET', 'HEAD'])

@@ -1,10 +1,13 @@
 """Buying, and reading one's own orders."""
 
 import falcon
+import psycopg
 
 from resources import sql
+from resources.accounts import existing_user
 from resources.errors import conflict
 from resources.errors import not_found
+from resources.errors import outcome_unknown
 from resources.parsing import path_uuid
 from resources.sales import sale_not_found
 
@@ -45,7 +48,18 @@ class Purchase:
         with self._pool.connection() as conn:
             # A racing duplicate raises UniqueViolation here; resources/errors.py
             # maps it to 409 already_purchased (see sql.PURCHASE).
-            row = sql.one(conn, sql.PURCHASE, {'sale_id': sale_id, 'user_id': user_id}, prepare=True)
+            try:
+                row = sql.one(conn, sql.PURCHASE, {'sale_id': sale_id, 'user_id': user_id}, prepare=True)
+            except psycopg.OperationalError as exc:
+                # An error the server reports for the statement (a statement or
+                # lock timeout) leaves the connection working and means the
+                # statement rolled back. A connection that broke instead (the
+                # database shut down or crashed, the network went) may have
+                # lost only the answer to a commit that happened: say so,
+                # rather than "failed" (README: "When the database goes away").
+                if conn.broken:
+                    raise outcome_unknown() from exc
+                raise
         outcome = row.pop('outcome')
         if outcome == 'sold_out' and len(self._sold_out) < 100_000:
             self._sold_out.add(sale_id)
@@ -64,6 +78,7 @@ class MyOrder:
         user_id = self._credentials.user_id(req)
         sale_id = path_uuid(sale_id, order_not_found())
         with self._pool.connection() as conn:
+            existing_user(conn, user_id)
             row = sql.one(conn, sql.FIND_MY_ORDER, {'sale_id': sale_id, 'user_id': user_id})
         if row is None:
             raise order_not_found()
@@ -78,4 +93,6 @@ class MyOrders:
     def on_get(self, req, resp):
         user_id = self._credentials.user_id(req)
         with self._pool.connection() as conn:
+            # A deleted user's token is refused (401), not answered "no orders".
+            existing_user(conn, user_id)
             resp.media = {'orders': sql.many(conn, sql.LIST_MY_ORDERS, {'user_id': user_id})}

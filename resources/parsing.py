@@ -2,12 +2,30 @@
 sane size, and ids in paths."""
 
 import json
+import re
 import uuid
 
 import falcon
 
 from resources.errors import APIError
 from resources.errors import invalid
+
+# No body this API takes nests at all; this is far beyond any honest one, and
+# keeps the parser away from Python's recursion limit whatever its version.
+MAX_JSON_DEPTH = 16
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b'[]{}')
+
+
+def _nesting(raw):
+    """How deeply raw JSON nests arrays and objects (brackets in strings
+    don't count). Linear in the size of the body, which is capped."""
+    depth = deepest = 0
+    for bracket in _JSON_STRING.sub(b'', raw).translate(None, _NOT_BRACKETS):
+        depth += 1 if bracket in b'[{' else -1
+        deepest = max(deepest, depth)
+    return deepest
 
 
 def read_object(req, max_bytes, *, required, optional=()):
@@ -23,6 +41,8 @@ def read_object(req, max_bytes, *, required, optional=()):
         raise APIError(
             falcon.HTTP_413, 'payload_too_large', f'The request body is over {max_bytes} bytes.'
         )
+    if _nesting(raw) > MAX_JSON_DEPTH:
+        raise invalid(None, f'The request body nests deeper than {MAX_JSON_DEPTH} levels.', 'invalid_json')
     try:
         body = json.loads(raw)
     # RecursionError: a body of thousands of nested brackets fits in the size

@@ -1,0 +1,301 @@
+"""GET /openapi.json: the whole HTTP API as an OpenAPI 3.0 document.
+
+tests/test_openapi.py keeps it true: every route the app has is described
+here and nothing else is, and schemathesis (tests/test_fuzz.py) fuzzes the
+real app from it and checks every answer against it.
+"""
+
+import falcon
+
+from resources.credentials import MAX_PASSWORD_BYTES
+from resources.sales import MAX_TOTAL_STOCK
+
+_UUID = {'type': 'string', 'format': 'uuid'}
+_TIME = {'type': 'string', 'format': 'date-time'}
+
+
+def _ref(name):
+    return {'$ref': f'#/components/schemas/{name}'}
+
+
+def _json(schema):
+    return {'application/json': {'schema': schema}}
+
+
+def _object(required, **properties):
+    return {'type': 'object', 'required': list(required), 'properties': properties, 'additionalProperties': False}
+
+
+SCHEMAS = {
+    'Error': {
+        'type': 'object',
+        'required': ['code', 'message'],
+        'properties': {
+            'code': {'type': 'string', 'description': 'stable, for programs'},
+            'message': {'type': 'string', 'description': 'for people'},
+            'field': {'type': 'string', 'nullable': True, 'description': 'the body field at fault'},
+        },
+        'additionalProperties': False,
+    },
+    'User': _object(
+        ['id', 'email', 'isAdmin', 'createdAt'],
+        id=_UUID, email={'type': 'string'}, isAdmin={'type': 'boolean'}, createdAt=_TIME,
+    ),
+    'FlashSale': _object(
+        ['id', 'name', 'startDate', 'endDate', 'totalStock', 'remainingStock', 'status', 'createdAt', 'updatedAt'],
+        id=_UUID,
+        name={'type': 'string'},
+        startDate=_TIME,
+        endDate=_TIME,
+        totalStock={'type': 'integer', 'minimum': 1},
+        remainingStock={'type': 'integer', 'minimum': 0},
+        status=_ref('SaleStatus'),
+        createdAt=_TIME,
+        updatedAt=_TIME,
+    ),
+    'SaleStatus': {'type': 'string', 'enum': ['upcoming', 'active', 'ended']},
+    'Order': _object(
+        ['id', 'userId', 'flashSaleId', 'createdAt'],
+        id=_UUID, userId=_UUID, flashSaleId=_UUID, createdAt=_TIME,
+    ),
+    'Credentials': _object(
+        ['email', 'password'],
+        email={'type': 'string', 'maxLength': 254, 'example': 'shopper@example.com'},
+        password={
+            'type': 'string', 'maxLength': 1024, 'example': 'correct horse',
+            'description': f'8 to {MAX_PASSWORD_BYTES} bytes of UTF-8 (bcrypt reads no further)',
+        },
+    ),
+    'NewSale': _object(
+        ['startDate', 'endDate', 'totalStock'],
+        startDate={**_TIME, 'description': 'with an offset or Z'},
+        endDate={**_TIME, 'description': 'after startDate'},
+        totalStock={'type': 'integer', 'minimum': 1, 'maximum': MAX_TOTAL_STOCK},
+        name={'type': 'string', 'maxLength': 200, 'minLength': 1},
+    ),
+    'SaleWithTime': _object(
+        ['flashSale', 'status', 'serverTime'],
+        flashSale=_ref('FlashSale'), status=_ref('SaleStatus'), serverTime=_TIME,
+    ),
+    'Session': _object(['user', 'token'], user=_ref('User'), token={'type': 'string'}),
+}
+
+
+def _error(description, *codes, retry_after=False):
+    schema = {'allOf': [_ref('Error'), {'properties': {'code': {'enum': list(codes)}}}]}
+    response = {'description': description, 'content': _json(schema)}
+    if retry_after:
+        response['headers'] = {
+            'Retry-After': {'required': True, 'schema': {'type': 'integer', 'minimum': 1},
+                            'description': 'seconds to wait before trying again'},
+        }
+    return response
+
+
+def _ok(description, schema):
+    return {'description': description, 'content': _json(schema)}
+
+
+_UNAVAILABLE = _error(
+    'The database is unreachable, or the service is too busy to answer in time',
+    'database_unavailable', 'overloaded', retry_after=True,
+)
+_RATE_LIMITED = _error('Too many requests from this client (or user)', 'rate_limited', retry_after=True)
+_UNAUTHORIZED = _error(
+    'No token, or one that is invalid, expired, or names a deleted user',
+    'unauthorized', 'invalid_token', 'token_expired',
+)
+_BAD_BODY = {
+    '400': _error(
+        'The body is not what the endpoint takes', 'invalid_json', 'invalid_body', 'missing_field',
+        'unknown_field', 'invalid_field', 'invalid_email', 'invalid_password',
+    ),
+    '413': _error('The body is over MAX_BODY_BYTES', 'payload_too_large'),
+    '415': _error('The body is not application/json', 'unsupported_media_type'),
+}
+_BEARER = [{'bearer': []}]
+_SALE_ID = {
+    'name': 'sale_id', 'in': 'path', 'required': True, 'schema': _UUID,
+    'description': 'a flash sale id (a malformed one is simply not found)',
+}
+_POLLED = {
+    '304': {'description': 'Unchanged since the ETag sent in If-None-Match'},
+}
+_IF_NONE_MATCH = {'name': 'If-None-Match', 'in': 'header', 'required': False, 'schema': {'type': 'string'}}
+
+
+PATHS = {
+    '/health': {'get': {
+        'summary': 'The process is up and the database answers',
+        'responses': {
+            '200': _ok('Healthy', _object(
+                ['status', 'database', 'serverTime'],
+                status={'type': 'string', 'enum': ['ok']}, database={'type': 'string', 'enum': ['ok']},
+                serverTime=_TIME,
+            )),
+            '503': _UNAVAILABLE,
+        },
+    }},
+    '/api/auth/register': {'post': {
+        'summary': 'Create an account; returns a session token',
+        'requestBody': {'required': True, 'content': _json(_ref('Credentials'))},
+        'responses': {
+            '201': _ok('Registered', _ref('Session')),
+            **_BAD_BODY,
+            '409': _error('An account with that email exists', 'email_taken'),
+            '429': _RATE_LIMITED,
+            '503': _UNAVAILABLE,
+        },
+    }},
+    '/api/auth/login': {'post': {
+        'summary': 'Log in; returns a session token',
+        'requestBody': {'required': True, 'content': _json(_ref('Credentials'))},
+        'responses': {
+            '200': _ok('Logged in', _ref('Session')),
+            **_BAD_BODY,
+            '401': _error('Wrong email or password (the same answer for both)', 'invalid_credentials'),
+            '429': _RATE_LIMITED,
+            '503': _UNAVAILABLE,
+        },
+    }},
+    '/api/me': {'get': {
+        'summary': 'Who the token belongs to',
+        'security': _BEARER,
+        'responses': {
+            '200': _ok('The user', _object(['user'], user=_ref('User'))),
+            '401': _UNAUTHORIZED,
+            '503': _UNAVAILABLE,
+        },
+    }},
+    '/api/me/orders': {'get': {
+        'summary': "The caller's orders, newest first",
+        'security': _BEARER,
+        'responses': {
+            '200': _ok('Orders', _object(['orders'], orders={'type': 'array', 'items': _ref('Order')})),
+            '401': _UNAUTHORIZED,
+            '503': _UNAVAILABLE,
+        },
+    }},
+    '/api/me/orders/{sale_id}': {'get': {
+        'summary': "The caller's order in one sale (how to settle a purchase answered outcome_unknown)",
+        'security': _BEARER,
+        'parameters': [_SALE_ID],
+        'responses': {
+            '200': _ok('The order', _object(['order'], order=_ref('Order'))),
+            '401': _UNAUTHORIZED,
+            '404': _error('No order of yours in that sale', 'order_not_found'),
+            '503': _UNAVAILABLE,
+        },
+    }},
+    '/api/flash-sales': {
+        'get': {
+            'summary': 'Every sale, newest first',
+            'responses': {
+                '200': _ok('Sales', _object(
+                    ['flashSales', 'serverTime'],
+                    flashSales={'type': 'array', 'items': _ref('FlashSale')}, serverTime=_TIME,
+                )),
+                '503': _UNAVAILABLE,
+            },
+        },
+        'post': {
+            'summary': 'Create a sale (admins only)',
+            'security': _BEARER,
+            'requestBody': {'required': True, 'content': _json(_ref('NewSale'))},
+            'responses': {
+                '201': _ok('Created', _object(['flashSale'], flashSale=_ref('FlashSale'))),
+                **_BAD_BODY,
+                '401': _UNAUTHORIZED,
+                '403': _error('Not an admin', 'forbidden'),
+                '503': _UNAVAILABLE,
+            },
+        },
+    },
+    '/api/flash-sales/current': {'get': {
+        'summary': 'The active sale (ending first), else the next, else the last one',
+        'parameters': [_IF_NONE_MATCH],
+        'responses': {
+            '200': _ok('The sale', _ref('SaleWithTime')),
+            **_POLLED,
+            '404': _error('No sale at all', 'no_sale'),
+            '503': _UNAVAILABLE,
+        },
+    }},
+    '/api/flash-sales/{sale_id}': {'get': {
+        'summary': 'One sale',
+        'parameters': [_SALE_ID, _IF_NONE_MATCH],
+        'responses': {
+            '200': _ok('The sale', _ref('SaleWithTime')),
+            **_POLLED,
+            '404': _error('No such sale', 'sale_not_found'),
+            '503': _UNAVAILABLE,
+        },
+    }},
+    '/api/flash-sales/{sale_id}/purchase': {'post': {
+        'summary': 'Buy one item (one per person per sale). Takes no body; ignores one',
+        'security': _BEARER,
+        'parameters': [_SALE_ID],
+        'responses': {
+            '201': _ok('Bought', _object(['order'], order=_ref('Order'))),
+            '401': _UNAUTHORIZED,
+            '404': _error('No such sale', 'sale_not_found'),
+            '409': _error(
+                'Not bought, and why', 'sale_not_started', 'sale_ended', 'sold_out', 'already_purchased',
+            ),
+            '429': _RATE_LIMITED,
+            '503': _error(
+                'Not bought (database_unavailable, overloaded), or not known whether it was '
+                '(outcome_unknown: GET /api/me/orders/{sale_id} tells, and buying again is safe)',
+                'database_unavailable', 'overloaded', 'outcome_unknown', retry_after=True,
+            ),
+        },
+    }},
+    '/openapi.json': {'get': {
+        'summary': 'This document',
+        'responses': {'200': {'description': 'OpenAPI 3.0', 'content': _json({'type': 'object'})}},
+    }},
+    '/': {'get': {
+        'summary': "The shopper's page",
+        'responses': {'200': {'description': 'HTML', 'content': {'text/html': {'schema': {'type': 'string'}}}}},
+    }},
+    '/static/{path}': {
+        method: {
+            'summary': "The page's files",
+            'parameters': [{'name': 'path', 'in': 'path', 'required': True, 'schema': {'type': 'string'}}],
+            'responses': {
+                '200': {'description': 'The file', 'content': {'*/*': {'schema': {'type': 'string'}}}},
+                '206': {'description': 'Part of the file (Range)', 'content': {'*/*': {'schema': {'type': 'string'}}}},
+                '304': {'description': 'Unchanged'},
+                '404': _error('No such file', 'not_found'),
+                '416': _error('Unsatisfiable range', 'range_not_satisfiable'),
+            },
+        }
+        for method in ('get', 'head')
+    },
+}
+
+DOCUMENT = {
+    'openapi': '3.0.3',
+    'info': {
+        'title': 'flashsale',
+        'version': '1',
+        'description': (
+            'A flash-sale service: exactly the stock, one item per person. Every error is '
+            '{"code", "message"} with a stable code; any operation may also answer 405 '
+            'method_not_allowed for a method it lacks, and an unknown path is 404 not_found.'
+        ),
+    },
+    'paths': PATHS,
+    'components': {
+        'schemas': SCHEMAS,
+        'securitySchemes': {'bearer': {'type': 'http', 'scheme': 'bearer', 'bearerFormat': 'JWT'}},
+    },
+}
+
+
+class Document:
+    def on_get(self, req, resp):
+        resp.media = DOCUMENT
+        # The same for everyone and changes only with a release.
+        resp.cache_control = ['public', 'max-age=300']
+        resp.content_type = falcon.MEDIA_JSON

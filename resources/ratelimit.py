@@ -1,0 +1,85 @@
+"""Per-client rate limits: register and login per client address (password
+guessing, mass sign-ups), purchases per user (bots hammering the button).
+
+Each limit is a token bucket per key, kept in this process's memory: a key may
+spend `burst` requests at once, and earns `rate` more per second. A request
+finding its bucket empty gets 429 rate_limited with Retry-After: the seconds
+until its next token. README.md ("Rate limits") says how this behaves with
+several processes behind nginx.
+"""
+
+import math
+import threading
+import time
+from collections import OrderedDict
+
+from resources.errors import rate_limited
+
+AUTH_ROUTES = frozenset({'/api/auth/register', '/api/auth/login'})
+PURCHASE_ROUTE = '/api/flash-sales/{sale_id}/purchase'
+
+# Buckets kept per limit. A bucket untouched for burst/rate seconds is full
+# again, the same as no bucket, so forgetting the least recently used one
+# when there are too many costs nothing, except under a flood of more than
+# this many distinct clients within that time (whose evicted members start
+# over with a full bucket). About 100 bytes each.
+MAX_KEYS = 100_000
+
+
+class TokenBuckets:
+    def __init__(self, rate, burst, max_keys=MAX_KEYS):
+        self.rate = rate
+        self.burst = burst
+        self._max_keys = max_keys
+        self._buckets = OrderedDict()  # key -> (tokens, when they were counted)
+        self._lock = threading.Lock()
+
+    def take(self, key):
+        """Spend one of key's tokens: 0 if there was one, else the seconds
+        until there will be."""
+        now = time.monotonic()
+        with self._lock:
+            tokens, counted_at = self._buckets.pop(key, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - counted_at) * self.rate)
+            wait = 0.0
+            if tokens >= 1:
+                tokens -= 1
+            else:
+                wait = (1 - tokens) / self.rate
+            self._buckets[key] = (tokens, now)  # now the most recently used
+            if len(self._buckets) > self._max_keys:
+                self._buckets.popitem(last=False)
+            return wait
+
+    def __len__(self):
+        return len(self._buckets)
+
+
+class RateLimits:
+    """Falcon middleware: the limits, checked after routing and before the
+    responder (so an unknown route or method is never counted)."""
+
+    def __init__(self, settings, credentials):
+        self._credentials = credentials
+        self._exempt = frozenset(settings.rate_limit_exempt)
+        per_minute = settings.auth_rate_per_minute
+        per_second = settings.purchase_rate_per_second
+        # A minute's worth of sign-ins at once; two seconds' worth of clicks.
+        self.auth = TokenBuckets(per_minute / 60, per_minute) if per_minute else None
+        self.purchase = TokenBuckets(per_second, 2 * per_second) if per_second else None
+
+    def process_resource(self, req, resp, resource, params):
+        if req.method != 'POST' or req.remote_addr in self._exempt:
+            return
+        if req.uri_template in AUTH_ROUTES and self.auth:
+            _check(self.auth, req.remote_addr)
+        elif req.uri_template == PURCHASE_ROUTE and self.purchase:
+            # Keyed by the verified user: a bot cannot spread its clicks over
+            # made-up ids, nor spend someone else's. A bad token is 401 here.
+            _check(self.purchase, self._credentials.user_id(req))
+
+
+def _check(buckets, key):
+    wait = buckets.take(key)
+    if wait:
+        raise rate_limited(max(1, math.ceil(wait)))

@@ -1,0 +1,139 @@
+"""waitress, as `flashsale serve` runs it.
+
+Two things waitress does not do on its own:
+
+- Answer in JSON when it refuses a request itself, before the app sees it: a
+  body over max_request_body_size (also a chunked one, which has no
+  Content-Length to check up front), a malformed request line or header,
+  headers that are too large. Its own answers are text/plain.
+- Stop gracefully. Its run() ends on SIGTERM/Ctrl-C by leaving the socket loop
+  at once; but that loop is what writes responses out, so a request still
+  being served then has its answer computed and never sent. run() here stops
+  accepting, lets the requests in flight finish, flushes their answers, closes
+  every connection, and only then returns (tests/test_faults.py).
+"""
+
+import json
+import logging
+import signal
+import time
+
+import waitress
+from waitress import wasyncore
+from waitress.channel import HTTPChannel
+from waitress.server import BaseWSGIServer
+from waitress.server import MultiSocketServer
+from waitress.task import ErrorTask
+
+log = logging.getLogger('flashsale')
+access_log = logging.getLogger('flashsale.access')
+
+# The errors waitress raises itself, in the API's shape.
+_WAITRESS_ERRORS = {
+    400: ('bad_request', 'The request is not valid HTTP.'),
+    413: ('payload_too_large', 'The request body is too large.'),
+    431: ('headers_too_large', 'The request headers are too large.'),
+    501: ('not_implemented', 'That transfer encoding is not supported.'),
+    500: ('internal_error', 'Something went wrong on our side.'),
+}
+
+# How often the socket loop looks up from its sockets to see whether a stop
+# was asked for (a signal handler cannot safely wake it).
+_TICK = 0.2
+
+
+class _JSONErrorTask(ErrorTask):
+    def execute(self):
+        error = self.request.error
+        code, message = _WAITRESS_ERRORS.get(error.code, ('bad_request', error.reason))
+        body = json.dumps({'code': code, 'message': message}, separators=(',', ':')).encode()
+        self.status = f'{error.code} {error.reason}'
+        self.response_headers.extend([
+            ('Content-Type', 'application/json'),
+            ('X-Content-Type-Options', 'nosniff'),
+            ('Cache-Control', 'no-store'),
+        ])
+        self.set_close_on_finish()
+        self.content_length = len(body)
+        self.write(body)
+        access_log.info(
+            '%s %s %s %.1fms id=-', self.request.command or '-', self.request.path or '-', error.code, 0.0
+        )
+
+
+class _Channel(HTTPChannel):
+    error_task_class = _JSONErrorTask
+
+
+def create_server(app, settings):
+    """The waitress server for `app`, listening but not yet serving."""
+    proxy = {}
+    if settings.trusted_proxy:
+        # Behind nginx: believe X-Forwarded-For/-Proto from that address only.
+        proxy = {
+            'trusted_proxy': settings.trusted_proxy,
+            'trusted_proxy_headers': {'x-forwarded-for', 'x-forwarded-proto'},
+        }
+    server = waitress.create_server(
+        app,
+        host=settings.host,
+        port=settings.port,
+        threads=settings.threads,
+        ident='flashsale',
+        max_request_body_size=settings.max_body_bytes,
+        clear_untrusted_proxy_headers=True,
+        **proxy,
+    )
+    for listener in _listeners(server):
+        listener.channel_class = _Channel
+    return server
+
+
+def _socket_map(server):
+    return server.map if isinstance(server, MultiSocketServer) else server._map
+
+
+def _listeners(server):
+    return [d for d in list(_socket_map(server).values()) if isinstance(d, BaseWSGIServer)]
+
+
+def run(server, grace_seconds):
+    """Serve until SIGTERM or SIGINT, then stop gracefully: no new
+    connections, requests in flight (received, queued or running) finish and
+    their answers are sent, for up to grace_seconds; a second signal stops
+    waiting. Returns when done."""
+    signals = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: signals.append(signum))
+                for sig in (signal.SIGTERM, signal.SIGINT)}
+    socket_map = _socket_map(server)
+    use_poll = server.adj.asyncore_use_poll
+    try:
+        while not signals:
+            wasyncore.loop(timeout=_TICK, map=socket_map, use_poll=use_poll, count=1)
+        log.info('%s: stopping; finishing the requests in flight', signal.Signals(signals[0]).name)
+        for listener in _listeners(server):
+            # Closes the listening socket only. (listener.close() would also
+            # close the wake-up pipe the worker threads still use.)
+            wasyncore.dispatcher.close(listener)
+        deadline = time.monotonic() + grace_seconds
+        while True:
+            channels = [d for d in list(socket_map.values()) if isinstance(d, HTTPChannel)]
+            for channel in channels:
+                # No request received and waiting, being served or half
+                # read: close the connection once its last answer is sent.
+                # (Only the loop's thread adds requests; a worker removes one
+                # after its answer is in the channel's buffer.)
+                if not channel.requests and channel.request is None:
+                    channel.close_when_flushed = True
+            if not channels:
+                break
+            if time.monotonic() > deadline or len(signals) > 1:
+                busy = sum(1 for c in channels if c.requests)
+                log.warning('stopping with %d request(s) unfinished', busy)
+                break
+            wasyncore.loop(timeout=0.05, map=socket_map, use_poll=use_poll, count=1)
+        server.task_dispatcher.shutdown(timeout=1)
+    finally:
+        wasyncore.close_all(socket_map)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
