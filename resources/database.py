@@ -49,14 +49,16 @@ CONNECT_KWARGS = {
 # How long a request waits for a connection while the latest attempt to open
 # one has failed: the database is down, so waiting the whole pool timeout
 # would only hold a thread (and everyone queued behind it) to say so later.
-UNREACHABLE_WAIT = 0.5
+UNREACHABLE_WAIT = 0.2
 
-# A connection lost with the database is retried 1, 2, 4... seconds later,
-# for this long; after that the next request to need a connection tries again
-# at once. psycopg_pool's default (5 minutes) lets the backoff grow to a
-# minute or more, and the service would stay down that long after the
-# database came back.
-RECONNECT_TIMEOUT = 5.0
+# A connection lost with the database is tried again once, this long after a
+# failed attempt; then the pool gives up on it, and from then on a request
+# that finds no connection starts a new attempt at once. So while the
+# database is down, attempts follow demand (a couple a second), and when it
+# is back the next request reconnects the pool. (psycopg_pool's default is to
+# retry each lost connection for 5 minutes with a backoff that doubles: the
+# service would stay down up to a minute longer than its database.)
+RECONNECT_TIMEOUT = 0.5
 
 
 def connect(settings, url):
@@ -117,6 +119,9 @@ class Pool(ConnectionPool):
             # request would fail on the first. Drop it (the pool opens a
             # replacement) and take the next, without the pool's own check
             # loop, which would sleep a second between two dead connections.
+            # Until a new connection opens, take the database for down.
+            self.database_unreachable = True
+            deadline = min(deadline, time.monotonic() + UNREACHABLE_WAIT)
             conn.close()
             self.putconn(conn)
 

@@ -32,7 +32,7 @@ def _binaries():
     return Path(next(iter(spec.submodule_search_locations))) / 'pginstall' / 'bin'
 
 
-def _free_port():
+def free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
         return s.getsockname()[1]
@@ -74,7 +74,7 @@ class PrivatePostgres:
         self.directory = Path(directory).resolve()
         self.pgdata = self.directory / 'pgdata'
         self.log_file = self.directory / 'postgres.log'
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.url = f'postgresql://postgres@127.0.0.1:{self.port}/postgres'
         self._bin = _binaries()
         self._user = SYSTEM_USER if os.geteuid() == 0 else None

@@ -6,11 +6,16 @@ Two things waitress does not do on its own:
   body over max_request_body_size (also a chunked one, which has no
   Content-Length to check up front), a malformed request line or header,
   headers that are too large. Its own answers are text/plain.
-- Stop gracefully. Its run() ends on SIGTERM/Ctrl-C by leaving the socket loop
-  at once; but that loop is what writes responses out, so a request still
-  being served then has its answer computed and never sent. run() here stops
-  accepting, lets the requests in flight finish, flushes their answers, closes
-  every connection, and only then returns (tests/test_faults.py).
+- Stop gracefully. Its own run() ends on SIGTERM/Ctrl-C by leaving the socket
+  loop at once. The answers being computed still get out (with its default
+  send_bytes=1 a worker thread writes its own answer), but only for 5 seconds;
+  requests received and waiting for a free thread are cancelled, their
+  connections closed unanswered; and the listening socket stays open until
+  the process exits, so the kernel keeps accepting connections nobody will
+  serve. run() here closes the listening socket first (new connections are
+  refused: a proxy tries another process), closes idle keep-alive
+  connections, serves every request already received, running or queued,
+  sends the answers, and only then returns (tests/test_faults.py).
 """
 
 import json

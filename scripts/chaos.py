@@ -1,0 +1,318 @@
+#!/usr/bin/env python3
+"""Chaos: a purchase storm against a real `flashsale serve` while its database,
+or the server itself, is restarted under it; then the invariants.
+
+Everything it touches it makes itself, in a temporary directory: a private
+PostgreSQL cluster (resources/private_postgres.py; never a database anyone
+else uses), a `flashsale serve` on a free port, users and a sale. Shoppers
+(threads, each on its own keep-alive connection) buy at a steady pace, one
+user after another; a user whose answer settles nothing (503, no answer at
+all) tries again later, the way the README tells clients to. Meanwhile the
+events given run at even intervals:
+
+  db:fast       pg_ctl stop -m fast, then start (a planned restart, failover)
+  db:immediate  pg_ctl stop -m immediate, then start (a crash, with recovery)
+  db:kill       SIGKILL to the postmaster, then start (a crash)
+  app:kill      SIGKILL to `flashsale serve`, then start it again
+  app:term      SIGTERM to `flashsale serve` (it finishes what is in flight
+                and exits 0), then start it again
+
+Afterwards it prints the check of every invariant and exits 1 if one fails:
+stock + orders = total, one order per user, exactly the stock sold, every 201
+has its order, no order without a 201 or an answer that admits not knowing
+(503 outcome_unknown, or no answer when the server was killed), every
+already_purchased has an order, only documented answers, every user settled.
+
+    python scripts/chaos.py                          # db:fast, db:immediate
+    python scripts/chaos.py --events db:kill app:kill app:term --users 1000
+
+Needs the project installed (pip install -e .): it runs `python -m flashsale`.
+tests/test_faults.py runs it with small numbers.
+"""
+
+import argparse
+import collections
+import http.client
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+
+from resources import database
+from resources.credentials import Credentials
+from resources.private_postgres import PrivatePostgres
+from resources.private_postgres import free_port
+
+EVENTS = ('db:fast', 'db:immediate', 'db:kill', 'app:kill', 'app:term')
+
+SETTLED = {'created', 'already_purchased', 'sold_out'}
+# Answers that say "not bought, try again": the statement never ran, or rolled back.
+RETRY = {'database_unavailable', 'overloaded', 'rate_limited'}
+# Answers that admit not knowing whether the purchase went through.
+AMBIGUOUS = {'outcome_unknown', 'no_answer'}
+
+
+class Server:
+    """`flashsale serve` in a process of its own, on a fixed port."""
+
+    def __init__(self, env, log_path):
+        self.env = env
+        self.port = int(env['PORT'])
+        self.log_path = log_path
+        self.proc = None
+
+    def start(self, timeout=30):
+        log = open(self.log_path, 'a')
+        self.proc = subprocess.Popen(
+            [sys.executable, '-m', 'flashsale', 'serve'], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f'flashsale serve exited with {self.proc.returncode}:\n{self.log_tail()}')
+            if http_get(self.port, '/health')[0] == 200:
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f'flashsale serve did not become healthy:\n{self.log_tail()}')
+
+    def kill(self):
+        self.proc.kill()
+        return self.proc.wait()
+
+    def terminate(self, timeout=30):
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def log_tail(self, lines=30):
+        try:
+            return '\n'.join(Path(self.log_path).read_text().splitlines()[-lines:])
+        except OSError:
+            return ''
+
+
+def http_get(port, path):
+    try:
+        conn = http.client.HTTPConnection('127.0.0.1', port, timeout=5)
+        conn.request('GET', path)
+        resp = conn.getresponse()
+        body = resp.read()
+        conn.close()
+        return resp.status, body
+    except (OSError, http.client.HTTPException):
+        return None, b''
+
+
+def prepare(url, secret, users, stock):
+    """users ids and tokens, and an open sale, straight into the database."""
+    credentials = Credentials(secret, 3600, 4, 1)
+    with psycopg.connect(url, autocommit=True) as conn:
+        database.apply_schema(conn)
+        ids = [row[0] for row in conn.execute(
+            "INSERT INTO users (email, password_hash) "
+            "SELECT 'chaos-' || gen_random_uuid() || '@example.com', 'x' FROM generate_series(1, %s) RETURNING id",
+            (users,),
+        )]
+        sale_id = conn.execute(
+            'INSERT INTO flash_sales (name, start_date, end_date, total_stock, remaining_stock) '
+            "VALUES ('Chaos sale', now() - interval '1 minute', now() + interval '1 hour', %s, %s) RETURNING id",
+            (stock, stock),
+        ).fetchone()[0]
+    return {str(i): credentials.issue(i) for i in ids}, str(sale_id)
+
+
+def shopper(port, sale_id, queue, tokens, pace, stop_at, records, lock):
+    """Buy for one user after another from `queue`; a user not settled goes
+    to the back of it."""
+    conn = None
+    while time.monotonic() < stop_at:
+        with lock:
+            if not queue:
+                return
+            user = queue.popleft()
+        started = time.monotonic()
+        try:
+            if conn is None:
+                conn = http.client.HTTPConnection('127.0.0.1', port, timeout=15)
+            conn.request('POST', f'/api/flash-sales/{sale_id}/purchase',
+                         headers={'Authorization': f'Bearer {tokens[user]}'})
+            resp = conn.getresponse()
+            raw = resp.read()
+            status = resp.status
+            try:
+                body = json.loads(raw)
+                kind = 'created' if status == 201 else body.get('code', f'http_{status}')
+                order = (body.get('order') or {}).get('id')
+            except ValueError:
+                kind, order = f'not_json_{status}', None
+        except (OSError, http.client.HTTPException):
+            if conn is not None:
+                conn.close()
+            conn = None
+            status, kind, order = None, 'no_answer', None
+        with lock:
+            records.append({'user': user, 'status': status, 'kind': kind, 'order': order,
+                            'at': started, 'took': time.monotonic() - started})
+            if kind not in SETTLED:
+                queue.append(user)
+        time.sleep(pace)
+    if conn is not None:
+        conn.close()
+
+
+def check(url, sale_id, tokens, stock, records, app_events):
+    """[(invariant, ok, detail)] from the answers given and the database."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        total, remaining = conn.execute(
+            'SELECT total_stock, remaining_stock FROM flash_sales WHERE id = %s', (sale_id,)).fetchone()
+        orders = {str(user): str(order) for order, user in conn.execute(
+            'SELECT id, user_id FROM orders WHERE flash_sale_id = %s', (sale_id,))}
+        order_rows = conn.execute('SELECT count(*) FROM orders WHERE flash_sale_id = %s', (sale_id,)).fetchone()[0]
+
+    by_user = collections.defaultdict(list)
+    for r in records:
+        by_user[r['user']].append(r)
+    created = [r for r in records if r['kind'] == 'created']
+    kinds = collections.Counter(r['kind'] for r in records)
+    allowed = SETTLED | RETRY | {'outcome_unknown'} | ({'no_answer'} if app_events else set())
+    unexpected = {k: n for k, n in kinds.items() if k not in allowed}
+    created_users = collections.Counter(r['user'] for r in created)
+    wrong_order = [r for r in created if orders.get(r['user']) != r['order']]
+    unexplained = [u for u in orders
+                   if not any(r['kind'] in {'created'} | AMBIGUOUS for r in by_user[u])]
+    claimed = [u for u, rs in by_user.items() if any(r['kind'] == 'already_purchased' for r in rs) and u not in orders]
+    unsettled = [u for u in tokens if not any(r['kind'] in SETTLED for r in by_user[u])]
+    expected_sold = min(stock, len(tokens))
+    return [
+        ('remaining + orders == total stock', remaining + order_rows == total and remaining >= 0,
+         f'{remaining} + {order_rows} = {remaining + order_rows}, total {total}'),
+        ('at most one order per user', order_rows == len(orders), f'{order_rows} orders, {len(orders)} buyers'),
+        ('exactly the stock sold (every user settled, more users than stock)',
+         not unsettled and len(orders) == expected_sold, f'{len(orders)} sold, expected {expected_sold}'),
+        ('every 201 has its order, for that user', not wrong_order,
+         f'{len(created)} x 201' + (f', {len(wrong_order)} without their order' if wrong_order else '')),
+        ('no user answered 201 twice', all(n == 1 for n in created_users.values()),
+         f'{sum(1 for n in created_users.values() if n > 1)} users with two 201s'),
+        ('no order without a 201 or an admitted unknown outcome', not unexplained,
+         f'{len(unexplained)} orders unexplained' if unexplained else
+         f'{len(orders) - len(created_users)} orders settled by a retry after an unknown outcome'),
+        ('every already_purchased has an order', not claimed, f'{len(claimed)} without one'),
+        ('only documented answers', not unexpected, f'unexpected: {unexpected}' if unexpected else 'yes'),
+        ('every user settled (the service recovered without a restart)' if not app_events
+         else 'every user settled', not unsettled, f'{len(unsettled)} users never settled'),
+    ]
+
+
+def run(events=('db:fast', 'db:immediate'), users=400, stock=300, rate=150.0, shoppers=16, duration=None,
+        down_for=0.5, workdir=None, log=print):
+    """Run the storm and the events; return a dict: ok, checks, answers, events, ..."""
+    for event in events:
+        if event not in EVENTS:
+            raise ValueError(f'unknown event {event!r}; choose from {", ".join(EVENTS)}')
+    duration = duration or users / rate * 1.5 + 2
+    with tempfile.TemporaryDirectory(prefix='flashsale-chaos-', dir=workdir) as tmp:
+        tmp = Path(tmp)
+        log(f'private PostgreSQL in {tmp / "pg"} ...')
+        with PrivatePostgres(tmp / 'pg') as pg:
+            secret = secrets.token_urlsafe(48)
+            tokens, sale_id = prepare(pg.url, secret, users, stock)
+            env = {k: v for k, v in os.environ.items() if k not in ('TEST_DATABASE_URL',)}
+            env.update(DATABASE_URL=pg.url, JWT_SECRET=secret, PORT=str(free_port()), HOST='127.0.0.1',
+                       BCRYPT_ROUNDS='4', THREADS='8', LOG_LEVEL='WARNING')
+            server = Server(env, tmp / 'server.log')
+            server.start()
+            log(f'flashsale serve on port {server.port}: {users} users, stock {stock}, '
+                f'about {rate:g} purchases/s from {shoppers} shoppers; events: {", ".join(events) or "none"}')
+
+            queue = collections.deque(tokens)
+            records, lock = [], threading.Lock()
+            started = time.monotonic()
+            stop_at = started + duration
+            threads = [threading.Thread(
+                target=shopper, args=(server.port, sale_id, queue, tokens, shoppers / rate, stop_at, records, lock),
+                daemon=True) for _ in range(shoppers)]
+            for t in threads:
+                t.start()
+
+            # The events, evenly over the time the first round of purchases takes.
+            storm = users / rate
+            done_events = []
+            for i, event in enumerate(events):
+                time.sleep(max(0.0, started + storm * (i + 1) / (len(events) + 1) - time.monotonic()))
+                at = time.monotonic() - started
+                what, how = event.split(':')
+                if what == 'db':
+                    pg.restart(how, down_for=down_for)
+                    detail = f'database down {down_for:g} s'
+                elif how == 'kill':
+                    server.kill()
+                    server.start()
+                    detail = 'server killed and started again'
+                else:
+                    status = server.terminate()
+                    server.start()
+                    detail = f'server stopped (exit {status}) and started again'
+                done_events.append({'event': event, 'at': round(at, 2), 'took': round(time.monotonic() - started - at, 2),
+                                    'detail': detail, 'answers_so_far': len(records)})
+                log(f'  {at:5.2f} s  {event}: {detail}')
+
+            for t in threads:
+                t.join()
+            elapsed = time.monotonic() - started
+            exit_status = server.terminate()
+            app_events = any(e.startswith('app:') for e in events)
+            checks = check(pg.url, sale_id, tokens, stock, records, app_events)
+            checks.append(('the server exits 0 on SIGTERM', exit_status == 0, f'exit status {exit_status}'))
+            if any(not ok for _, ok, _ in checks):
+                log('server log (tail):\n' + server.log_tail())
+
+    answers = collections.Counter(r['kind'] for r in records)
+    result = {
+        'ok': all(ok for _, ok, _ in checks),
+        'checks': [{'invariant': name, 'ok': ok, 'detail': detail} for name, ok, detail in checks],
+        'answers': dict(answers),
+        'requests': len(records),
+        'seconds': round(elapsed, 2),
+        'slowest_answer_s': round(max((r['took'] for r in records), default=0), 3),
+        'events': done_events,
+        'users': users,
+        'stock': stock,
+    }
+    log(f'{len(records)} requests in {elapsed:.1f} s; answers: '
+        + ', '.join(f'{k} {n}' for k, n in answers.most_common()))
+    for c in result['checks']:
+        log(f'  [{"PASS" if c["ok"] else "FAIL"}] {c["invariant"]}: {c["detail"]}')
+    log('all invariants hold' if result['ok'] else 'INVARIANT VIOLATED')
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument('--events', nargs='*', default=['db:fast', 'db:immediate'], choices=EVENTS,
+                        help='what happens during the storm, in order (default: db:fast db:immediate)')
+    parser.add_argument('--users', type=int, default=400)
+    parser.add_argument('--stock', type=int, default=300)
+    parser.add_argument('--rate', type=float, default=150.0, help='purchases per second, about')
+    parser.add_argument('--shoppers', type=int, default=16, help='client threads')
+    parser.add_argument('--down-for', type=float, default=0.5, help='seconds the database stays down')
+    parser.add_argument('--json', help='also write the result to this file')
+    args = parser.parse_args(argv)
+    result = run(events=args.events, users=args.users, stock=args.stock, rate=args.rate,
+                 shoppers=args.shoppers, down_for=args.down_for)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0 if result['ok'] else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,417 @@
+"""Faults, against real parts: a private PostgreSQL that these tests stop,
+crash and start (never the session's database), the real waitress server and
+`flashsale serve` processes killed and stopped mid-request."""
+
+import dataclasses
+import http.client
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+import pytest
+import webtest
+from psycopg.rows import dict_row
+
+import flashsale
+from conftest import TEST_SECRET
+from conftest import auth
+from conftest import free_port
+from conftest import sale_state
+from resources import database
+from resources import serving
+from resources.credentials import Credentials
+from resources.private_postgres import PrivatePostgres
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope='module')
+def private_pg(tmp_path_factory):
+    with PrivatePostgres(tmp_path_factory.mktemp('private-pg')) as pg:
+        with psycopg.connect(pg.url, autocommit=True) as conn:
+            database.apply_schema(conn)
+        yield pg
+
+
+@pytest.fixture
+def private_db(private_pg):
+    """A connection to the private database, every table empty; the server
+    running again at the end even if the test failed with it stopped."""
+    if not private_pg.running():
+        private_pg.start()
+    with psycopg.connect(private_pg.url, autocommit=True, row_factory=dict_row) as conn:
+        conn.execute('TRUNCATE orders, flash_sales, users')
+        yield conn
+    if not private_pg.running():
+        private_pg.start()
+
+
+@pytest.fixture
+def private_app(private_pg, private_db):
+    """private_app(**settings) -> (WebTest client, pool, settings) on the private database."""
+    pools = []
+
+    def make(**overrides):
+        settings = dataclasses.replace(
+            flashsale.Settings(database_url=private_pg.url, jwt_secret=TEST_SECRET, bcrypt_rounds=4,
+                               poll_cache_ms=0, bcrypt_slots=64, pool_size=4, pool_timeout=1.0),
+            **overrides,
+        )
+        pool = database.open_pool(settings, private_pg.url)
+        pool.wait()
+        pools.append(pool)
+        return webtest.TestApp(flashsale.create_app(settings, pool)), pool, settings
+
+    yield make
+    for pool in pools:
+        pool.close(timeout=1)
+
+
+def user_and_sale(conn, stock=5):
+    user_id = conn.execute(
+        "INSERT INTO users (email, password_hash) VALUES ('buyer@example.com', 'x') RETURNING id").fetchone()['id']
+    sale_id = conn.execute(
+        'INSERT INTO flash_sales (name, start_date, end_date, total_stock, remaining_stock) '
+        "VALUES ('Faulty sale', now() - interval '1 minute', now() + interval '1 hour', %s, %s) RETURNING id",
+        (stock, stock),
+    ).fetchone()['id']
+    token = Credentials(TEST_SECRET, 3600, 4, 1).issue(user_id)
+    return user_id, token, sale_id
+
+
+def state_after_restart(pg, sale_id):
+    """sale_state() on a new connection (the test's own died with the server)."""
+    with psycopg.connect(pg.url, autocommit=True, row_factory=dict_row) as conn:
+        return sale_state(conn, sale_id)
+
+
+def timed(call):
+    started = time.monotonic()
+    result = call()
+    return result, time.monotonic() - started
+
+
+def wait_for(predicate, timeout=10, message='condition'):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    pytest.fail(f'timed out waiting for {message}')
+
+
+def backends_waiting_on_a_lock(url):
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'").fetchone()[0]
+
+
+def hold_sale_row(url, sale_id):
+    """A connection holding the sale row's lock in an open transaction (the
+    purchase statement then waits for it): commit() or close() lets go."""
+    locker = psycopg.connect(url)
+    locker.execute('SELECT 1 FROM flash_sales WHERE id = %s FOR UPDATE', (sale_id,))
+    return locker
+
+
+# --- the database goes away --------------------------------------------------
+
+
+def test_database_down_is_503_database_unavailable_at_once_and_the_service_recovers_without_restart(
+        private_pg, private_db, private_app):
+    client, pool, settings = private_app()
+    user_id, token, sale_id = user_and_sale(private_db)
+    client.get('/health', status=200)
+
+    private_pg.stop('fast')
+    try:
+        for path in ('/health', '/api/flash-sales', '/api/flash-sales/current', f'/api/me/orders/{sale_id}'):
+            resp, took = timed(lambda: client.get(path, headers=auth(token), status=503))
+            assert resp.json['code'] == 'database_unavailable', path
+            assert int(resp.headers['Retry-After']) >= 1
+            # Known down: no request waits out the pool timeout to say so.
+            assert took < database.UNREACHABLE_WAIT + 0.3, (path, took)
+        # Nothing reached the database, so the purchase was certainly not made:
+        # database_unavailable, not outcome_unknown.
+        resp = client.post(f'/api/flash-sales/{sale_id}/purchase', headers=auth(token), status=503)
+        assert resp.json['code'] == 'database_unavailable'
+    finally:
+        private_pg.start()
+
+    # Back without restarting anything: the next requests reconnect the pool.
+    recovered_in = time.monotonic()
+    wait_for(lambda: client.get('/health', expect_errors=True).status_int == 200, timeout=5, message='recovery')
+    recovered_in = time.monotonic() - recovered_in
+    assert recovered_in < 1.5
+    for _ in range(3 * settings.pool_size):
+        client.get('/api/flash-sales', status=200)
+    client.post(f'/api/flash-sales/{sale_id}/purchase', headers=auth(token), status=201)
+    assert state_after_restart(private_pg, sale_id) == (5, 4, 1)
+
+
+@pytest.mark.parametrize('how', ['fast', 'immediate', 'kill'])
+def test_after_a_database_restart_no_dead_connection_is_handed_out(private_pg, private_app, how):
+    """Every idle connection in the pool died with the old server. None of
+    them may reach a request: every request after the restart succeeds."""
+    client, pool, settings = private_app()
+    assert pool.get_stats()['pool_available'] == settings.pool_size
+    private_pg.restart(how)
+    statuses = [client.get('/api/flash-sales', expect_errors=True).status_int for _ in range(3 * settings.pool_size)]
+    assert statuses == [200] * (3 * settings.pool_size)
+
+
+def test_purchase_cut_off_by_a_database_shutdown_is_503_outcome_unknown_and_settles_on_retry(
+        private_pg, private_db, private_app):
+    """The purchase statement is running (waiting for the sale row) when the
+    database shuts down: the connection breaks mid-statement, so the service
+    cannot know whether it committed, and says exactly that. The client then
+    asks, or buys again; either settles it."""
+    client, pool, settings = private_app()
+    user_id, token, sale_id = user_and_sale(private_db)
+    locker = hold_sale_row(private_pg.url, sale_id)
+    answers = []
+    buyer = threading.Thread(target=lambda: answers.append(
+        client.post(f'/api/flash-sales/{sale_id}/purchase', headers=auth(token), expect_errors=True)))
+    buyer.start()
+    try:
+        wait_for(lambda: backends_waiting_on_a_lock(private_pg.url) == 1, message='the purchase to wait on the row')
+        private_pg.stop('fast')
+        buyer.join(5)
+    finally:
+        locker.close()
+        if not private_pg.running():
+            private_pg.start()
+    [resp] = answers
+    assert resp.status_int == 503
+    assert resp.json['code'] == 'outcome_unknown'
+    assert 'GET /api/me/orders/' in resp.json['message']
+    assert int(resp.headers['Retry-After']) >= 1
+
+    # What the README tells the client to do: ask.
+    wait_for(lambda: client.get('/health', expect_errors=True).status_int == 200, timeout=5, message='recovery')
+    resp = client.get(f'/api/me/orders/{sale_id}', headers=auth(token), status=404)
+    assert resp.json['code'] == 'order_not_found'
+    # Or buy again: safe, one order per person whatever happened.
+    client.post(f'/api/flash-sales/{sale_id}/purchase', headers=auth(token), status=201)
+    client.post(f'/api/flash-sales/{sale_id}/purchase', headers=auth(token), status=409)
+    assert state_after_restart(private_pg, sale_id) == (5, 4, 1)
+
+
+# --- storms (scripts/chaos.py) --------------------------------------------------
+
+
+def load_chaos():
+    spec = importlib.util.spec_from_file_location('chaos', ROOT / 'scripts' / 'chaos.py')
+    chaos = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chaos)
+    return chaos
+
+
+def assert_chaos_held(result):
+    failed = [c for c in result['checks'] if not c['ok']]
+    assert not failed, json.dumps(result, indent=1)
+    assert result['answers']['created'] == result['stock']
+
+
+def test_purchase_storm_across_database_restarts_and_crashes_keeps_every_invariant(tmp_path):
+    """A `flashsale serve` under a steady purchase storm while its database is
+    restarted, crashed (immediate shutdown) and its postmaster SIGKILLed.
+    Afterwards: stock + orders = total, exactly the stock sold, every 201 has
+    its order, no order without a 201 or an admitted unknown outcome, and
+    every user settled, all without restarting the service."""
+    result = load_chaos().run(
+        events=('db:fast', 'db:immediate', 'db:kill'), users=240, stock=160, rate=120, shoppers=12,
+        down_for=0.3, workdir=tmp_path, log=lambda *args: None,
+    )
+    assert_chaos_held(result)
+    # The storm did run into the outages (and was refused, not failed, there).
+    assert result['answers'].get('database_unavailable', 0) + result['answers'].get('overloaded', 0) > 0
+    assert set(result['answers']) <= {'created', 'sold_out', 'already_purchased', 'database_unavailable',
+                                      'overloaded', 'outcome_unknown'}
+    assert result['slowest_answer_s'] < 3
+
+
+def test_server_killed_and_stopped_mid_storm_keeps_every_invariant(tmp_path):
+    """scripts/chaos.py as an operator runs it: SIGKILL to the server in the
+    middle of the storm, then a SIGTERM, each followed by a fresh start. The
+    requests the killed server never answered are settled by retries."""
+    report = tmp_path / 'chaos.json'
+    run = subprocess.run(
+        [sys.executable, str(ROOT / 'scripts' / 'chaos.py'), '--events', 'app:kill', 'app:term',
+         '--users', '240', '--stock', '160', '--rate', '120', '--shoppers', '12', '--json', str(report)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert 'all invariants hold' in run.stdout
+    assert '[PASS] every 201 has its order' in run.stdout
+    assert_chaos_held(json.loads(report.read_text()))
+
+
+# --- stopping the server ---------------------------------------------------------
+
+
+def refused(port):
+    try:
+        socket.create_connection(('127.0.0.1', port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def start_serve(env, log_path):
+    log = open(log_path, 'w+')
+    proc = subprocess.Popen([sys.executable, '-m', 'flashsale', 'serve'], env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
+    wait_for(lambda: 'listening on' in Path(log_path).read_text() or proc.poll() is not None, timeout=30,
+             message='flashsale serve to listen')
+    assert proc.poll() is None, Path(log_path).read_text()
+    return proc
+
+
+def test_sigterm_stops_accepting_and_answers_every_request_in_flight_then_exits_0(
+        database_url, make_user, make_sale, db, tmp_path):
+    """One server thread: a purchase is running (waiting for the sale row)
+    and a second request waits for the thread when SIGTERM arrives. The
+    server refuses new connections at once and closes idle ones, but answers
+    both requests, sends the answers, closes the pool and exits 0. (waitress'
+    own stop, which flashsale used to rely on, keeps accepting connections it
+    never serves and drops the queued request unanswered.)"""
+    user_id, token = make_user()
+    sale_id = make_sale(stock=5)
+    port = free_port()
+    env = dict(os.environ, DATABASE_URL=database_url, JWT_SECRET=TEST_SECRET, PORT=str(port), THREADS='1',
+               BCRYPT_ROUNDS='4', LOCK_TIMEOUT_MS='10000', STATEMENT_TIMEOUT_MS='10000')
+    log_path = tmp_path / 'serve.log'
+    proc = start_serve(env, log_path)
+    answers = {}
+
+    def call(name, method, path, headers=None):
+        conn = http.client.HTTPConnection('127.0.0.1', port, timeout=30)
+        try:
+            conn.request(method, path, headers=headers or {})
+            resp = conn.getresponse()
+            answers[name] = (resp.status, json.loads(resp.read()))
+        except (OSError, http.client.HTTPException) as exc:
+            answers[name] = (None, repr(exc))
+
+    try:
+        idle = socket.create_connection(('127.0.0.1', port))  # a keep-alive client between requests
+        locker = hold_sale_row(database_url, sale_id)
+        clients = [threading.Thread(target=call, args=('purchase', 'POST', f'/api/flash-sales/{sale_id}/purchase',
+                                                       auth(token)))]
+        clients[0].start()
+        wait_for(lambda: backends_waiting_on_a_lock(database_url) == 1, message='the purchase to be running')
+        clients.append(threading.Thread(target=call, args=('queued', 'GET', '/api/flash-sales')))
+        clients[1].start()
+        time.sleep(0.3)  # received by the server, waiting for its only thread
+
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: refused(port), timeout=3, message='new connections to be refused')
+        idle.settimeout(5)
+        assert idle.recv(1) == b''  # closed: it had no request
+        assert proc.poll() is None
+
+        locker.commit()  # the purchase goes ahead
+        for c in clients:
+            c.join(15)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    status, body = answers['purchase']
+    assert status == 201, body
+    stored = db.execute('SELECT id FROM orders WHERE flash_sale_id = %s', (sale_id,)).fetchone()['id']
+    assert str(stored) == body['order']['id']
+    assert answers['queued'][0] == 200, answers['queued']
+    output = log_path.read_text()
+    assert 'SIGTERM: stopping' in output
+    assert 'database pool closed' in output
+    assert 'Traceback' not in output
+
+
+# --- more requests than connections ---------------------------------------------
+
+
+@pytest.fixture
+def serve_in_thread():
+    """serve_in_thread(app, settings) -> base URL of the real server (as
+    `flashsale serve` builds it) on a free port."""
+    servers = []
+
+    def start(app, settings):
+        server = serving.create_server(app, dataclasses.replace(settings, port=0))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        servers.append(server)
+        return f'http://127.0.0.1:{server.effective_port}'
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def request(base_url, method, path, headers=None, body=None):
+    """(status, headers, body bytes, seconds) over a new HTTP connection."""
+    host, port = base_url.removeprefix('http://').split(':')
+    started = time.monotonic()
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.request(method, path, body=body, headers=headers or {})
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp.status, resp.headers, data, time.monotonic() - started
+
+
+def test_pool_exhausted_answers_503_overloaded_within_the_pool_timeout_never_500(
+        settings, raw_connect, make_users, make_sale, serve_in_thread, database_url):
+    """Eight server threads, two connections, both held by purchases stuck on
+    the sale row: everyone else waits at most POOL_TIMEOUT for a connection,
+    then gets 503 overloaded with Retry-After; the stuck purchases end at
+    LOCK_TIMEOUT, also 503 overloaded. Nothing waits unboundedly, nothing is a 500."""
+    tight = dataclasses.replace(settings, threads=8, pool_size=2, pool_timeout=0.3, lock_timeout_ms=1500)
+    pool = database.open_pool(tight, database_url)
+    try:
+        base = serve_in_thread(flashsale.create_app(tight, pool), tight)
+        sale_id = make_sale(stock=5)
+        users = make_users(2)
+        locker = hold_sale_row(database_url, sale_id)
+        stuck = []
+        buyers = [threading.Thread(target=lambda token=token: stuck.append(request(
+            base, 'POST', f'/api/flash-sales/{sale_id}/purchase', auth(token)))) for _, token in users]
+        for b in buyers:
+            b.start()
+        wait_for(lambda: backends_waiting_on_a_lock(database_url) == 2, message='both connections to be stuck')
+
+        others = []
+        readers = [threading.Thread(target=lambda: others.append(request(base, 'GET', '/api/flash-sales')))
+                   for _ in range(12)]
+        for r in readers:
+            r.start()
+        for r in readers:
+            r.join()
+        for b in buyers:
+            b.join()
+        locker.rollback()
+    finally:
+        pool.close(timeout=1)
+
+    for status, headers, body, took in others + stuck:
+        assert status == 503, body
+        assert json.loads(body)['code'] == 'overloaded'
+        assert int(headers['Retry-After']) >= 1
+    # Six free threads for twelve readers: two rounds of the pool timeout at most.
+    assert max(took for *_, took in others) < 2 * tight.pool_timeout + 0.5
+    # LOCK_TIMEOUT bounds each wait for a lock. The second purchase in the
+    # queue waits twice (for the first one's tuple lock, then for the
+    # holder's transaction), so the whole wait is bounded by twice that, and
+    # always by STATEMENT_TIMEOUT.
+    lock_timeout = tight.lock_timeout_ms / 1000
+    assert all(lock_timeout - 0.1 < took < 2 * lock_timeout + 0.5 for *_, took in stuck), stuck
