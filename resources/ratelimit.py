@@ -71,9 +71,9 @@ class RateLimits:
     def process_resource(self, req, resp, resource, params):
         if req.method != 'POST' or req.remote_addr in self._exempt:
             return
-        if req.uri_template in AUTH_ROUTES and self.auth:
+        if req.uri_template in AUTH_ROUTES and self.auth is not None:
             _check(self.auth, req.remote_addr)
-        elif req.uri_template == PURCHASE_ROUTE and self.purchase:
+        elif req.uri_template == PURCHASE_ROUTE and self.purchase is not None:
             # Keyed by the verified user: a bot cannot spread its clicks over
             # made-up ids, nor spend someone else's. A bad token is 401 here.
             _check(self.purchase, self._credentials.user_id(req))

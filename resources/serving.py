@@ -61,8 +61,10 @@ class _JSONErrorTask(ErrorTask):
         self.set_close_on_finish()
         self.content_length = len(body)
         self.write(body)
+        # A request too broken to parse may have no method or path.
         access_log.info(
-            '%s %s %s %.1fms id=-', self.request.command or '-', self.request.path or '-', error.code, 0.0
+            '%s %s %s %.1fms id=-', getattr(self.request, 'command', None) or '-',
+            getattr(self.request, 'path', None) or '-', error.code, 0.0,
         )
 
 

@@ -1,0 +1,259 @@
+"""Request limits and rate limits: what a hostile or broken client gets."""
+
+import dataclasses
+import json
+import socket
+import threading
+import time
+
+import pytest
+import webtest
+
+import flashsale
+from conftest import auth
+from resources import parsing
+from resources import serving
+from resources.ratelimit import TokenBuckets
+
+
+@pytest.fixture
+def real_server(pool):
+    """real_server(settings) -> port of the server `flashsale serve` builds
+    (resources/serving.py), on the session database."""
+    servers = []
+
+    def start(settings):
+        server = serving.create_server(flashsale.create_app(settings, pool), dataclasses.replace(settings, port=0))
+        threading.Thread(target=server.run, daemon=True).start()
+        servers.append(server)
+        return server.effective_port
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def raw_http(port, data):
+    """Send raw bytes; return (status, headers, body) of the answer."""
+    with socket.create_connection(('127.0.0.1', port), timeout=5) as sock:
+        try:
+            sock.sendall(data)
+        except OSError:
+            pass  # the server may answer and close before reading it all
+        answer = b''
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except OSError:
+            pass
+    head, _, body = answer.partition(b'\r\n\r\n')
+    lines = head.decode('latin-1').split('\r\n')
+    headers = dict(line.split(': ', 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, body
+
+
+def post(path, body, headers=b''):
+    return (b'POST ' + path.encode() + b' HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n'
+            + headers + b'\r\n' + body)
+
+
+# --- request limits ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ('name', 'request_bytes', 'status', 'code'),
+    [
+        ('content-length over the limit',
+         post('/api/auth/login', b'x' * 2000, b'Content-Length: 2000\r\n'), 413, 'payload_too_large'),
+        # No Content-Length to refuse up front: waitress counts as it reads.
+        ('chunked body over the limit',
+         post('/api/auth/login', b'400\r\n' + b'x' * 1024 + b'\r\n400\r\n' + b'x' * 1024 + b'\r\n0\r\n\r\n',
+              b'Transfer-Encoding: chunked\r\n'), 413, 'payload_too_large'),
+        ('not HTTP at all', b'GARBAGE\r\n\r\n', 400, 'bad_request'),
+        ('header line without a colon', b'GET /health HTTP/1.1\r\nHost: test\r\nNoColon\r\n\r\n', 400, 'bad_request'),
+        ('content-length not a number', post('/api/auth/login', b'', b'Content-Length: ten\r\n'), 400, 'bad_request'),
+        ('headers too large', b'GET /health HTTP/1.1\r\nHost: test\r\nX-Big: ' + b'a' * 300_000 + b'\r\n\r\n',
+         431, 'headers_too_large'),
+        ('unsupported transfer encoding', post('/api/auth/login', b'', b'Transfer-Encoding: gzip\r\n'),
+         501, 'not_implemented'),
+    ],
+)
+def test_what_waitress_refuses_itself_is_json_too(settings, real_server, name, request_bytes, status, code):
+    port = real_server(dataclasses.replace(settings, max_body_bytes=1024))
+    got, headers, body = raw_http(port, request_bytes)
+    assert got == status, (name, body)
+    assert headers['Content-Type'] == 'application/json'
+    assert json.loads(body)['code'] == code
+
+
+def test_a_chunked_body_within_the_limit_is_read(settings, real_server, db):
+    port = real_server(dataclasses.replace(settings, max_body_bytes=1024))
+    body = b'{"email": "chunks@example.com", "password": "password123"}'
+    status, _, answer = raw_http(port, post(
+        '/api/auth/register', b'%x\r\n%s\r\n0\r\n\r\n' % (len(body), body),
+        b'Transfer-Encoding: chunked\r\nConnection: close\r\n'))
+    assert status == 201, answer
+    assert db.execute("SELECT count(*) AS n FROM users WHERE email = 'chunks@example.com'").fetchone()['n'] == 1
+
+
+def nested(depth, leaf='"x"'):
+    return '[' * depth + leaf + ']' * depth
+
+
+def test_json_nested_deeper_than_the_limit_is_400_before_parsing(client, db):
+    body = '{"email": %s, "password": "password123"}' % nested(parsing.MAX_JSON_DEPTH)
+    resp = client.post('/api/auth/register', body, content_type='application/json', status=400)
+    assert resp.json['code'] == 'invalid_json'
+    assert str(parsing.MAX_JSON_DEPTH) in resp.json['message']
+    # Within the limit it parses, and is simply the wrong type.
+    body = '{"email": %s, "password": "password123"}' % nested(parsing.MAX_JSON_DEPTH - 1)
+    resp = client.post('/api/auth/register', body, content_type='application/json', status=400)
+    assert (resp.json['code'], resp.json['field']) == ('invalid_field', 'email')
+    assert db.execute('SELECT count(*) AS n FROM users').fetchone()['n'] == 0
+
+
+def test_brackets_inside_strings_are_not_nesting(client):
+    password = '[{' * 20 + '"\\"]'
+    client.post_json('/api/auth/register', {'email': 'brackets@example.com', 'password': password[:72]},
+                     status=201)
+
+
+@pytest.mark.parametrize('path', ['/api/auth/register', '/api/auth/login', '/api/flash-sales'])
+@pytest.mark.parametrize('content_type', ['text/plain', 'application/x-www-form-urlencoded', 'multipart/form-data',
+                                          'application/jsonx', ''])
+def test_anything_but_json_is_415(client, make_user, path, content_type):
+    _, token = make_user(admin=True)
+    resp = client.post(path, b'{"email": "a@b.co", "password": "password123"}', headers=auth(token),
+                       content_type=content_type, status=415)
+    assert resp.json['code'] == 'unsupported_media_type'
+
+
+@pytest.mark.parametrize('path', ['/nothing', '/api', '/api/flash-sales/current/extra', '/static/no-such-file.js',
+                                  '/static/../flashsale.py', '/api/me/orders/x/y'])
+def test_unknown_routes_are_404_json(client, path):
+    resp = client.get(path, status=404)
+    assert resp.content_type == 'application/json'
+    assert resp.json['code'] == 'not_found'
+
+
+@pytest.mark.parametrize(
+    ('method', 'path', 'allowed'),
+    [
+        ('DELETE', '/api/flash-sales', 'GET, POST'),
+        ('PUT', '/api/me', 'GET'),
+        ('GET', '/api/auth/login', 'POST'),
+        ('PATCH', '/api/flash-sales/00000000-0000-0000-0000-000000000000', 'GET'),
+        ('GET', '/api/flash-sales/00000000-0000-0000-0000-000000000000/purchase', 'POST'),
+        ('POST', '/health', 'GET'),
+        ('POST', '/', 'GET'),
+        # Falcon's static route would serve the file to any method.
+        ('POST', '/static/index.html', 'GET, HEAD'),
+        ('DELETE', '/static/index.html', 'GET, HEAD'),
+    ],
+)
+def test_wrong_method_is_405_json_with_allow(client, method, path, allowed):
+    resp = client.request(path, method=method, status=405)
+    assert resp.content_type == 'application/json'
+    assert resp.json['code'] == 'method_not_allowed'
+    # (Falcon answers OPTIONS itself on every route, and lists it.)
+    assert set(resp.headers['Allow'].replace(' ', '').split(',')) - {'OPTIONS'} == set(allowed.split(', '))
+
+
+# --- rate limits ---------------------------------------------------------------
+
+
+def limited_client(settings, pool, address='203.0.113.7', **limits):
+    """A WebTest client of an app with these limits, calling from `address`
+    (not loopback, which is exempt by default)."""
+    app = flashsale.create_app(dataclasses.replace(settings, **limits), pool)
+    return webtest.TestApp(app, extra_environ={'REMOTE_ADDR': address})
+
+
+def test_register_and_login_share_a_per_address_limit(settings, pool, db):
+    client = limited_client(settings, pool, auth_rate_per_minute=3)
+    credentials = {'email': 'limited@example.com', 'password': 'password123'}
+    client.post_json('/api/auth/register', credentials, status=201)
+    client.post_json('/api/auth/login', credentials, status=200)
+    client.post_json('/api/auth/login', {**credentials, 'password': 'wrong-password'}, status=401)
+    resp = client.post_json('/api/auth/login', credentials, status=429)
+    assert resp.json['code'] == 'rate_limited'
+    # Three a minute: the next token comes in 20 seconds.
+    assert 19 <= int(resp.headers['Retry-After']) <= 20
+    client.post_json('/api/auth/register', {**credentials, 'email': 'other@example.com'}, status=429)
+    assert db.execute('SELECT count(*) AS n FROM users').fetchone()['n'] == 1
+    # Another address has its own bucket; the rest of the API is not limited.
+    other = webtest.TestApp(client.app, extra_environ={'REMOTE_ADDR': '203.0.113.8'})
+    other.post_json('/api/auth/login', credentials, status=200)
+    client.get('/api/flash-sales', status=200)
+
+
+def test_loopback_is_exempt_by_default(client):
+    """The test suite and the load tests call from 127.0.0.1 (README: Rate limits)."""
+    assert flashsale.Settings().rate_limit_exempt == ('127.0.0.1', '::1')
+    for _ in range(2 * flashsale.Settings().auth_rate_per_minute):
+        client.post_json('/api/auth/login', {'email': 'nobody@example.com', 'password': 'password123'}, status=401)
+
+
+def test_purchases_are_limited_per_user_not_per_address(settings, pool, make_user, make_sale):
+    client = limited_client(settings, pool, purchase_rate_per_second=1)  # two at once, then one a second
+    _, alice = make_user()
+    _, bob = make_user()
+    sale_id = make_sale()
+    buy = f'/api/flash-sales/{sale_id}/purchase'
+    client.post(buy, headers=auth(alice), status=201)
+    client.post(buy, headers=auth(alice), status=409)
+    resp = client.post(buy, headers=auth(alice), status=429)
+    assert (resp.json['code'], resp.headers['Retry-After']) == ('rate_limited', '1')
+    # Bob, from the same address, is not slowed down by Alice.
+    client.post(buy, headers=auth(bob), status=201)
+    # A bad token is refused as such, and spends nobody's tokens.
+    assert client.post(buy, headers=auth('garbage'), status=401).json['code'] == 'invalid_token'
+    time.sleep(1.05)
+    client.post(buy, headers=auth(alice), status=409)
+
+
+def test_limits_behind_a_proxy_key_on_the_client_the_proxy_names(settings, real_server, make_user, make_sale):
+    """With TRUSTED_PROXY, the address limited is the one the proxy appends to
+    X-Forwarded-For; whatever a client writes there itself does not help."""
+    port = real_server(dataclasses.replace(settings, trusted_proxy='127.0.0.1', rate_limit_exempt=(),
+                                           auth_rate_per_minute=2))
+    body = b'{"email": "nobody@example.com", "password": "password123"}'
+
+    def login(forwarded_for):
+        return raw_http(port, post('/api/auth/login', body, b'Content-Length: %d\r\nConnection: close\r\n'
+                                   b'X-Forwarded-For: %s\r\n' % (len(body), forwarded_for)))[0]
+
+    assert [login(b'198.51.100.1') for _ in range(2)] == [401, 401]
+    assert login(b'198.51.100.1') == 429
+    # A client adding a made-up address in front is still itself (nginx appends the real one).
+    assert login(b'192.0.2.99, 198.51.100.1') == 429
+    assert login(b'198.51.100.2') == 401
+
+
+def test_token_buckets_keep_bounded_memory():
+    buckets = TokenBuckets(rate=1, burst=2, max_keys=100)
+    for key in range(10_000):
+        assert buckets.take(key) == 0
+    assert len(buckets) == 100
+    # The most recent keys are the ones kept.
+    assert buckets.take(9_999) == 0
+    assert buckets.take(9_999) > 0
+
+
+def test_token_buckets_refill_at_the_rate():
+    buckets = TokenBuckets(rate=20, burst=2)
+    assert [buckets.take('k') == 0 for _ in range(3)] == [True, True, False]
+    time.sleep(0.06)  # a little more than one token's worth
+    assert buckets.take('k') == 0
+    assert 0 < buckets.take('k') <= 0.05
+
+
+def test_rate_limit_settings_from_the_environment():
+    settings = flashsale.Settings.from_env({
+        'AUTH_RATE_PER_MINUTE': '0', 'PURCHASE_RATE_PER_SECOND': '3', 'RATE_LIMIT_EXEMPT': ' 10.0.0.5 ,, ::1 ',
+    })
+    assert (settings.auth_rate_per_minute, settings.purchase_rate_per_second) == (0, 3)
+    assert settings.rate_limit_exempt == ('10.0.0.5', '::1')
+    assert flashsale.Settings.from_env({'RATE_LIMIT_EXEMPT': ''}).rate_limit_exempt == ()
+    with pytest.raises(flashsale.ConfigError):
+        flashsale.Settings.from_env({'PURCHASE_RATE_PER_SECOND': '-1'})
