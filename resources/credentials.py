@@ -49,11 +49,16 @@ class Credentials:
     def check_password(self, password, password_hash):
         """True if password matches; with password_hash None (no such user),
         spends the same time and returns False."""
+        secret = password.encode()
+        # bcrypt 5 raises on more than 72 bytes (older ones read only those).
+        # No such password was ever registered: it matches nothing, after the
+        # same bcrypt time as any other wrong password.
+        too_long = len(secret) > MAX_PASSWORD_BYTES
         with self._bcrypt_slot():
-            if password_hash is None:
-                bcrypt.checkpw(password.encode(), self._decoy_hash)
+            if password_hash is None or too_long:
+                bcrypt.checkpw(secret[:MAX_PASSWORD_BYTES], self._decoy_hash)
                 return False
-            return bcrypt.checkpw(password.encode(), password_hash.encode())
+            return bcrypt.checkpw(secret, password_hash.encode())
 
     def issue(self, user_id):
         now = int(time.time())

@@ -8,9 +8,18 @@ real app from it and checks every answer against it.
 import falcon
 
 from resources.credentials import MAX_PASSWORD_BYTES
+from resources.credentials import MIN_PASSWORD_BYTES
 from resources.sales import MAX_TOTAL_STOCK
 
 _UUID = {'type': 'string', 'format': 'uuid'}
+# What resources/accounts.py accepts: something@something.something. (The
+# control characters are excluded because Python's strip() takes them for
+# spaces, which JSON Schema's \s does not.)
+_NOT_SPACE = r'[^@\s\x00-\x20\x7f-\x9f]'
+_EMAIL = {
+    'type': 'string', 'maxLength': 254, 'pattern': f'^{_NOT_SPACE}+@{_NOT_SPACE}+\\.{_NOT_SPACE}+$',
+    'example': 'shopper@example.com', 'description': 'trimmed and lower-cased',
+}
 _TIME = {'type': 'string', 'format': 'date-time'}
 
 
@@ -58,20 +67,27 @@ SCHEMAS = {
         ['id', 'userId', 'flashSaleId', 'createdAt'],
         id=_UUID, userId=_UUID, flashSaleId=_UUID, createdAt=_TIME,
     ),
-    'Credentials': _object(
+    'Registration': _object(
         ['email', 'password'],
-        email={'type': 'string', 'maxLength': 254, 'example': 'shopper@example.com'},
+        email=_EMAIL,
         password={
-            'type': 'string', 'maxLength': 1024, 'example': 'correct horse',
-            'description': f'8 to {MAX_PASSWORD_BYTES} bytes of UTF-8 (bcrypt reads no further)',
+            'type': 'string', 'minLength': MIN_PASSWORD_BYTES, 'maxLength': MAX_PASSWORD_BYTES,
+            'example': 'correct horse',
+            'description': f'{MIN_PASSWORD_BYTES} to {MAX_PASSWORD_BYTES} bytes of UTF-8 (bcrypt reads no further)',
         },
+    ),
+    'Login': _object(
+        ['email', 'password'],
+        email=_EMAIL,
+        password={'type': 'string', 'maxLength': 1024, 'example': 'correct horse'},
     ),
     'NewSale': _object(
         ['startDate', 'endDate', 'totalStock'],
         startDate={**_TIME, 'description': 'with an offset or Z'},
         endDate={**_TIME, 'description': 'after startDate'},
         totalStock={'type': 'integer', 'minimum': 1, 'maximum': MAX_TOTAL_STOCK},
-        name={'type': 'string', 'maxLength': 200, 'minLength': 1},
+        name={'type': 'string', 'maxLength': 200, 'pattern': r'[^\s\x00-\x20\x7f-\x9f]',
+              'description': 'trimmed; not blank'},
     ),
     'SaleWithTime': _object(
         ['flashSale', 'status', 'serverTime'],
@@ -138,7 +154,7 @@ PATHS = {
     }},
     '/api/auth/register': {'post': {
         'summary': 'Create an account; returns a session token',
-        'requestBody': {'required': True, 'content': _json(_ref('Credentials'))},
+        'requestBody': {'required': True, 'content': _json(_ref('Registration'))},
         'responses': {
             '201': _ok('Registered', _ref('Session')),
             **_BAD_BODY,
@@ -149,7 +165,7 @@ PATHS = {
     }},
     '/api/auth/login': {'post': {
         'summary': 'Log in; returns a session token',
-        'requestBody': {'required': True, 'content': _json(_ref('Credentials'))},
+        'requestBody': {'required': True, 'content': _json(_ref('Login'))},
         'responses': {
             '200': _ok('Logged in', _ref('Session')),
             **_BAD_BODY,

@@ -190,14 +190,14 @@ def test_purchase_cut_off_by_a_database_shutdown_is_503_outcome_unknown_and_sett
         if not private_pg.running():
             private_pg.start()
     [resp] = answers
-    assert resp.status_int == 503
-    assert resp.json['code'] == 'outcome_unknown'
+    assert (resp.status_int, resp.json['code']) == (503, 'outcome_unknown'), resp.json
     assert 'GET /api/me/orders/' in resp.json['message']
     assert int(resp.headers['Retry-After']) >= 1
 
     # What the README tells the client to do: ask.
     wait_for(lambda: client.get('/health', expect_errors=True).status_int == 200, timeout=5, message='recovery')
-    resp = client.get(f'/api/me/orders/{sale_id}', headers=auth(token), status=404)
+    resp = client.get(f'/api/me/orders/{sale_id}', headers=auth(token), expect_errors=True)
+    assert resp.status_int == 404, resp.json
     assert resp.json['code'] == 'order_not_found'
     # Or buy again: safe, one order per person whatever happened.
     client.post(f'/api/flash-sales/{sale_id}/purchase', headers=auth(token), status=201)
@@ -218,7 +218,9 @@ def load_chaos():
 def assert_chaos_held(result):
     failed = [c for c in result['checks'] if not c['ok']]
     assert not failed, json.dumps(result, indent=1)
-    assert result['answers']['created'] == result['stock']
+    # (Orders == stock is one of the checks; a 201 count can fall short of it
+    # by the purchases settled by a retry after an unknown outcome.)
+    assert result['answers']['created'] + result['answers'].get('outcome_unknown', 0) >= result['stock']
 
 
 def test_purchase_storm_across_database_restarts_and_crashes_keeps_every_invariant(tmp_path):
