@@ -959,6 +959,21 @@ async def run_scenario_async(scenario, base_url=DEFAULT_BASE_URL, users=None, st
     return result
 
 
+async def run_plain_async(base_url, path, method='GET', token=None, model='closed', connections=32,
+                          requests=None, duration=None, rate=None, max_connections=None, timeout=10.0):
+    """The same request over and over, no setup and no checks (e.g. GET /health as a ceiling)."""
+    host, port, host_header = split_base_url(base_url)
+    raw = build_request(method, path, host_header, token)
+    run = LoadRun(base_url, connections, max_connections or (connections if model == 'closed'
+                                                               else max(DEFAULT_MAX_CONNECTIONS, connections)),
+                  timeout)
+    if model == 'open':
+        await run.run_open(lambda i: (raw, 0), rate, duration)
+    else:
+        await run.run_closed(lambda i: (raw, 0), connections, requests, duration)
+    return summarize(run, model)
+
+
 def run_scenario(scenario, **options):
     """Synchronous entry point: run_scenario('crowd', base_url=..., users=20, stock=5, rate=200, duration=1)."""
     return asyncio.run(run_scenario_async(scenario, **options))
