@@ -40,12 +40,36 @@ def connect(settings, url):
     )
 
 
+class Pool(ConnectionPool):
+    """A ConnectionPool that remembers whether its latest attempt to open a
+    connection failed, so that "no connection came free in time" can be told
+    apart: the database is down (503 database_unavailable) or merely busy
+    (503 overloaded)."""
+
+    def __init__(self, *args, **kwargs):
+        self.database_unreachable = False
+        pool = self
+
+        class Connection(psycopg.Connection):
+            @classmethod
+            def connect(cls, *args, **kwargs):
+                try:
+                    conn = super().connect(*args, **kwargs)
+                except psycopg.OperationalError:
+                    pool.database_unreachable = True
+                    raise
+                pool.database_unreachable = False
+                return conn
+
+        super().__init__(*args, connection_class=Connection, **kwargs)
+
+
 def open_pool(settings, url):
     """The pool the app runs on: as many connections as server threads, so a
     thread never waits for a connection another thread is not using, and a
     short checkout timeout, so an overloaded server answers 503 instead of
     queueing without end."""
-    return ConnectionPool(
+    return Pool(
         url,
         min_size=settings.pool_size,
         max_size=settings.pool_size,

@@ -85,7 +85,7 @@ def serialize(req, resp, exc):
     """Falcon's error serializer, replaced: always JSON, whatever the client
     accepts, so a script never has to guess."""
     resp.content_type = falcon.MEDIA_JSON
-    resp.text = json.dumps(_error_body(exc))
+    resp.text = json.dumps(_error_body(exc), separators=(',', ':'))
 
 
 # Which unique constraint a violation names tells what the user did.
@@ -111,10 +111,20 @@ def _foreign_key_violation(req, resp, exc, params):
 
 
 def _overloaded(req, resp, exc, params):
-    # PoolTimeout (every connection busy for pool_timeout seconds), or a
-    # statement/lock timeout. Either way the statement did not commit.
+    # A statement or lock timeout: the statement did not commit.
     log.warning('overloaded: %s: %s', type(exc).__name__, exc)
     raise unavailable('overloaded', 'The service is busy; try again shortly.', 1)
+
+
+def _pool_timeout(pool):
+    def handle(req, resp, exc, params):
+        # No connection came free within pool_timeout: because the database
+        # cannot be reached, or because every connection is busy.
+        if pool.database_unreachable:
+            _database_unavailable(req, resp, exc, params)
+        _overloaded(req, resp, exc, params)
+
+    return handle
 
 
 def _database_unavailable(req, resp, exc, params):
@@ -127,12 +137,12 @@ def _unexpected(req, resp, exc, params):
     raise APIError(falcon.HTTP_500, 'internal_error', 'Something went wrong on our side.')
 
 
-def add_handlers(app):
+def add_handlers(app, pool):
     # Falcon picks the most specific handler by the exception's MRO, so the
     # order here does not matter.
     app.add_error_handler(Exception, _unexpected)
     app.add_error_handler(psycopg.OperationalError, _database_unavailable)
-    app.add_error_handler(psycopg_pool.PoolTimeout, _overloaded)
+    app.add_error_handler(psycopg_pool.PoolTimeout, _pool_timeout(pool))
     app.add_error_handler(psycopg.errors.QueryCanceled, _overloaded)
     app.add_error_handler(psycopg.errors.LockNotAvailable, _overloaded)
     app.add_error_handler(psycopg.errors.UniqueViolation, _unique_violation)

@@ -44,6 +44,11 @@ def settings(database_url):
         threads=8,
         pool_size=8,
         pool_timeout=5.0,
+        # Tests create and change sales between requests; each answer must be
+        # fresh (tests/test_cache.py covers the cache with an app of its own).
+        poll_cache_ms=0,
+        # Tests race registrations; tests/test_cache.py covers the bcrypt slots.
+        bcrypt_slots=64,
     )
 
 
@@ -76,7 +81,7 @@ def client(wsgi_app):
 
 @pytest.fixture(scope='session')
 def credentials(settings):
-    return Credentials(settings.jwt_secret, settings.jwt_ttl_seconds, settings.bcrypt_rounds)
+    return Credentials(settings.jwt_secret, settings.jwt_ttl_seconds, settings.bcrypt_rounds, 1)
 
 
 def auth(token):
