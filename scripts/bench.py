@@ -36,6 +36,7 @@ import asyncio
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -67,8 +68,14 @@ def free_port():
 
 
 def flashsale_command():
+    """This checkout's flashsale.py when there is one (so the bench measures the code beside it,
+    whatever an editable install elsewhere points `flashsale` at), else the installed command."""
+    if (ROOT / 'flashsale.py').is_file():
+        return [sys.executable, str(ROOT / 'flashsale.py')]
     found = shutil.which('flashsale') or shutil.which('flashsale', path=os.path.dirname(sys.executable))
-    return [found] if found else [sys.executable, str(ROOT / 'flashsale.py')]
+    if not found:
+        raise SystemExit('bench: neither flashsale.py beside scripts/ nor a `flashsale` command')
+    return [found]
 
 
 def start_server(database_url, log_path):
@@ -210,7 +217,7 @@ async def bench(args, base_url, log):
     run_id = uuid.uuid4().hex[:8]
     try:
         admin = await api.admin_token(args.admin_email, args.admin_password, args.grant_admin or args.start_server,
-                                      None, args.database_url, run_id)
+                                      shlex.join(flashsale_command()), args.database_url, run_id)
         log(f'registering {args.purchases} users ...')
         t0 = time.monotonic()
         users = await api.register_users(args.purchases, f'bench-{run_id}', args.register_concurrency)
@@ -340,7 +347,7 @@ def parse_args(argv=None):
     parser.add_argument('--refusals', type=int, default=5000, help='requests for the sold-out and /health runs')
     parser.add_argument('--refusal-concurrency', type=int, default=32)
     parser.add_argument('--repeat', type=int, default=1, help='runs per level; the median is shown')
-    parser.add_argument('--register-concurrency', type=int, default=16)
+    parser.add_argument('--register-concurrency', type=int, default=loadtest.DEFAULT_REGISTER_CONCURRENCY)
     parser.add_argument('--timeout', type=float, default=30.0)
     parser.add_argument('--json', dest='json_file')
     return parser.parse_args(argv)

@@ -96,6 +96,11 @@ SCENARIOS = {
 # listen backlog unanswered until the client times out. Stay below that.
 DEFAULT_MAX_CONNECTIONS = 96
 
+# The server hashes at most BCRYPT_SLOTS passwords at once (default THREADS // 2 = 4) and
+# answers 503 overloaded to the rest: register no more than that at a time.
+DEFAULT_REGISTER_CONCURRENCY = 4
+READ_BACK_CONCURRENCY = 16
+
 
 class ProtocolError(Exception):
     """The server's answer was not HTTP/1.1 this client understands."""
@@ -399,7 +404,8 @@ class Api:
         )
         return User(index, email, body['user']['id'], body['token'])
 
-    async def register_users(self, count, prefix, concurrency=16, first_index=0):
+    async def register_users(self, count, prefix, concurrency=DEFAULT_REGISTER_CONCURRENCY,
+                             first_index=0):
         semaphore = asyncio.Semaphore(concurrency)
 
         async def one(i):
@@ -442,7 +448,7 @@ class Api:
     async def purchase(self, user: User, sale_id):
         return await self.call('POST', f'/api/flash-sales/{sale_id}/purchase', token=user.token, expect=None)
 
-    async def read_back(self, sale_id, users, concurrency=16):
+    async def read_back(self, sale_id, users, concurrency=READ_BACK_CONCURRENCY):
         """The sale as the API sees it, and per user: the order of this sale and how many it has."""
         _, body = await self.call('GET', f'/api/flash-sales/{sale_id}')
         sale = body['flashSale']
@@ -486,8 +492,13 @@ def grant_admin_command(email, flashsale_cmd=None, database_url=None):
         env['JWT_SECRET'] = 'grant-admin-only-' + uuid.uuid4().hex + uuid.uuid4().hex
     done = subprocess.run(command + ['grant-admin', email], env=env, capture_output=True, text=True, timeout=120)
     if done.returncode != 0:
+        hint = ''
+        if not env.get('DATABASE_URL'):
+            hint = ('\n(no DATABASE_URL: the command used the embedded database of the current directory; '
+                    'pass --database-url with the server\'s DATABASE_URL, or run from the directory the '
+                    'server was started in)')
         raise SetupError(f'{" ".join(command)} grant-admin {email} failed ({done.returncode}): '
-                         f'{(done.stderr or done.stdout).strip()[-500:]}')
+                         f'{(done.stderr or done.stdout).strip()[-500:]}{hint}')
 
 
 # --------------------------------------------------------------------------
@@ -822,10 +833,13 @@ async def run_scenario_async(scenario, base_url=DEFAULT_BASE_URL, users=None, st
                              duration=None, connections=None, max_connections=None, requests=None, model=None,
                              start_delay=None, timeout=10.0, admin_email=None, admin_password=None,
                              grant_admin=False, admin_token=None, flashsale_cmd=None, database_url=None,
-                             seed=None, register_concurrency=16, prepared_users=None, bucket=None, log=None):
+                             seed=None, register_concurrency=DEFAULT_REGISTER_CONCURRENCY, prepared_users=None,
+                             bucket=None, settle=1.0, log=None):
     """Prepare users and a sale through the API, run the load, read back and check.
 
     prepared_users/admin_token let a caller (bench.py) register once and run many times.
+    settle: seconds to wait after the last answer before reading back: the server may
+    answer GET /api/flash-sales/{id} from its poll cache (POLL_CACHE_MS, 500 ms by default).
     """
     if scenario not in SCENARIOS:
         raise SetupError(f'unknown scenario {scenario!r}; one of {", ".join(SCENARIOS)}')
@@ -852,7 +866,7 @@ async def run_scenario_async(scenario, base_url=DEFAULT_BASE_URL, users=None, st
     rng = random.Random(seed)
     run_id = uuid.uuid4().hex[:10]
 
-    api = Api(base_url, connections=max(4, register_concurrency))
+    api = Api(base_url, connections=max(READ_BACK_CONCURRENCY, register_concurrency))
     try:
         if admin_token is None:
             log(f'admin: {"log in as " + admin_email if admin_email else "register and grant-admin"}')
@@ -926,9 +940,10 @@ async def run_scenario_async(scenario, base_url=DEFAULT_BASE_URL, users=None, st
         opening_offset = (opening_loop_time - run.t0) if opening_at is not None else None
 
         log('reading the outcome back from the API ...')
+        await asyncio.sleep(settle)
         sent_users = {r[4] for r in run.records}
         checked = [crowd[i] for i in sorted(sent_users)] + early_birds
-        sale_after, per_user = await api.read_back(sale_id, checked, concurrency=register_concurrency)
+        sale_after, per_user = await api.read_back(sale_id, checked, concurrency=READ_BACK_CONCURRENCY)
         database = read_database(database_url, sale_id) if database_url else None
         users_by_id = {u.id: u.index for u in crowd}
         invariants = check_invariants(
@@ -1193,7 +1208,12 @@ def parse_args(argv=None):
     parser.add_argument('--flashsale-cmd', help='command that runs the flashsale CLI (default: `flashsale`)')
     parser.add_argument('--database-url', default=None,
                         help='also count orders in this database (needs psycopg); passed to grant-admin')
-    parser.add_argument('--register-concurrency', type=int, default=16)
+    parser.add_argument('--register-concurrency', type=int, default=DEFAULT_REGISTER_CONCURRENCY,
+                        help='registrations at once (default 4: the server\'s BCRYPT_SLOTS default; '
+                             'more get 503 and are retried after Retry-After)')
+    parser.add_argument('--settle', type=float, default=1.0,
+                        help='seconds to wait before reading the outcome back (the server caches '
+                             'GET /api/flash-sales/{id} for POLL_CACHE_MS, 500 ms by default)')
     parser.add_argument('--seed', type=int, help='seed for the random choice of users')
     parser.add_argument('--bucket', type=float, help='seconds per point of the timeline (default 0.25, 1 for '
                                                      'runs of 20 s or more)')
@@ -1213,7 +1233,7 @@ def main(argv=None):
             requests=args.requests, model=args.model, start_delay=args.start_delay, timeout=args.timeout,
             admin_email=args.admin_email, admin_password=args.admin_password, grant_admin=args.grant_admin,
             flashsale_cmd=args.flashsale_cmd, database_url=args.database_url, seed=args.seed,
-            register_concurrency=args.register_concurrency, bucket=args.bucket, log=log,
+            register_concurrency=args.register_concurrency, bucket=args.bucket, settle=args.settle, log=log,
         )
     except SetupError as exc:
         print(f'loadtest: {exc}', file=sys.stderr)
