@@ -271,6 +271,18 @@ class ConnectionPool:
             self._give_back(None)
             raise
 
+    async def send(self, raw: bytes) -> Response:
+        """One request on a pooled connection, kept for the next one if the answer allows it
+        (a timeout cancelling the request closes the connection instead)."""
+        conn = await self.acquire()
+        reusable = False
+        try:
+            response = await conn.request(raw)
+            reusable = response.keep_alive
+        finally:
+            self.release(conn, reusable)
+        return response
+
     def release(self, conn: Connection, reusable: bool):
         self.in_use -= 1
         if reusable:
@@ -363,13 +375,7 @@ class Api:
         for attempt in range(retries + 1):
             try:
                 async with _timeout(self.timeout):
-                    conn = await self.pool.acquire()
-                    reusable = False
-                    try:
-                        response = await conn.request(raw)
-                        reusable = response.keep_alive
-                    finally:
-                        self.pool.release(conn, reusable)
+                    response = await self.pool.send(raw)
             except (OSError, asyncio.IncompleteReadError, ProtocolError) as exc:
                 if attempt == retries:
                     raise SetupError(f'{method} {path}: {exc!r}') from exc
@@ -525,13 +531,7 @@ class LoadRun:
         start = loop_time()
         try:
             async with _timeout(self.timeout):
-                conn = await self.pool.acquire()
-                reusable = False
-                try:
-                    response = await conn.request(raw)
-                    reusable = response.keep_alive
-                finally:
-                    self.pool.release(conn, reusable)
+                response = await self.pool.send(raw)
         except TimeoutError:
             label, buyer = 'timeout', None
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ProtocolError, ValueError) as exc:
