@@ -330,8 +330,7 @@ def format_table(results):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--start-server', action='store_true',
                         help='run `flashsale serve` (BCRYPT_ROUNDS=4, generated JWT_SECRET) on a free port')
     parser.add_argument('--base-url', default=loadtest.DEFAULT_BASE_URL, help='a running server (no --start-server)')

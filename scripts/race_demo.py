@@ -222,8 +222,7 @@ def verdict(out, stock, distinct_users):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--database-url', default=os.environ.get('DATABASE_URL'),
                         help='PostgreSQL to run in (default: DATABASE_URL); only the scratch schema is touched')
     parser.add_argument('--schema', default='race_demo', help='scratch schema (dropped and re-created)')
