@@ -135,6 +135,18 @@ def pid_listening_on(port):
     return None
 
 
+def cpu_seconds_of(pid):
+    """User + system CPU seconds the process (all its threads) has used, from /proc/PID/stat."""
+    fields = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')  # utime, stime
+
+
+def cpu_ms_per_answer(result):
+    if result.get('probe_delta') is None or not result['answered']:
+        return None
+    return round(result['probe_delta'] * 1000 / result['answered'], 3)
+
+
 def memory_of(pid):
     """{'rss_mib', 'peak_rss_mib'} from /proc/PID/status."""
     values = {}
@@ -211,8 +223,10 @@ def median_by_rate(runs, key):
     return ordered[len(ordered) // 2]
 
 
-async def bench(args, base_url, log):
+async def bench(args, base_url, pid, log):
     results = {'base_url': base_url, 'levels': args.levels, 'purchases_per_level': args.purchases}
+    # The server's CPU per answer is steadier than its rate on a machine shared with other work.
+    probe = (lambda: cpu_seconds_of(pid)) if pid else None
     api = loadtest.Api(base_url)
     run_id = uuid.uuid4().hex[:8]
     try:
@@ -233,12 +247,13 @@ async def bench(args, base_url, log):
                 log(f'HTTP purchases at concurrency {level} ...')
                 runs.append(await loadtest.run_scenario_async(
                     'throughput', base_url=base_url, prepared_users=users, admin_token=admin,
-                    users=len(users), requests=len(users), connections=level, timeout=args.timeout))
+                    users=len(users), requests=len(users), connections=level, timeout=args.timeout, probe=probe))
             best = median_by_rate(runs, key=lambda r: r['answered_rate'])
             results['http'].append({
                 'concurrency': level, 'rate': best['answered_rate'], 'latency_ms': best['latency_ms'],
                 'by_code': best['by_code'], 'verdict': best['invariants']['verdict'],
                 'all_rates': [r['answered_rate'] for r in runs],
+                'server_cpu_ms': statistics.median([cpu_ms_per_answer(r) or 0 for r in runs]) if probe else None,
             })
 
         # 2. the same statement without HTTP
@@ -263,13 +278,15 @@ async def bench(args, base_url, log):
         log(f'sold-out refusals and /health at concurrency {args.refusal_concurrency} ...')
         sold_out = await loadtest.run_scenario_async(
             'sold-out', base_url=base_url, prepared_users=users, admin_token=admin, users=min(200, len(users)),
-            model='closed', connections=args.refusal_concurrency, requests=args.refusals, timeout=args.timeout)
+            model='closed', connections=args.refusal_concurrency, requests=args.refusals, timeout=args.timeout,
+            probe=probe)
         health = await loadtest.run_plain_async(base_url, '/health', connections=args.refusal_concurrency,
-                                                requests=args.refusals, timeout=args.timeout)
+                                                requests=args.refusals, timeout=args.timeout, probe=probe)
         results['sold_out'] = {'rate': sold_out['answered_rate'], 'latency_ms': sold_out['latency_ms'],
-                               'by_code': sold_out['by_code'], 'verdict': sold_out['invariants']['verdict']}
+                               'by_code': sold_out['by_code'], 'verdict': sold_out['invariants']['verdict'],
+                               'server_cpu_ms': cpu_ms_per_answer(sold_out)}
         results['health'] = {'rate': health['answered_rate'], 'latency_ms': health['latency_ms'],
-                             'by_code': health['by_code']}
+                             'by_code': health['by_code'], 'server_cpu_ms': cpu_ms_per_answer(health)}
 
         # 4. the crowd
         log('crowd: 100 users, stock 50, 1,000 req/s for 4 s ...')
@@ -296,22 +313,32 @@ def format_table(results):
     direct = {d['concurrency']: d for d in results.get('direct', [])}
     out.append(f'1-2. purchase, stock never runs out, {results["purchases_per_level"]} distinct users per level '
                '(closed model)')
-    out.append('  conc |  HTTP req/s  p50 ms  p99 ms | direct tx/s  p50 ms  p99 ms | HTTP/direct | checks')
+    out.append('  conc |  HTTP req/s  p50 ms  p99 ms  srv CPU ms/req | direct tx/s  p50 ms  p99 ms | HTTP/direct '
+               '| checks')
     for h in results['http']:
         d = direct.get(h['concurrency'])
         ratio = f'{h["rate"] / d["rate"]:.2f}' if d and d['rate'] else '-'
         checks = h['verdict'] + ('' if not d else (', direct ok' if d['invariant_ok'] else ', direct FAIL'))
+        cpu = '-' if h.get('server_cpu_ms') is None else f'{h["server_cpu_ms"]:.2f}'
         out.append(f'  {h["concurrency"]:>4} | {rate(h["rate"]):>11} {ms(h["latency_ms"]["p50"]):>7} '
-                   f'{ms(h["latency_ms"]["p99"]):>7} | '
+                   f'{ms(h["latency_ms"]["p99"]):>7} {cpu:>15} | '
                    + (f'{rate(d["rate"]):>11} {ms(d["latency_ms"]["p50"]):>7} {ms(d["latency_ms"]["p99"]):>7}'
                       if d else f'{"(no --database-url)":>27}')
                    + f' | {ratio:>11} | {checks}')
+    if any(len(h['all_rates']) > 1 for h in results['http']):
+        out.append('  every run (req/s), median shown above: '
+                   + '; '.join(f'HTTP {h["concurrency"]}: ' + ', '.join(rate(v) for v in h['all_rates'])
+                               for h in results['http'])
+                   + ''.join(f'; direct {d["concurrency"]}: ' + ', '.join(rate(v) for v in d['all_rates'])
+                             for d in results.get('direct', [])))
     so, he = results['sold_out'], results['health']
     out.append('')
     out.append(f'3. sold-out refusals at concurrency {results["refusal_concurrency"]}: {rate(so["rate"])}/s '
                f'(p50 {ms(so["latency_ms"]["p50"])} ms, p99 {ms(so["latency_ms"]["p99"])} ms, {so["verdict"]}); '
                f'GET /health: {rate(he["rate"])}/s (p99 {ms(he["latency_ms"]["p99"])} ms); '
-               f'refusals/health = {so["rate"] / he["rate"]:.2f}')
+               f'refusals/health = {so["rate"] / he["rate"]:.2f}'
+               + (f'; server CPU per answer {so["server_cpu_ms"]:.2f} vs {he["server_cpu_ms"]:.2f} ms'
+                  if so.get('server_cpu_ms') is not None and he.get('server_cpu_ms') is not None else ''))
     cr = results['crowd']
     out.append('')
     out.append(f'4. crowd, 100 users, stock 50, 1,000 req/s x 4 s (achieved {rate(cr["achieved_rate"])} req/s): '
@@ -365,9 +392,9 @@ def main(argv=None):
     else:
         base_url = args.base_url
     try:
-        results = asyncio.run(bench(args, base_url, log))
-        results['refusal_concurrency'] = args.refusal_concurrency
         pid = proc.pid if proc else (args.server_pid or pid_listening_on(loadtest.split_base_url(base_url)[1]))
+        results = asyncio.run(bench(args, base_url, pid, log))
+        results['refusal_concurrency'] = args.refusal_concurrency
         if pid:
             results['memory'] = dict(memory_of(pid), pid=pid)
             results['server'] = {'pid': pid}

@@ -848,12 +848,14 @@ async def run_scenario_async(scenario, base_url=DEFAULT_BASE_URL, users=None, st
                              start_delay=None, timeout=10.0, admin_email=None, admin_password=None,
                              grant_admin=False, admin_token=None, flashsale_cmd=None, database_url=None,
                              seed=None, register_concurrency=DEFAULT_REGISTER_CONCURRENCY, prepared_users=None,
-                             bucket=None, settle=1.0, log=None):
+                             bucket=None, settle=1.0, probe=None, log=None):
     """Prepare users and a sale through the API, run the load, read back and check.
 
     prepared_users/admin_token let a caller (bench.py) register once and run many times.
     settle: seconds to wait after the last answer before reading back: the server may
     answer GET /api/flash-sales/{id} from its poll cache (POLL_CACHE_MS, 500 ms by default).
+    probe: a function called right before and right after the load (not the setup or the
+    read-back); the difference lands in result['probe_delta'] (bench.py: the server's CPU time).
     """
     if scenario not in SCENARIOS:
         raise SetupError(f'unknown scenario {scenario!r}; one of {", ".join(SCENARIOS)}')
@@ -939,6 +941,7 @@ async def run_scenario_async(scenario, base_url=DEFAULT_BASE_URL, users=None, st
         # listen backlog: do not hold the setup connections open through the run.
         api.pool.close()
         run = LoadRun(base_url, connections, max_connections if model == 'open' else connections, timeout)
+        probe_before = probe() if probe else None
         if model == 'open':
             log(f'running {scenario}: open model, {rate:g} req/s for {duration:g} s over {connections} '
                 f'connections (up to {max_connections})')
@@ -954,6 +957,7 @@ async def run_scenario_async(scenario, base_url=DEFAULT_BASE_URL, users=None, st
                 + (f' for at most {duration:g} s' if duration else ''))
             await run.run_closed(request_for, connections, requests, duration)
         result = summarize(run, model, bucket)
+        result['probe_delta'] = probe() - probe_before if probe else None
         opening_offset = (opening_loop_time - run.t0) if opening_at is not None else None
 
         log('reading the outcome back from the API ...')
@@ -993,18 +997,22 @@ async def run_scenario_async(scenario, base_url=DEFAULT_BASE_URL, users=None, st
 
 
 async def run_plain_async(base_url, path, method='GET', token=None, model='closed', connections=32,
-                          requests=None, duration=None, rate=None, max_connections=None, timeout=10.0):
+                          requests=None, duration=None, rate=None, max_connections=None, timeout=10.0,
+                          probe=None):
     """The same request over and over, no setup and no checks (e.g. GET /health as a ceiling)."""
     host, port, host_header = split_base_url(base_url)
     raw = build_request(method, path, host_header, token)
     run = LoadRun(base_url, connections, max_connections or (connections if model == 'closed'
                                                                else max(DEFAULT_MAX_CONNECTIONS, connections)),
                   timeout)
+    probe_before = probe() if probe else None
     if model == 'open':
         await run.run_open(lambda i: (raw, 0), rate, duration)
     else:
         await run.run_closed(lambda i: (raw, 0), connections, requests, duration)
-    return summarize(run, model)
+    result = summarize(run, model)
+    result['probe_delta'] = probe() - probe_before if probe else None
+    return result
 
 
 def run_scenario(scenario, **options):
