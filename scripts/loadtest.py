@@ -90,6 +90,9 @@ from datetime import timedelta
 from datetime import timezone
 from urllib.parse import urlsplit
 
+if sys.version_info < (3, 11):
+    sys.exit('loadtest.py needs Python 3.11 or newer (asyncio.timeout)')
+
 DEFAULT_BASE_URL = 'http://127.0.0.1:8000'
 USER_PASSWORD = 'loadtest-password'
 
@@ -160,7 +163,7 @@ class Connection:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return cls(reader, writer)
 
-    async def request(self, raw: bytes, head_only=False) -> Response:
+    async def request(self, raw: bytes) -> Response:
         self.writer.write(raw)
         head = await self.reader.readuntil(b'\r\n\r\n')
         lines = head.split(b'\r\n')
@@ -177,7 +180,7 @@ class Connection:
             keep_alive = headers.get('connection', '').lower() == 'keep-alive'
         else:
             keep_alive = headers.get('connection', '').lower() != 'close'
-        if head_only or status in (204, 304) or 100 <= status < 200:
+        if status in (204, 304) or 100 <= status < 200:
             body = b''
         elif 'chunked' in headers.get('transfer-encoding', '').lower():
             body = await self._read_chunked()
@@ -230,7 +233,7 @@ class ConnectionPool:
         self.in_use = 0
         self.peak_in_use = 0
         self.peak_open = 0
-        self.reconnects = 0
+        self.discarded = 0
         self.waited = 0
         self.connect_errors = 0
 
@@ -300,7 +303,7 @@ class ConnectionPool:
             self._give_back(conn)
         else:
             conn.close()
-            self.reconnects += 1
+            self.discarded += 1
             self._give_back(None)
 
     def _give_back(self, conn):
@@ -320,12 +323,6 @@ class ConnectionPool:
         while self.idle:
             self.idle.pop().close()
             self.open_count -= 1
-
-
-def _timeout(seconds):
-    if hasattr(asyncio, 'timeout'):  # Python 3.11+: no extra task per request
-        return asyncio.timeout(seconds)
-    raise RuntimeError('loadtest.py needs Python 3.11 or newer')
 
 
 def build_request(method, path, host_header, token=None, body=None) -> bytes:
@@ -385,7 +382,7 @@ class Api:
         raw = build_request(method, path, self.host_header, token, body)
         for attempt in range(retries + 1):
             try:
-                async with _timeout(self.timeout):
+                async with asyncio.timeout(self.timeout):
                     response = await self.pool.send(raw)
             except (OSError, asyncio.IncompleteReadError, ProtocolError) as exc:
                 if attempt == retries:
@@ -541,7 +538,7 @@ class LoadRun:
         loop_time = asyncio.get_running_loop().time
         start = loop_time()
         try:
-            async with _timeout(self.timeout):
+            async with asyncio.timeout(self.timeout):
                 response = await self.pool.send(raw)
         except TimeoutError:
             label, buyer = 'timeout', None
@@ -683,7 +680,7 @@ def summarize(run: LoadRun, model, bucket=None):
             'max': run.pool.max_size,
             'peak_open': run.pool.peak_open,
             'opened_beyond_initial': max(0, run.pool.peak_open - run.pool.size),
-            'reconnects': run.pool.reconnects,
+            'discarded': run.pool.discarded,
             'waited_for_connection': run.pool.waited,
             'peak_in_use': run.pool.peak_in_use,
             'connect_errors': run.pool.connect_errors,
@@ -1050,7 +1047,7 @@ def format_report(result):
     lines.append(f'connections: {c["initial"]} opened up front, peak {c["peak_open"]} open '
                  f'({c["opened_beyond_initial"]} beyond the initial ones, cap {c["max"]}), '
                  f'{c["waited_for_connection"]} requests waited for a free one, '
-                 f'{c["reconnects"]} replaced after a close/timeout/error')
+                 f'{c["discarded"]} closed after a timeout, an error or "Connection: close"')
     cl = result['client']
     lines.append(f'client: {cl["cpu_cores_used"]} CPU cores used, fell behind schedule by at most '
                  f'{cl["max_schedule_lag_ms"]} ms')
