@@ -227,7 +227,12 @@ function render() {
   const blocker = buyBlocker(sale, phase);
   const buy = $('buy');
   buy.disabled = blocker !== null;
-  setText(buy, state.order ? 'Bought' : state.buying ? 'Buying…' : 'Buy now');
+  const label = state.order ? 'Bought'
+    : state.buying ? 'Buying…'
+      : phase === 'ended' ? 'Sale ended'
+        : phase === 'active' && soldOut ? 'Sold out'
+          : 'Buy now';
+  setText(buy, label);
   setText($('buy-hint'), blocker ?? 'One per customer. Good luck!');
 
   $('order').hidden = !state.order;
@@ -493,21 +498,26 @@ async function createSale(event) {
   }
 }
 
+const shortDateTime = new Intl.DateTimeFormat(undefined, { dateStyle: 'short', timeStyle: 'short' });
+
+// column -> [heading, cell text]. The heading is repeated in each cell's
+// data-label for the stacked layout on narrow screens (see style.css).
 const SALE_COLUMNS = {
-  name: (sale) => sale.name,
-  start: (sale) => dateTimeFormat.format(parseTime(sale.startDate)),
-  end: (sale) => dateTimeFormat.format(parseTime(sale.endDate)),
-  status: (sale) => sale.status,
-  sold: (sale) => `${sale.totalStock - sale.remainingStock} / ${sale.totalStock}`,
+  name: ['Name', (sale) => sale.name],
+  start: ['Starts', (sale) => shortDateTime.format(parseTime(sale.startDate))],
+  end: ['Ends', (sale) => shortDateTime.format(parseTime(sale.endDate))],
+  status: ['Status', (sale) => BADGES[sale.status === 'active' && sale.remainingStock <= 0 ? 'soldOut' : sale.status]],
+  sold: ['Sold', (sale) => `${sale.totalStock - sale.remainingStock} / ${sale.totalStock}`],
 };
 
 function saleRow(sale) {
   const row = document.createElement('tr');
   row.dataset.testid = 'sale-row';
   row.dataset.saleId = sale.id;
-  for (const [column, text] of Object.entries(SALE_COLUMNS)) {
+  for (const [column, [heading, text]] of Object.entries(SALE_COLUMNS)) {
     const cell = document.createElement('td');
     cell.textContent = text(sale);
+    cell.dataset.label = heading;
     cell.dataset.testid = `sale-row-${column}`;
     row.append(cell);
   }
