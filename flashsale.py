@@ -1,0 +1,273 @@
+"""flashsale: a small, fast, correct flash-sale service.
+
+This module holds the settings (read once from the environment), the app
+factory create_app(), and the `flashsale` command line (serve, init-db,
+grant-admin). Everything else lives in resources/.
+"""
+
+import argparse
+import dataclasses
+import functools
+import json
+import logging
+import os
+import secrets
+import signal
+import sys
+import uuid
+from datetime import datetime
+from datetime import timedelta
+from datetime import timezone
+
+import falcon
+
+from resources import accounts
+from resources import database
+from resources import errors
+from resources import health
+from resources import middleware
+from resources import orders
+from resources import page
+from resources import sales
+from resources import sql
+from resources.credentials import Credentials
+
+log = logging.getLogger('flashsale')
+
+MIN_JWT_SECRET_BYTES = 32
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong; the message says which and how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every setting, with its default. README.md documents each one."""
+
+    database_url: str | None = None  # unset: the embedded development database
+    jwt_secret: str | None = None  # required whenever database_url is set
+    host: str = '127.0.0.1'
+    port: int = 8000
+    threads: int = 8
+    pool_size: int = 8
+    pool_timeout: float = 5.0  # seconds a request waits for a connection, then 503
+    statement_timeout_ms: int = 5000
+    lock_timeout_ms: int = 2000
+    cors_origins: tuple = ()
+    bcrypt_rounds: int = 12
+    jwt_ttl_seconds: int = 3600
+    max_body_bytes: int = 16 * 1024
+    data_dir: str = '.flashsale'  # the embedded database and its secret
+    trusted_proxy: str | None = None  # e.g. 127.0.0.1 when behind nginx
+
+    @classmethod
+    def from_env(cls, environ=os.environ):
+        def integer(name, default, low, high):
+            raw = environ.get(name)
+            if raw is None or raw == '':
+                return default
+            try:
+                number = int(raw)
+            except ValueError:
+                raise ConfigError(f'{name} must be a whole number, not {raw!r}') from None
+            if not low <= number <= high:
+                raise ConfigError(f'{name} must be between {low} and {high}, not {number}')
+            return number
+
+        threads = integer('THREADS', cls.threads, 1, 256)
+        origins = tuple(o.strip() for o in environ.get('CORS_ORIGINS', '').split(',') if o.strip())
+        settings = cls(
+            database_url=environ.get('DATABASE_URL') or None,
+            jwt_secret=environ.get('JWT_SECRET') or None,
+            host=environ.get('HOST') or cls.host,
+            port=integer('PORT', cls.port, 0, 65535),
+            threads=threads,
+            pool_size=integer('POOL_SIZE', threads, 1, 256),
+            pool_timeout=integer('POOL_TIMEOUT_MS', int(cls.pool_timeout * 1000), 1, 600_000) / 1000,
+            statement_timeout_ms=integer('STATEMENT_TIMEOUT_MS', cls.statement_timeout_ms, 1, 600_000),
+            lock_timeout_ms=integer('LOCK_TIMEOUT_MS', cls.lock_timeout_ms, 1, 600_000),
+            cors_origins=origins,
+            bcrypt_rounds=integer('BCRYPT_ROUNDS', cls.bcrypt_rounds, 4, 16),
+            jwt_ttl_seconds=integer('JWT_TTL_SECONDS', cls.jwt_ttl_seconds, 30, 7 * 24 * 3600),
+            max_body_bytes=integer('MAX_BODY_BYTES', cls.max_body_bytes, 256, 1024 * 1024),
+            data_dir=environ.get('FLASHSALE_DATA_DIR') or cls.data_dir,
+            trusted_proxy=environ.get('TRUSTED_PROXY') or None,
+        )
+        if settings.database_url and not settings.jwt_secret:
+            raise ConfigError(
+                'JWT_SECRET is required when DATABASE_URL is set: a random string of at least '
+                f'{MIN_JWT_SECRET_BYTES} bytes, e.g. the output of\n'
+                "  python3 -c 'import secrets; print(secrets.token_urlsafe(48))'"
+            )
+        if settings.jwt_secret and len(settings.jwt_secret.encode()) < MIN_JWT_SECRET_BYTES:
+            raise ConfigError(f'JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes long')
+        return settings
+
+
+def _json_default(value):
+    if isinstance(value, datetime):
+        return value.astimezone(timezone.utc).isoformat(timespec='milliseconds').replace('+00:00', 'Z')
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise TypeError(f'{type(value).__name__} is not JSON serializable')
+
+
+def create_app(settings, pool):
+    """The WSGI app. `pool` is an open psycopg_pool.ConnectionPool; the
+    settings must carry the JWT secret."""
+    credentials = Credentials(settings.jwt_secret, settings.jwt_ttl_seconds, settings.bcrypt_rounds)
+
+    stack = [middleware.RequestLog(), middleware.SecurityHeaders()]
+    if settings.cors_origins:
+        stack.append(falcon.CORSMiddleware(allow_origins=list(settings.cors_origins)))
+    app = falcon.App(middleware=stack, cors_enable=False)
+
+    json_handler = falcon.media.JSONHandler(
+        dumps=functools.partial(json.dumps, default=_json_default, separators=(',', ':')),
+    )
+    app.resp_options.media_handlers[falcon.MEDIA_JSON] = json_handler
+    errors.add_handlers(app, pool)
+
+    app.add_route('/health', health.Health(pool))
+    app.add_route('/api/auth/register', accounts.Register(pool, credentials, settings))
+    app.add_route('/api/auth/login', accounts.Login(pool, credentials, settings))
+    app.add_route('/api/me', accounts.Me(pool, credentials))
+    app.add_route('/api/me/orders', orders.MyOrders(pool, credentials))
+    app.add_route('/api/me/orders/{sale_id}', orders.MyOrder(pool, credentials))
+    app.add_route('/api/flash-sales', sales.Collection(pool, credentials, settings))
+    app.add_route('/api/flash-sales/current', sales.Current(pool))
+    app.add_route('/api/flash-sales/{sale_id}', sales.Item(pool))
+    app.add_route('/api/flash-sales/{sale_id}/purchase', orders.Purchase(pool, credentials))
+    page.add_routes(app)
+    return app
+
+
+# --- the command line ---------------------------------------------------------
+
+
+def _database(settings):
+    """(url, settings) for the configured database: DATABASE_URL, or the
+    embedded development server with its generated JWT secret."""
+    if settings.database_url:
+        return settings.database_url, settings
+    from resources import embedded  # noqa: PLC0415 (never imported in production)
+
+    log.info('DATABASE_URL is not set: using the embedded PostgreSQL in %s', settings.data_dir)
+    url = embedded.start(settings.data_dir)
+    if not settings.jwt_secret:
+        settings = dataclasses.replace(settings, jwt_secret=embedded.jwt_secret(settings.data_dir))
+    return url, settings
+
+
+def _seed_demo(conn, settings):
+    """On an empty embedded database: a demo admin and an open demo sale, so
+    a newcomer sees something working at once."""
+    if sql.value(conn, sql.COUNT_USERS):
+        return
+    password = secrets.token_urlsafe(12)
+    credentials = Credentials(settings.jwt_secret, settings.jwt_ttl_seconds, settings.bcrypt_rounds)
+    sql.one(conn, sql.CREATE_USER, {
+        'email': 'admin@example.com', 'password_hash': credentials.hash_password(password),
+    })
+    sql.one(conn, sql.GRANT_ADMIN, {'email': 'admin@example.com'})
+    now = datetime.now(timezone.utc)
+    sale = sql.one(conn, sql.CREATE_SALE, {
+        'name': 'Demo sale', 'start_date': now, 'end_date': now + timedelta(days=1), 'total_stock': 50,
+    })
+    print(
+        '\nDemo data created (embedded database, first start):\n'
+        f'  admin:     admin@example.com / {password}\n'
+        f'  sale:      "Demo sale" {sale["id"]}, 50 items, open for 24 hours\n'
+        '  Open http://{host}:{port}/ or see README.md for curl examples.\n'.format(
+            host=settings.host, port=settings.port),
+        flush=True,
+    )
+
+
+def serve(settings):
+    import waitress  # noqa: PLC0415 (only the serve command needs it)
+
+    url, settings = _database(settings)
+    with database.connect(settings, url) as conn:
+        database.apply_schema(conn)
+        if not settings.database_url:
+            _seed_demo(conn, settings)
+    pool = database.open_pool(settings, url)
+    # SIGTERM (docker stop, systemd, kill) stops the server as Ctrl-C does:
+    # waitress lets in-flight requests finish, then the pool is closed (and
+    # the embedded database stopped) on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    try:
+        app = create_app(settings, pool)
+        proxy = {}
+        if settings.trusted_proxy:
+            # Behind nginx: believe X-Forwarded-For/-Proto from that address only.
+            proxy = {
+                'trusted_proxy': settings.trusted_proxy,
+                'trusted_proxy_headers': {'x-forwarded-for', 'x-forwarded-proto'},
+            }
+        server = waitress.create_server(
+            app,
+            host=settings.host,
+            port=settings.port,
+            threads=settings.threads,
+            ident='flashsale',
+            max_request_body_size=settings.max_body_bytes,
+            clear_untrusted_proxy_headers=True,
+            **proxy,
+        )
+        print(f'flashsale listening on http://{settings.host}:{server.effective_port}', flush=True)
+        server.run()
+    finally:
+        pool.close()
+
+
+def init_db(settings):
+    url, settings = _database(settings)
+    with database.connect(settings, url) as conn:
+        database.apply_schema(conn)
+    print('schema applied')
+
+
+def grant_admin(settings, email):
+    url, settings = _database(settings)
+    with database.connect(settings, url) as conn:
+        database.apply_schema(conn)
+        user = sql.one(conn, sql.GRANT_ADMIN, {'email': email.strip().lower()})
+    if user is None:
+        raise ConfigError(f'no user with email {email!r}: register first (POST /api/auth/register)')
+    print(f'{user["email"]} is now an admin')
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog='flashsale', description=__doc__.split('\n')[0])
+    commands = parser.add_subparsers(dest='command', required=True)
+    commands.add_parser('serve', help='run the HTTP server (HOST, PORT, THREADS, ...)')
+    commands.add_parser('init-db', help='apply schema.sql to the database (safe to repeat)')
+    grant = commands.add_parser('grant-admin', help='give an existing user admin rights')
+    grant.add_argument('email')
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(
+        level=os.environ.get('LOG_LEVEL', 'INFO').upper(),
+        format='%(asctime)s %(levelname)s %(name)s %(message)s',
+    )
+    # pgserver logs every command it runs at INFO, output and all.
+    logging.getLogger('pgserver').setLevel(logging.WARNING)
+    try:
+        settings = Settings.from_env()
+        if args.command == 'serve':
+            serve(settings)
+        elif args.command == 'init-db':
+            init_db(settings)
+        else:
+            grant_admin(settings, args.email)
+    except ConfigError as exc:
+        print(f'flashsale: {exc}', file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

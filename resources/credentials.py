@@ -1,0 +1,66 @@
+"""Passwords (bcrypt) and session tokens (JWT, HS256), and reading the caller's
+identity from a request."""
+
+import time
+import uuid
+
+import bcrypt
+import jwt
+
+from resources.errors import unauthorized
+
+# bcrypt looks at the first 72 bytes only; longer passwords are refused rather
+# than silently truncated.
+MAX_PASSWORD_BYTES = 72
+MIN_PASSWORD_BYTES = 8
+
+
+class Credentials:
+    def __init__(self, secret, ttl_seconds, bcrypt_rounds):
+        self._secret = secret
+        self._ttl = ttl_seconds
+        self._rounds = bcrypt_rounds
+        # Checked against when the email is unknown, so that a login for an
+        # unknown email costs the same bcrypt time as a wrong password.
+        self._decoy_hash = bcrypt.hashpw(b'decoy password', bcrypt.gensalt(bcrypt_rounds))
+
+    # NOTE: both bcrypt calls take ~0.25 s at the default cost. Callers must not
+    # hold a database connection while they run.
+    def hash_password(self, password):
+        return bcrypt.hashpw(password.encode(), bcrypt.gensalt(self._rounds)).decode()
+
+    def check_password(self, password, password_hash):
+        """True if password matches; with password_hash None (no such user),
+        spends the same time and returns False."""
+        if password_hash is None:
+            bcrypt.checkpw(password.encode(), self._decoy_hash)
+            return False
+        return bcrypt.checkpw(password.encode(), password_hash.encode())
+
+    def issue(self, user_id):
+        now = int(time.time())
+        claims = {'sub': str(user_id), 'iat': now, 'exp': now + self._ttl}
+        return jwt.encode(claims, self._secret, algorithm='HS256')
+
+    def user_id(self, req):
+        """The id of the user whose valid token the request carries, or 401."""
+        header = req.get_header('Authorization')
+        if not header:
+            raise unauthorized()
+        scheme, _, token = header.partition(' ')
+        if scheme.lower() != 'bearer' or not token.strip():
+            raise unauthorized('invalid_token', 'Use "Authorization: Bearer <token>".')
+        try:
+            # The algorithm is pinned: a token claiming "none" or any other
+            # algorithm is refused, whatever its header says.
+            claims = jwt.decode(
+                token.strip(),
+                self._secret,
+                algorithms=['HS256'],
+                options={'require': ['exp', 'iat', 'sub']},
+            )
+            return uuid.UUID(claims['sub'])
+        except jwt.ExpiredSignatureError:
+            raise unauthorized('token_expired', 'Your session expired; log in again.') from None
+        except (jwt.InvalidTokenError, ValueError, TypeError, AttributeError):
+            raise unauthorized('invalid_token', 'The token is not valid; log in again.') from None

@@ -1,0 +1,70 @@
+"""Buying, and reading one's own orders."""
+
+import falcon
+
+from resources import sql
+from resources.errors import conflict
+from resources.errors import not_found
+from resources.parsing import path_uuid
+from resources.sales import sale_not_found
+
+# What the purchase statement's `outcome` column means for the caller.
+_REFUSALS = {
+    'sale_not_found': sale_not_found,
+    'sale_not_started': lambda: conflict('sale_not_started', 'This sale has not started yet.'),
+    'sale_ended': lambda: conflict('sale_ended', 'This sale has ended.'),
+    'sold_out': lambda: conflict('sold_out', 'Sold out: every item in this sale is taken.'),
+    'already_purchased': lambda: conflict('already_purchased', 'You already bought one in this sale.'),
+}
+
+
+def order_not_found():
+    return not_found('order_not_found', 'You have no order in that sale.')
+
+
+class Purchase:
+    """POST /api/flash-sales/{sale_id}/purchase. Takes no body and ignores one
+    if sent (the reference's load-test clients send {"productId": ...})."""
+
+    def __init__(self, pool, credentials):
+        self._pool = pool
+        self._credentials = credentials
+
+    def on_post(self, req, resp, sale_id):
+        user_id = self._credentials.user_id(req)
+        sale_id = path_uuid(sale_id, sale_not_found())
+        with self._pool.connection() as conn:
+            # A racing duplicate raises UniqueViolation here; resources/errors.py
+            # maps it to 409 already_purchased (see sql.PURCHASE).
+            row = sql.one(conn, sql.PURCHASE, {'sale_id': sale_id, 'user_id': user_id})
+        outcome = row.pop('outcome')
+        if outcome != 'created':
+            raise _REFUSALS[outcome]()
+        resp.status = falcon.HTTP_201
+        resp.media = {'order': row}
+
+
+class MyOrder:
+    def __init__(self, pool, credentials):
+        self._pool = pool
+        self._credentials = credentials
+
+    def on_get(self, req, resp, sale_id):
+        user_id = self._credentials.user_id(req)
+        sale_id = path_uuid(sale_id, order_not_found())
+        with self._pool.connection() as conn:
+            row = sql.one(conn, sql.FIND_MY_ORDER, {'sale_id': sale_id, 'user_id': user_id})
+        if row is None:
+            raise order_not_found()
+        resp.media = {'order': row}
+
+
+class MyOrders:
+    def __init__(self, pool, credentials):
+        self._pool = pool
+        self._credentials = credentials
+
+    def on_get(self, req, resp):
+        user_id = self._credentials.user_id(req)
+        with self._pool.connection() as conn:
+            resp.media = {'orders': sql.many(conn, sql.LIST_MY_ORDERS, {'user_id': user_id})}

@@ -1,0 +1,57 @@
+"""Reading what a request sends, strictly: a JSON body of known fields and
+sane size, and ids in paths."""
+
+import json
+import uuid
+
+import falcon
+
+from resources.errors import APIError
+from resources.errors import invalid
+
+
+def read_object(req, max_bytes, *, required, optional=()):
+    """The body as a dict with every `required` field and no field outside
+    `required` and `optional`; anything else is a 4xx with a code."""
+    media_type = (req.content_type or '').split(';', 1)[0].strip().lower()
+    if media_type != falcon.MEDIA_JSON:
+        raise APIError(
+            falcon.HTTP_415, 'unsupported_media_type', 'Send JSON (Content-Type: application/json).'
+        )
+    raw = req.bounded_stream.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise APIError(
+            falcon.HTTP_413, 'payload_too_large', f'The request body is over {max_bytes} bytes.'
+        )
+    try:
+        body = json.loads(raw)
+    # RecursionError: a body of thousands of nested brackets fits in the size
+    # limit but is deeper than Python's parser will go.
+    except (ValueError, RecursionError):
+        raise invalid(None, 'The request body is not valid JSON.', 'invalid_json') from None
+    if not isinstance(body, dict):
+        raise invalid(None, 'The request body must be a JSON object.', 'invalid_body')
+    for name in body:
+        if name not in required and name not in optional:
+            raise invalid(name, f'Unknown field "{name}".', 'unknown_field')
+    for name in required:
+        if name not in body:
+            raise invalid(name, f'"{name}" is required.', 'missing_field')
+    return body
+
+
+def string_field(body, name, *, max_length):
+    value = body[name]
+    if not isinstance(value, str):
+        raise invalid(name, f'"{name}" must be a string.')
+    if len(value) > max_length:
+        raise invalid(name, f'"{name}" is longer than {max_length} characters.')
+    return value
+
+
+def path_uuid(raw, error):
+    """An id from the path; a malformed one is simply not found (`error`)."""
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise error from None

@@ -1,0 +1,110 @@
+"""Flash sales: the current one, the list, one by id, and creating one (admins)."""
+
+from datetime import datetime
+
+import falcon
+
+from resources import sql
+from resources.accounts import existing_user
+from resources.errors import APIError
+from resources.errors import invalid
+from resources.errors import not_found
+from resources.parsing import path_uuid
+from resources.parsing import read_object
+from resources.parsing import string_field
+
+MAX_TOTAL_STOCK = 1_000_000
+
+
+def sale_not_found():
+    return not_found('sale_not_found', 'There is no flash sale with that id.')
+
+
+def _with_server_time(row):
+    """A sale row split into the API's {flashSale, status, serverTime}."""
+    server_time = row.pop('serverTime')
+    return {'flashSale': row, 'status': row['status'], 'serverTime': server_time}
+
+
+def _aware_datetime(body, name):
+    value = string_field(body, name, max_length=64)
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise invalid(name, f'"{name}" must be an ISO 8601 date-time.') from None
+    # A date without an offset could mean any of 24 hours; refuse to guess.
+    if moment.tzinfo is None or moment.utcoffset() is None:
+        raise invalid(name, f'"{name}" needs a UTC offset or "Z", e.g. 2026-12-01T10:00:00Z.')
+    return moment
+
+
+class Current:
+    def __init__(self, pool):
+        self._pool = pool
+
+    def on_get(self, req, resp):
+        with self._pool.connection() as conn:
+            row = sql.one(conn, sql.CURRENT_SALE)
+        if row is None:
+            raise not_found('no_sale', 'No flash sale is scheduled.')
+        resp.media = _with_server_time(row)
+
+
+class Item:
+    def __init__(self, pool):
+        self._pool = pool
+
+    def on_get(self, req, resp, sale_id):
+        sale_id = path_uuid(sale_id, sale_not_found())
+        with self._pool.connection() as conn:
+            row = sql.one(conn, sql.FIND_SALE, {'sale_id': sale_id})
+        if row is None:
+            raise sale_not_found()
+        resp.media = _with_server_time(row)
+
+
+class Collection:
+    def __init__(self, pool, credentials, settings):
+        self._pool = pool
+        self._credentials = credentials
+        self._settings = settings
+
+    def on_get(self, req, resp):
+        with self._pool.connection() as conn:
+            rows = sql.many(conn, sql.LIST_SALES)
+            server_time = sql.value(conn, sql.SERVER_TIME)
+        for row in rows:
+            row.pop('serverTime')
+        resp.media = {'flashSales': rows, 'serverTime': server_time}
+
+    def on_post(self, req, resp):
+        user_id = self._credentials.user_id(req)
+        with self._pool.connection() as conn:
+            # Who may ask comes before what they ask: a non-admin gets 403
+            # whatever the body says.
+            if not existing_user(conn, user_id)['isAdmin']:
+                raise APIError(falcon.HTTP_403, 'forbidden', 'Only admins can create flash sales.')
+            row = sql.one(conn, sql.CREATE_SALE, self._new_sale(req))
+        row.pop('serverTime')
+        resp.status = falcon.HTTP_201
+        resp.media = {'flashSale': row}
+
+    def _new_sale(self, req):
+        body = read_object(
+            req,
+            self._settings.max_body_bytes,
+            required=('startDate', 'endDate', 'totalStock'),
+            optional=('name',),
+        )
+        start = _aware_datetime(body, 'startDate')
+        end = _aware_datetime(body, 'endDate')
+        if end <= start:
+            raise invalid('endDate', '"endDate" must be after "startDate".')
+        total = body['totalStock']
+        # bool is an int in Python; true is not a stock level.
+        if not isinstance(total, int) or isinstance(total, bool) or not 1 <= total <= MAX_TOTAL_STOCK:
+            raise invalid('totalStock', f'"totalStock" must be a whole number from 1 to {MAX_TOTAL_STOCK}.')
+        name = string_field(body, 'name', max_length=200).strip() if 'name' in body else 'Flash sale'
+        if not name:
+            raise invalid('name', '"name" must not be empty.')
+        return {'name': name, 'start_date': start, 'end_date': end, 'total_stock': total}

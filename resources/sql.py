@@ -1,0 +1,243 @@
+"""Every SQL statement flashsale runs, in one place, readable top to bottom.
+
+Each statement is a named constant with a comment that says what it returns and
+why it is safe. Resources import these names and run them with one of the four
+executors at the bottom, which are named by how many rows come back. No other
+module builds SQL.
+
+Column aliases are the API's camelCase names, so a row is already the JSON
+object the API returns. Every connection runs with TimeZone=UTC and in
+autocommit: each statement below is its own transaction unless the caller opens
+one explicitly.
+"""
+
+# --- schema -----------------------------------------------------------------
+
+# Held for the length of the transaction that applies schema.sql, so that
+# several server processes starting at once apply it one after another
+# (concurrent CREATE TABLE IF NOT EXISTS can otherwise collide on the catalog).
+LOCK_SCHEMA = 'SELECT pg_advisory_xact_lock(hashtext(\'flashsale schema\'))'
+
+# The database's clock. Every time decision (sale status, the purchase window,
+# serverTime) is made with now() in PostgreSQL, never with the app's clock, so
+# several app processes can never disagree about whether a sale has started.
+SERVER_TIME = 'SELECT now() AS "serverTime"'
+
+# --- users ------------------------------------------------------------------
+
+_USER_COLUMNS = '''
+    id, email, is_admin AS "isAdmin", created_at AS "createdAt"
+'''
+
+# One row: the new user. A duplicate email, even from two registrations racing,
+# is refused by the users_email_key unique constraint (mapped to 409 email_taken).
+CREATE_USER = f'''
+    INSERT INTO users (email, password_hash)
+    VALUES (%(email)s, %(password_hash)s)
+    RETURNING {_USER_COLUMNS}
+'''
+
+# One row or none: what login needs, including the hash to check outside the
+# connection (bcrypt is slow on purpose; a connection must not wait on it).
+FIND_USER_FOR_LOGIN = f'''
+    SELECT {_USER_COLUMNS}, password_hash
+      FROM users
+     WHERE email = %(email)s
+'''
+
+# One row or none: the user a verified token names. The admin flag is read from
+# here on every admin request; it is never taken from the token.
+FIND_USER_BY_ID = f'''
+    SELECT {_USER_COLUMNS}
+      FROM users
+     WHERE id = %(user_id)s
+'''
+
+# One row or none: used by `flashsale grant-admin EMAIL`.
+GRANT_ADMIN = f'''
+    UPDATE users
+       SET is_admin = true, updated_at = now()
+     WHERE email = %(email)s
+    RETURNING {_USER_COLUMNS}
+'''
+
+# A value: how many users exist (the demo data is seeded only into an empty database).
+COUNT_USERS = 'SELECT count(*) FROM users'
+
+# --- flash sales ------------------------------------------------------------
+
+# status is computed by the database from its own clock at the moment of the
+# query, with the same comparisons the purchase statement uses: a sale is
+# active from start_date (inclusive) until end_date (exclusive).
+_SALE_COLUMNS = '''
+    id, name,
+    start_date AS "startDate", end_date AS "endDate",
+    total_stock AS "totalStock", remaining_stock AS "remainingStock",
+    CASE WHEN now() < start_date THEN 'upcoming'
+         WHEN now() < end_date   THEN 'active'
+         ELSE 'ended'
+    END AS status,
+    created_at AS "createdAt", updated_at AS "updatedAt",
+    now() AS "serverTime"
+'''
+
+# One row: the new sale, with all of its stock remaining.
+CREATE_SALE = f'''
+    INSERT INTO flash_sales (name, start_date, end_date, total_stock, remaining_stock)
+    VALUES (%(name)s, %(start_date)s, %(end_date)s, %(total_stock)s, %(total_stock)s)
+    RETURNING {_SALE_COLUMNS}
+'''
+
+# One row or none: the sale a shopper should see now. Active sales first (the
+# one that ends soonest), then upcoming ones (the one that starts soonest), then
+# ended ones (the one that ended last).
+CURRENT_SALE = f'''
+    SELECT {_SALE_COLUMNS}
+      FROM flash_sales
+     ORDER BY CASE WHEN now() < start_date THEN 1
+                   WHEN now() < end_date   THEN 0
+                   ELSE 2
+              END,
+              CASE WHEN now() >= start_date AND now() < end_date THEN end_date END,
+              CASE WHEN now() < start_date THEN start_date END,
+              end_date DESC,
+              id
+     LIMIT 1
+'''
+
+# Many rows: every sale, newest first.
+LIST_SALES = f'''
+    SELECT {_SALE_COLUMNS}
+      FROM flash_sales
+     ORDER BY created_at DESC, id
+'''
+
+# One row or none.
+FIND_SALE = f'''
+    SELECT {_SALE_COLUMNS}
+      FROM flash_sales
+     WHERE id = %(sale_id)s
+'''
+
+# --- the purchase -----------------------------------------------------------
+
+# One row, always: the outcome of one purchase attempt, and the order if one
+# was placed. Run in autocommit, so the whole statement is one transaction.
+#
+# Why this is correct when thousands of requests arrive at once:
+#
+# 1. `taken` is a guarded decrement. UPDATE takes the sale row's lock, and under
+#    READ COMMITTED a waiting UPDATE re-reads the newest committed version of the
+#    row and re-checks `remaining_stock > 0` on it before it writes. So requests
+#    queue on the row one at a time and each sees the stock its predecessor left:
+#    stock can never go below zero (and the CHECK constraint on flash_sales
+#    would refuse it anyway). The window check uses now(), the same clock that
+#    reports a sale's status.
+#
+# 2. `placed` inserts the order only if a unit was taken, with a PLAIN insert.
+#    If the same user's other tab placed an order that this statement's
+#    snapshot cannot see yet, the unique index on (flash_sale_id, user_id)
+#    raises unique_violation, which aborts the WHOLE statement: the decrement in
+#    `taken` is rolled back with it, so no unit of stock is lost. The caller
+#    maps that error to 409 already_purchased.
+#
+#    ON CONFLICT DO NOTHING would be wrong here: it would keep the decrement and
+#    silently drop the order, leaking one unit per racing duplicate. The
+#    `NOT EXISTS` check in `taken` cannot catch that race either, because every
+#    part of one statement reads the same snapshot; it only saves a lock on the
+#    hot row for the common case of a user clicking again after their order
+#    committed. The unique index is the real guard. (scripts/race_demo.py
+#    shows both wrong versions losing stock.)
+#
+# 3. Every invariant follows: a unit leaves the stock only together with an
+#    order in the same transaction (remaining_stock + orders = total_stock), at
+#    most one order per user per sale, stock never negative.
+#
+# 4. When nothing was placed, `outcome` explains why from the statement's own
+#    snapshot. If the sale is open, not yet bought by this user and the
+#    decrement still did nothing, the stock was 0 when the row lock was ours:
+#    sold out.
+PURCHASE = '''
+    WITH sale AS (
+        SELECT id, start_date, end_date
+          FROM flash_sales
+         WHERE id = %(sale_id)s
+    ),
+    bought_before AS (
+        SELECT EXISTS (
+            SELECT 1 FROM orders
+             WHERE flash_sale_id = %(sale_id)s AND user_id = %(user_id)s
+        ) AS yes
+    ),
+    taken AS (
+        UPDATE flash_sales
+           SET remaining_stock = remaining_stock - 1
+         WHERE id = %(sale_id)s
+           AND remaining_stock > 0
+           AND now() >= start_date AND now() < end_date
+           AND NOT (SELECT yes FROM bought_before)
+        RETURNING id
+    ),
+    placed AS (
+        INSERT INTO orders (flash_sale_id, user_id)
+        SELECT id, %(user_id)s FROM taken
+        RETURNING id, user_id, flash_sale_id, created_at
+    )
+    SELECT CASE WHEN placed.id IS NOT NULL       THEN 'created'
+                WHEN sale.id IS NULL             THEN 'sale_not_found'
+                WHEN now() < sale.start_date     THEN 'sale_not_started'
+                WHEN now() >= sale.end_date      THEN 'sale_ended'
+                WHEN bought_before.yes           THEN 'already_purchased'
+                ELSE 'sold_out'
+           END AS outcome,
+           placed.id, placed.user_id AS "userId",
+           placed.flash_sale_id AS "flashSaleId", placed.created_at AS "createdAt"
+      FROM bought_before
+      LEFT JOIN sale ON true
+      LEFT JOIN placed ON true
+'''
+
+# --- orders -----------------------------------------------------------------
+
+_ORDER_COLUMNS = '''
+    id, user_id AS "userId", flash_sale_id AS "flashSaleId", created_at AS "createdAt"
+'''
+
+# One row or none: the caller's order for one sale. The user id comes from the
+# verified token, never from the request, so nobody can read another's order.
+FIND_MY_ORDER = f'''
+    SELECT {_ORDER_COLUMNS}
+      FROM orders
+     WHERE flash_sale_id = %(sale_id)s AND user_id = %(user_id)s
+'''
+
+# Many rows: the caller's orders, newest first.
+LIST_MY_ORDERS = f'''
+    SELECT {_ORDER_COLUMNS}
+      FROM orders
+     WHERE user_id = %(user_id)s
+     ORDER BY created_at DESC, id
+'''
+
+# --- executors, named by how many rows come back ----------------------------
+
+
+def one(conn, statement, params=None):
+    """The first row as a dict, or None."""
+    return conn.execute(statement, params).fetchone()
+
+
+def many(conn, statement, params=None):
+    """Every row, as a list of dicts."""
+    return conn.execute(statement, params).fetchall()
+
+
+def value(conn, statement, params=None):
+    """The first column of the first row."""
+    row = conn.execute(statement, params).fetchone()
+    return None if row is None else next(iter(row.values()))
+
+
+def run(conn, statement, params=None):
+    """Run for its effect; return the number of rows affected."""
+    return conn.execute(statement, params).rowcount

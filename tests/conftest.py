@@ -1,0 +1,169 @@
+"""Fixtures: a real PostgreSQL with a clean schema, the app, users, sales.
+
+The database is the embedded one (pgserver, in a temporary directory) unless
+TEST_DATABASE_URL names another server. Either way the run starts by dropping
+and re-creating the public schema: never point it at data you want to keep.
+"""
+
+import os
+import socket
+import threading
+import uuid
+
+import psycopg
+import pytest
+import waitress
+import webtest
+from psycopg.rows import dict_row
+
+import flashsale
+from resources import database
+from resources import embedded
+from resources.credentials import Credentials
+
+TEST_SECRET = 'test-secret-' + 'x' * 40
+
+
+@pytest.fixture(scope='session')
+def database_url(tmp_path_factory):
+    url = os.environ.get('TEST_DATABASE_URL')
+    if not url:
+        url = embedded.start(tmp_path_factory.mktemp('embedded-db'), delete_on_exit=True)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute('DROP SCHEMA IF EXISTS public CASCADE')
+        conn.execute('CREATE SCHEMA public')
+    return url
+
+
+@pytest.fixture(scope='session')
+def settings(database_url):
+    return flashsale.Settings(
+        database_url=database_url,
+        jwt_secret=TEST_SECRET,
+        bcrypt_rounds=4,
+        threads=8,
+        pool_size=8,
+        pool_timeout=5.0,
+    )
+
+
+@pytest.fixture(scope='session')
+def pool(settings):
+    with database.connect(settings, settings.database_url) as conn:
+        database.apply_schema(conn)
+    pool = database.open_pool(settings, settings.database_url)
+    yield pool
+    pool.close()
+
+
+@pytest.fixture(autouse=True)
+def db(request, pool):
+    """A connection for the test's own checks; every table empty at the start."""
+    with pool.connection() as conn:
+        conn.execute('TRUNCATE orders, flash_sales, users')
+        yield conn
+
+
+@pytest.fixture(scope='session')
+def wsgi_app(settings, pool):
+    return flashsale.create_app(settings, pool)
+
+
+@pytest.fixture
+def client(wsgi_app):
+    return webtest.TestApp(wsgi_app)
+
+
+@pytest.fixture(scope='session')
+def credentials(settings):
+    return Credentials(settings.jwt_secret, settings.jwt_ttl_seconds, settings.bcrypt_rounds)
+
+
+def auth(token):
+    return {'Authorization': f'Bearer {token}'}
+
+
+@pytest.fixture
+def make_user(db, credentials):
+    """make_user(admin=False) -> (user_id, token): a user inserted straight
+    into the database (no bcrypt), with a valid token."""
+
+    def make(email=None, admin=False):
+        email = email or f'user-{uuid.uuid4().hex[:12]}@example.com'
+        row = db.execute(
+            'INSERT INTO users (email, password_hash, is_admin) VALUES (%s, %s, %s) RETURNING id',
+            (email, 'not-a-bcrypt-hash', admin),
+        ).fetchone()
+        return row['id'], credentials.issue(row['id'])
+
+    return make
+
+
+@pytest.fixture
+def make_users(db, credentials):
+    """make_users(n) -> [(user_id, token)] in one statement."""
+
+    def make(count):
+        rows = db.execute(
+            "INSERT INTO users (email, password_hash) "
+            "SELECT 'crowd-' || gen_random_uuid() || '@example.com', 'x' FROM generate_series(1, %s) "
+            'RETURNING id',
+            (count,),
+        ).fetchall()
+        return [(row['id'], credentials.issue(row['id'])) for row in rows]
+
+    return make
+
+
+@pytest.fixture
+def make_sale(db):
+    """make_sale(stock=10, starts_in=-60, ends_in=3600) -> sale id. Offsets are
+    seconds from the database's now()."""
+
+    def make(stock=10, starts_in=-60, ends_in=3600, name='Test sale', remaining=None):
+        row = db.execute(
+            'INSERT INTO flash_sales (name, start_date, end_date, total_stock, remaining_stock) '
+            "VALUES (%s, now() + make_interval(secs => %s), now() + make_interval(secs => %s), %s, %s) "
+            'RETURNING id',
+            (name, starts_in, ends_in, stock, stock if remaining is None else remaining),
+        ).fetchone()
+        return row['id']
+
+    return make
+
+
+def sale_state(conn, sale_id):
+    """(total, remaining, orders) straight from the database."""
+    row = conn.execute(
+        'SELECT total_stock, remaining_stock, '
+        '(SELECT count(*) FROM orders WHERE flash_sale_id = s.id) AS orders '
+        'FROM flash_sales s WHERE id = %s',
+        (sale_id,),
+    ).fetchone()
+    return row['total_stock'], row['remaining_stock'], row['orders']
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope='session')
+def live_server(wsgi_app, settings):
+    """The real waitress server on a free port, in a thread. Yields its base URL."""
+    server = waitress.create_server(
+        wsgi_app, host='127.0.0.1', port=0, threads=settings.threads, ident='flashsale'
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    yield f'http://127.0.0.1:{server.effective_port}'
+    server.close()
+
+
+@pytest.fixture(scope='session')
+def raw_connect(database_url):
+    def connect():
+        return psycopg.connect(database_url, autocommit=True, row_factory=dict_row)
+
+    return connect

@@ -1,0 +1,192 @@
+import threading
+import time
+
+import bcrypt
+import jwt
+import pytest
+
+from conftest import TEST_SECRET
+from conftest import auth
+
+
+def register(client, email='shopper@example.com', password='password123', status=201):
+    return client.post_json('/api/auth/register', {'email': email, 'password': password}, status=status)
+
+
+def test_register_creates_user_with_bcrypt_hash_and_returns_token(client, db):
+    resp = register(client, email='  Shopper@Example.COM ')
+    user = resp.json['user']
+    assert user['email'] == 'shopper@example.com'
+    assert user['isAdmin'] is False
+    row = db.execute('SELECT email, password_hash FROM users WHERE id = %s', (user['id'],)).fetchone()
+    assert row['email'] == 'shopper@example.com'
+    assert bcrypt.checkpw(b'password123', row['password_hash'].encode())
+    me = client.get('/api/me', headers=auth(resp.json['token']), status=200)
+    assert me.json['user']['id'] == user['id']
+
+
+def test_register_duplicate_email_is_409_email_taken(client, db):
+    register(client)
+    resp = register(client, email='SHOPPER@example.com', status=409)
+    assert resp.json['code'] == 'email_taken'
+    assert db.execute('SELECT count(*) AS n FROM users').fetchone()['n'] == 1
+
+
+def test_racing_registrations_of_one_email_create_one_user(wsgi_app, db):
+    import webtest
+
+    results = []
+    barrier = threading.Barrier(10)
+
+    def attempt():
+        client = webtest.TestApp(wsgi_app)
+        barrier.wait()
+        resp = client.post_json(
+            '/api/auth/register', {'email': 'race@example.com', 'password': 'password123'},
+            expect_errors=True,
+        )
+        results.append((resp.status_int, resp.json.get('code')))
+
+    threads = [threading.Thread(target=attempt) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results, key=str) == [(201, None)] + [(409, 'email_taken')] * 9
+    assert db.execute('SELECT count(*) AS n FROM users').fetchone()['n'] == 1
+
+
+@pytest.mark.parametrize(
+    ('body', 'code', 'field'),
+    [
+        ({'email': 'not-an-email', 'password': 'password123'}, 'invalid_email', 'email'),
+        ({'email': 'a@b.co', 'password': 'short'}, 'invalid_password', 'password'),
+        # 73 bytes: bcrypt would silently ignore the last one.
+        ({'email': 'a@b.co', 'password': 'x' * 73}, 'invalid_password', 'password'),
+        # 37 two-byte characters: 74 bytes, though only 37 characters.
+        ({'email': 'a@b.co', 'password': 'é' * 37}, 'invalid_password', 'password'),
+        ({'email': 'a@b.co'}, 'missing_field', 'password'),
+        ({'email': 'a@b.co', 'password': 'password123', 'isAdmin': True}, 'unknown_field', 'isAdmin'),
+        ({'email': 42, 'password': 'password123'}, 'invalid_field', 'email'),
+        ({'email': 'a@b.co', 'password': None}, 'invalid_field', 'password'),
+    ],
+)
+def test_register_refuses_bad_input(client, db, body, code, field):
+    resp = client.post_json('/api/auth/register', body, status=400)
+    assert resp.json['code'] == code
+    assert resp.json['field'] == field
+    assert resp.json['message']
+    assert db.execute('SELECT count(*) AS n FROM users').fetchone()['n'] == 0
+
+
+def test_password_of_exactly_72_bytes_is_accepted(client):
+    register(client, password='x' * 72)
+    client.post_json('/api/auth/login', {'email': 'shopper@example.com', 'password': 'x' * 72}, status=200)
+
+
+@pytest.mark.parametrize(
+    ('body', 'content_type', 'status', 'code'),
+    [
+        (b'{"email": ', 'application/json', 400, 'invalid_json'),
+        (b'[1, 2]', 'application/json', 400, 'invalid_body'),
+        (b'', 'application/json', 400, 'invalid_json'),
+        (b'[' * 5000 + b']' * 5000, 'application/json', 400, 'invalid_json'),
+        (b'email=a@b.co&password=password123', 'application/x-www-form-urlencoded', 415, 'unsupported_media_type'),
+        (b'{"email": "a@b.co", "password": "password123"}', 'text/plain', 415, 'unsupported_media_type'),
+        (b'{"email": "' + b'a' * 20000 + b'@b.co", "password": "password123"}', 'application/json', 413, 'payload_too_large'),
+    ],
+)
+def test_malformed_bodies_get_a_4xx_with_a_code(client, db, body, content_type, status, code):
+    resp = client.post('/api/auth/register', body, content_type=content_type, status=status)
+    assert resp.content_type == 'application/json'
+    assert resp.json['code'] == code
+    assert db.execute('SELECT count(*) AS n FROM users').fetchone()['n'] == 0
+
+
+def test_login_returns_user_and_token(client):
+    user_id = register(client).json['user']['id']
+    resp = client.post_json('/api/auth/login', {'email': 'SHOPPER@example.com ', 'password': 'password123'}, status=200)
+    assert resp.json['user']['id'] == user_id
+    assert 'password_hash' not in resp.json['user']
+    claims = jwt.decode(resp.json['token'], TEST_SECRET, algorithms=['HS256'])
+    assert claims['sub'] == user_id
+    assert claims['exp'] > claims['iat']
+
+
+def test_wrong_password_and_unknown_email_get_the_same_answer(client):
+    register(client)
+    wrong = client.post_json('/api/auth/login', {'email': 'shopper@example.com', 'password': 'password124'}, status=401)
+    unknown = client.post_json('/api/auth/login', {'email': 'nobody@example.com', 'password': 'password123'}, status=401)
+    assert wrong.json == unknown.json == {'code': 'invalid_credentials', 'message': 'Wrong email or password.'}
+
+
+def test_unknown_email_login_spends_bcrypt_time_too(settings, pool):
+    """The login for an unknown email checks a decoy hash, so it costs about
+    as much as a wrong password (at cost 10 bcrypt takes tens of ms, far
+    above everything else in the request)."""
+    import dataclasses
+
+    import webtest
+
+    import flashsale
+
+    slow = webtest.TestApp(flashsale.create_app(dataclasses.replace(settings, bcrypt_rounds=10), pool))
+    slow.post_json('/api/auth/register', {'email': 'timing@example.com', 'password': 'password123'}, status=201)
+
+    def best_of_three(email):
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            slow.post_json('/api/auth/login', {'email': email, 'password': 'wrong-password'}, status=401)
+            times.append(time.perf_counter() - started)
+        return min(times)
+
+    known, unknown = best_of_three('timing@example.com'), best_of_three('nobody@example.com')
+    assert 0.5 < unknown / known < 2.0, (known, unknown)
+
+
+def test_me_without_token_is_401_unauthorized(client):
+    resp = client.get('/api/me', status=401)
+    assert resp.json['code'] == 'unauthorized'
+    assert resp.headers['WWW-Authenticate'] == 'Bearer'
+
+
+@pytest.mark.parametrize(
+    'make_token',
+    [
+        pytest.param(lambda uid: 'garbage', id='garbage'),
+        pytest.param(lambda uid: jwt.encode({'sub': uid, 'iat': int(time.time()), 'exp': int(time.time()) + 60}, 'another-secret-' + 'y' * 40, algorithm='HS256'), id='other-secret'),
+        pytest.param(lambda uid: jwt.encode({'sub': uid, 'iat': int(time.time()), 'exp': int(time.time()) + 60}, None, algorithm='none'), id='alg-none'),
+        pytest.param(lambda uid: jwt.encode({'sub': uid, 'iat': int(time.time())}, TEST_SECRET, algorithm='HS256'), id='no-exp'),
+        pytest.param(lambda uid: jwt.encode({'sub': 'not-a-uuid', 'iat': int(time.time()), 'exp': int(time.time()) + 60}, TEST_SECRET, algorithm='HS256'), id='bad-sub'),
+        pytest.param(lambda uid: jwt.encode({'sub': uid, 'iat': int(time.time()), 'exp': int(time.time()) + 60}, TEST_SECRET, algorithm='HS512'), id='hs512'),
+    ],
+)
+def test_invalid_tokens_are_401_invalid_token(client, make_user, make_token):
+    user_id, _ = make_user()
+    resp = client.get('/api/me', headers=auth(make_token(str(user_id))), status=401)
+    assert resp.json['code'] == 'invalid_token'
+
+
+def test_tampered_payload_is_401(client, make_user):
+    user_id, token = make_user()
+    other_id, _ = make_user()
+    header, payload, signature = token.split('.')
+    forged = jwt.encode({'sub': str(other_id), 'iat': 1, 'exp': 2**40}, 'x' * 40, algorithm='HS256').split('.')[1]
+    resp = client.get('/api/me', headers=auth(f'{header}.{forged}.{signature}'), status=401)
+    assert resp.json['code'] == 'invalid_token'
+
+
+def test_expired_token_is_401_token_expired(client, make_user):
+    user_id, _ = make_user()
+    old = int(time.time()) - 7200
+    token = jwt.encode({'sub': str(user_id), 'iat': old, 'exp': old + 60}, TEST_SECRET, algorithm='HS256')
+    resp = client.get('/api/me', headers=auth(token), status=401)
+    assert resp.json['code'] == 'token_expired'
+
+
+def test_token_of_deleted_user_is_401(client, make_user, db):
+    user_id, token = make_user()
+    db.execute('DELETE FROM users WHERE id = %s', (user_id,))
+    resp = client.get('/api/me', headers=auth(token), status=401)
+    assert resp.json['code'] == 'invalid_token'

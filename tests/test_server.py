@@ -1,0 +1,159 @@
+"""The real server: waitress over HTTP, the `flashsale` command, the embedded database."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+import webtest
+
+import flashsale
+from conftest import free_port
+from resources import database
+
+
+def get(url, headers=None):
+    """(status, headers, parsed JSON body) over real HTTP."""
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return resp.status, resp.headers, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers, json.loads(err.read())
+
+
+def test_waitress_serves_health_with_security_headers(live_server):
+    status, headers, body = get(f'{live_server}/health')
+    assert status == 200
+    assert body['status'] == 'ok' and body['database'] == 'ok'
+    assert headers['Server'] == 'flashsale'
+    assert headers['X-Content-Type-Options'] == 'nosniff'
+    assert headers['X-Frame-Options'] == 'DENY'
+    assert "default-src 'none'" in headers['Content-Security-Policy']
+    assert headers['Cache-Control'] == 'no-store'
+
+
+def test_waitress_answers_unknown_routes_with_json(live_server):
+    status, headers, body = get(f'{live_server}/api/nothing-here')
+    assert (status, body['code']) == (404, 'not_found')
+    assert headers['Content-Type'] == 'application/json'
+
+
+def test_health_is_503_when_the_database_is_unreachable(settings):
+    import dataclasses
+
+    unreachable = dataclasses.replace(
+        settings, database_url='postgresql://postgres@127.0.0.1:1/none', pool_size=1, pool_timeout=0.5
+    )
+    pool = database.open_pool(unreachable, unreachable.database_url)
+    try:
+        client = webtest.TestApp(flashsale.create_app(unreachable, pool))
+        started = time.monotonic()
+        resp = client.get('/health', status=503)
+        assert time.monotonic() - started < 3
+        assert resp.json['code'] == 'database_unavailable'
+        assert resp.headers['Retry-After']
+    finally:
+        pool.close(timeout=0)
+
+
+def run_cli(*args, env):
+    return subprocess.run(
+        [sys.executable, '-m', 'flashsale', *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def clean_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in ('DATABASE_URL', 'JWT_SECRET', 'TEST_DATABASE_URL')}
+    env.update(extra)
+    return env
+
+
+@pytest.mark.parametrize('secret', [None, 'too-short'])
+def test_serve_refuses_to_start_without_a_strong_jwt_secret(database_url, secret):
+    env = clean_env(DATABASE_URL=database_url, PORT=str(free_port()))
+    if secret:
+        env['JWT_SECRET'] = secret
+    result = run_cli('serve', env=env)
+    assert result.returncode == 2
+    assert 'JWT_SECRET' in result.stderr
+    assert 'Traceback' not in result.stderr
+
+
+def test_grant_admin_makes_a_registered_user_admin(database_url, make_user, db):
+    user_id, _ = make_user(email='boss@example.com')
+    env = clean_env(DATABASE_URL=database_url, JWT_SECRET='s' * 40)
+    result = run_cli('grant-admin', 'Boss@Example.com', env=env)
+    assert result.returncode == 0, result.stderr
+    assert db.execute('SELECT is_admin FROM users WHERE id = %s', (user_id,)).fetchone()['is_admin'] is True
+    missing = run_cli('grant-admin', 'nobody@example.com', env=env)
+    assert missing.returncode == 2
+    assert 'register first' in missing.stderr
+
+
+def start_embedded_serve(data_dir, port):
+    env = clean_env(FLASHSALE_DATA_DIR=str(data_dir), PORT=str(port), BCRYPT_ROUNDS='4')
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'flashsale', 'serve'], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    lines = []
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if 'listening on' in line:
+            return proc, ''.join(lines)
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    pytest.fail('flashsale serve did not start:\n' + ''.join(lines))
+
+
+def postgres_running(data_dir):
+    pid_file = data_dir / 'pgdata' / 'postmaster.pid'
+    if not pid_file.exists():
+        return False
+    pid = int(pid_file.read_text().split()[0])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_embedded_serve_seeds_a_demo_survives_sigkill_and_stops_cleanly(tmp_path):
+    """No DATABASE_URL: the server starts its own PostgreSQL, seeds a demo
+    admin and sale, and prints them. Killed with SIGKILL it leaves that
+    PostgreSQL running; the next start adopts it, and a SIGTERM then stops
+    both (exit 0) instead of leaving the database running forever."""
+    port = free_port()
+    proc, output = start_embedded_serve(tmp_path, port)
+    try:
+        password = re.search(r'admin@example\.com / (\S+)', output).group(1)
+        status, _, body = get(f'http://127.0.0.1:{port}/api/flash-sales/current')
+        assert status == 200
+        assert (body['flashSale']['name'], body['status'], body['flashSale']['remainingStock']) == ('Demo sale', 'active', 50)
+        login = urllib.request.Request(
+            f'http://127.0.0.1:{port}/api/auth/login',
+            data=json.dumps({'email': 'admin@example.com', 'password': password}).encode(),
+            headers={'Content-Type': 'application/json'},
+        )
+        with urllib.request.urlopen(login, timeout=10) as resp:
+            assert json.loads(resp.read())['user']['isAdmin'] is True
+    finally:
+        proc.kill()
+        proc.wait()
+    assert postgres_running(tmp_path)
+
+    proc, output = start_embedded_serve(tmp_path, port)
+    assert 'Demo data created' not in output
+    assert get(f'http://127.0.0.1:{port}/health')[0] == 200
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    assert not postgres_running(tmp_path)
