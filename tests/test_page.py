@@ -104,8 +104,10 @@ def browser():
 @pytest.fixture
 def open_page(browser, live_server):
     """open_page(**context_options) -> a new page in its own browser context
-    (its own localStorage), at the shop's front page."""
+    (its own localStorage), at the shop's front page. The test fails if the
+    page throws or the browser blocks anything under the page's CSP."""
     contexts = []
+    problems = []
 
     def open_(**options):
         options.setdefault('viewport', {'width': 1000, 'height': 800})
@@ -113,12 +115,16 @@ def open_page(browser, live_server):
         context.set_default_timeout(5000)
         contexts.append(context)
         page = context.new_page()
+        page.on('pageerror', lambda error: problems.append(f'uncaught: {error}'))
+        page.on('console', lambda message: problems.append(message.text)
+                if 'Content Security Policy' in message.text else None)
         page.goto('/')
         return page
 
     yield open_
     for context in contexts:
         context.close()
+    assert problems == []
 
 
 def log_in(page, email):
