@@ -30,6 +30,7 @@ from resources import orders
 from resources import page
 from resources import sales
 from resources import sql
+from resources.cache import PollCache
 from resources.credentials import Credentials
 
 log = logging.getLogger('flashsale')
@@ -58,6 +59,8 @@ class Settings:
     bcrypt_rounds: int = 12
     jwt_ttl_seconds: int = 3600
     max_body_bytes: int = 16 * 1024
+    poll_cache_ms: int = 500  # how long GET /api/flash-sales/current and /{id} answers are reused
+    bcrypt_slots: int = 4  # bcrypt calls at once; more logins than that get 503 (THREADS // 2)
     data_dir: str = '.flashsale'  # the embedded database and its secret
     trusted_proxy: str | None = None  # e.g. 127.0.0.1 when behind nginx
 
@@ -91,6 +94,8 @@ class Settings:
             bcrypt_rounds=integer('BCRYPT_ROUNDS', cls.bcrypt_rounds, 4, 16),
             jwt_ttl_seconds=integer('JWT_TTL_SECONDS', cls.jwt_ttl_seconds, 30, 7 * 24 * 3600),
             max_body_bytes=integer('MAX_BODY_BYTES', cls.max_body_bytes, 256, 1024 * 1024),
+            poll_cache_ms=integer('POLL_CACHE_MS', cls.poll_cache_ms, 0, 10_000),
+            bcrypt_slots=integer('BCRYPT_SLOTS', max(1, threads // 2), 1, 256),
             data_dir=environ.get('FLASHSALE_DATA_DIR') or cls.data_dir,
             trusted_proxy=environ.get('TRUSTED_PROXY') or None,
         )
@@ -116,7 +121,10 @@ def _json_default(value):
 def create_app(settings, pool):
     """The WSGI app. `pool` is an open psycopg_pool.ConnectionPool; the
     settings must carry the JWT secret."""
-    credentials = Credentials(settings.jwt_secret, settings.jwt_ttl_seconds, settings.bcrypt_rounds)
+    credentials = Credentials(
+        settings.jwt_secret, settings.jwt_ttl_seconds, settings.bcrypt_rounds, settings.bcrypt_slots
+    )
+    poll_cache = PollCache(settings.poll_cache_ms / 1000, _json_default)
 
     stack = [middleware.RequestLog(), middleware.SecurityHeaders()]
     if settings.cors_origins:
@@ -136,8 +144,8 @@ def create_app(settings, pool):
     app.add_route('/api/me/orders', orders.MyOrders(pool, credentials))
     app.add_route('/api/me/orders/{sale_id}', orders.MyOrder(pool, credentials))
     app.add_route('/api/flash-sales', sales.Collection(pool, credentials, settings))
-    app.add_route('/api/flash-sales/current', sales.Current(pool))
-    app.add_route('/api/flash-sales/{sale_id}', sales.Item(pool))
+    app.add_route('/api/flash-sales/current', sales.Current(pool, poll_cache))
+    app.add_route('/api/flash-sales/{sale_id}', sales.Item(pool, poll_cache))
     app.add_route('/api/flash-sales/{sale_id}/purchase', orders.Purchase(pool, credentials))
     page.add_routes(app)
     return app
@@ -166,7 +174,7 @@ def _seed_demo(conn, settings):
     if sql.value(conn, sql.COUNT_USERS):
         return
     password = secrets.token_urlsafe(12)
-    credentials = Credentials(settings.jwt_secret, settings.jwt_ttl_seconds, settings.bcrypt_rounds)
+    credentials = Credentials(settings.jwt_secret, settings.jwt_ttl_seconds, settings.bcrypt_rounds, 1)
     sql.one(conn, sql.CREATE_USER, {
         'email': 'admin@example.com', 'password_hash': credentials.hash_password(password),
     })

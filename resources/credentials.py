@@ -1,6 +1,8 @@
 """Passwords (bcrypt) and session tokens (JWT, HS256), and reading the caller's
 identity from a request."""
 
+import contextlib
+import threading
 import time
 import uuid
 
@@ -8,6 +10,7 @@ import bcrypt
 import jwt
 
 from resources.errors import unauthorized
+from resources.errors import unavailable
 
 # bcrypt looks at the first 72 bytes only; longer passwords are refused rather
 # than silently truncated.
@@ -16,26 +19,41 @@ MIN_PASSWORD_BYTES = 8
 
 
 class Credentials:
-    def __init__(self, secret, ttl_seconds, bcrypt_rounds):
+    def __init__(self, secret, ttl_seconds, bcrypt_rounds, bcrypt_slots):
         self._secret = secret
         self._ttl = ttl_seconds
         self._rounds = bcrypt_rounds
+        self._bcrypt_slots = threading.BoundedSemaphore(bcrypt_slots)
         # Checked against when the email is unknown, so that a login for an
         # unknown email costs the same bcrypt time as a wrong password.
         self._decoy_hash = bcrypt.hashpw(b'decoy password', bcrypt.gensalt(bcrypt_rounds))
 
-    # NOTE: both bcrypt calls take ~0.25 s at the default cost. Callers must not
-    # hold a database connection while they run.
+    @contextlib.contextmanager
+    def _bcrypt_slot(self):
+        # bcrypt takes ~0.2 s of CPU at the default cost. A burst of logins at
+        # the opening of a sale must not take every server thread and leave
+        # purchases waiting: only a few hash at once, and a login that finds
+        # no free slot is refused at once (a waiting thread is a taken thread).
+        if not self._bcrypt_slots.acquire(blocking=False):
+            raise unavailable('overloaded', 'Too many logins at once; try again in a second.', 1)
+        try:
+            yield
+        finally:
+            self._bcrypt_slots.release()
+
+    # NOTE: callers must not hold a database connection while these run.
     def hash_password(self, password):
-        return bcrypt.hashpw(password.encode(), bcrypt.gensalt(self._rounds)).decode()
+        with self._bcrypt_slot():
+            return bcrypt.hashpw(password.encode(), bcrypt.gensalt(self._rounds)).decode()
 
     def check_password(self, password, password_hash):
         """True if password matches; with password_hash None (no such user),
         spends the same time and returns False."""
-        if password_hash is None:
-            bcrypt.checkpw(password.encode(), self._decoy_hash)
-            return False
-        return bcrypt.checkpw(password.encode(), password_hash.encode())
+        with self._bcrypt_slot():
+            if password_hash is None:
+                bcrypt.checkpw(password.encode(), self._decoy_hash)
+                return False
+            return bcrypt.checkpw(password.encode(), password_hash.encode())
 
     def issue(self, user_id):
         now = int(time.time())

@@ -85,7 +85,7 @@ def serialize(req, resp, exc):
     """Falcon's error serializer, replaced: always JSON, whatever the client
     accepts, so a script never has to guess."""
     resp.content_type = falcon.MEDIA_JSON
-    resp.text = json.dumps(_error_body(exc))
+    resp.text = json.dumps(_error_body(exc), separators=(',', ':'))
 
 
 # Which unique constraint a violation names tells what the user did.

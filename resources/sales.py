@@ -20,10 +20,28 @@ def sale_not_found():
     return not_found('sale_not_found', 'There is no flash sale with that id.')
 
 
-def _with_server_time(row):
-    """A sale row split into the API's {flashSale, status, serverTime}."""
+def _split(row):
+    """A sale row as ({flashSale, status}, serverTime), or (None, None)."""
+    if row is None:
+        return None, None
     server_time = row.pop('serverTime')
-    return {'flashSale': row, 'status': row['status'], 'serverTime': server_time}
+    return {'flashSale': row, 'status': row['status']}, server_time
+
+
+def _respond_polled(req, resp, cache, key, load, missing):
+    """Answer a polled GET from the cache: 304 when the client's ETag still
+    matches, else the sale with a fresh serverTime."""
+    payload, server_time, etag = cache.get(key, load)
+    if payload is None:
+        raise missing
+    # Browsers may reuse the answer for a second; after that If-None-Match
+    # makes an unchanged answer a bodiless 304.
+    resp.cache_control = ['max-age=1']
+    resp.etag = etag
+    if etag in (req.if_none_match or ()):
+        resp.status = falcon.HTTP_304
+        return
+    resp.media = {**payload, 'serverTime': server_time}
 
 
 def _aware_datetime(body, name):
@@ -39,28 +57,33 @@ def _aware_datetime(body, name):
 
 
 class Current:
-    def __init__(self, pool):
+    def __init__(self, pool, cache):
         self._pool = pool
+        self._cache = cache
 
     def on_get(self, req, resp):
+        _respond_polled(
+            req, resp, self._cache, 'current', self._load,
+            not_found('no_sale', 'No flash sale is scheduled.'),
+        )
+
+    def _load(self):
         with self._pool.connection() as conn:
-            row = sql.one(conn, sql.CURRENT_SALE)
-        if row is None:
-            raise not_found('no_sale', 'No flash sale is scheduled.')
-        resp.media = _with_server_time(row)
+            return _split(sql.one(conn, sql.CURRENT_SALE))
 
 
 class Item:
-    def __init__(self, pool):
+    def __init__(self, pool, cache):
         self._pool = pool
+        self._cache = cache
 
     def on_get(self, req, resp, sale_id):
         sale_id = path_uuid(sale_id, sale_not_found())
+        _respond_polled(req, resp, self._cache, sale_id, lambda: self._load(sale_id), sale_not_found())
+
+    def _load(self, sale_id):
         with self._pool.connection() as conn:
-            row = sql.one(conn, sql.FIND_SALE, {'sale_id': sale_id})
-        if row is None:
-            raise sale_not_found()
-        resp.media = _with_server_time(row)
+            return _split(sql.one(conn, sql.FIND_SALE, {'sale_id': sale_id}))
 
 
 class Collection:

@@ -222,9 +222,11 @@ LIST_MY_ORDERS = f'''
 # --- executors, named by how many rows come back ----------------------------
 
 
-def one(conn, statement, params=None):
-    """The first row as a dict, or None."""
-    return conn.execute(statement, params).fetchone()
+def one(conn, statement, params=None, *, prepare=None):
+    """The first row as a dict, or None. prepare=True makes the server plan
+    the statement once per connection (psycopg otherwise does so after five
+    runs)."""
+    return conn.execute(statement, params, prepare=prepare).fetchone()
 
 
 def many(conn, statement, params=None):

@@ -5,9 +5,12 @@ TEST_DATABASE_URL names another server. Either way the run starts by dropping
 and re-creating the public schema: never point it at data you want to keep.
 """
 
+import http.client
+import json
 import os
 import socket
 import threading
+import urllib.parse
 import uuid
 
 import psycopg
@@ -44,6 +47,11 @@ def settings(database_url):
         threads=8,
         pool_size=8,
         pool_timeout=5.0,
+        # Tests create and change sales between requests; each answer must be
+        # fresh (tests/test_cache.py covers the cache with an app of its own).
+        poll_cache_ms=0,
+        # Tests race registrations; tests/test_cache.py covers the bcrypt slots.
+        bcrypt_slots=64,
     )
 
 
@@ -76,7 +84,7 @@ def client(wsgi_app):
 
 @pytest.fixture(scope='session')
 def credentials(settings):
-    return Credentials(settings.jwt_secret, settings.jwt_ttl_seconds, settings.bcrypt_rounds)
+    return Credentials(settings.jwt_secret, settings.jwt_ttl_seconds, settings.bcrypt_rounds, 1)
 
 
 def auth(token):
@@ -167,3 +175,29 @@ def raw_connect(database_url):
         return psycopg.connect(database_url, autocommit=True, row_factory=dict_row)
 
     return connect
+
+
+def race(base_url, requests):
+    """Fire every (sale_id, token) purchase at once, one thread and one
+    connection each, released together by a barrier. Returns
+    [(status, code or None, order or None)] in the order given."""
+    address = urllib.parse.urlsplit(base_url)
+    results = [None] * len(requests)
+    barrier = threading.Barrier(len(requests))
+
+    def fire(index, sale_id, token):
+        conn = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
+        conn.connect()
+        barrier.wait()
+        conn.request('POST', f'/api/flash-sales/{sale_id}/purchase', headers={'Authorization': f'Bearer {token}'})
+        resp = conn.getresponse()
+        body = json.loads(resp.read())
+        conn.close()
+        results[index] = (resp.status, body.get('code'), body.get('order'))
+
+    threads = [threading.Thread(target=fire, args=(i, *r)) for i, r in enumerate(requests)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results

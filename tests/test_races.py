@@ -9,33 +9,8 @@ import threading
 import time
 import urllib.parse
 
+from conftest import race
 from conftest import sale_state
-
-
-def race(base_url, requests):
-    """Fire every (sale_id, token) purchase at once, one thread and one
-    connection each, released together by a barrier. Returns
-    [(status, code or None, order or None)] in the order given."""
-    address = urllib.parse.urlsplit(base_url)
-    results = [None] * len(requests)
-    barrier = threading.Barrier(len(requests))
-
-    def fire(index, sale_id, token):
-        conn = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
-        conn.connect()
-        barrier.wait()
-        conn.request('POST', f'/api/flash-sales/{sale_id}/purchase', headers={'Authorization': f'Bearer {token}'})
-        resp = conn.getresponse()
-        body = json.loads(resp.read())
-        conn.close()
-        results[index] = (resp.status, body.get('code'), body.get('order'))
-
-    threads = [threading.Thread(target=fire, args=(i, *r)) for i, r in enumerate(requests)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
 
 
 def codes(results):

@@ -1,0 +1,114 @@
+"""The fast paths: the poll cache with ETags, the sold-out short-circuit,
+and the bcrypt slots that keep a login burst from taking every thread."""
+
+import dataclasses
+import threading
+import time
+from datetime import datetime
+
+import pytest
+import webtest
+
+import flashsale
+from conftest import auth
+from conftest import sale_state
+
+
+@pytest.fixture
+def cached_client(settings, pool):
+    return webtest.TestApp(flashsale.create_app(dataclasses.replace(settings, poll_cache_ms=300), pool))
+
+
+def server_time(resp):
+    return datetime.fromisoformat(resp.json['serverTime'].replace('Z', '+00:00'))
+
+
+def test_unchanged_current_sale_is_a_304_for_its_etag(client, make_sale):
+    make_sale()
+    first = client.get('/api/flash-sales/current', status=200)
+    assert first.headers['Cache-Control'] == 'max-age=1'
+    etag = first.headers['ETag']
+    again = client.get('/api/flash-sales/current', headers={'If-None-Match': etag}, status=304)
+    assert again.body == b''
+    assert again.headers['ETag'] == etag
+
+
+def test_etag_changes_when_the_stock_does(client, make_sale, make_user):
+    sale_id = make_sale()
+    etag = client.get(f'/api/flash-sales/{sale_id}', status=200).headers['ETag']
+    _, token = make_user()
+    client.post(f'/api/flash-sales/{sale_id}/purchase', headers=auth(token), status=201)
+    resp = client.get(f'/api/flash-sales/{sale_id}', headers={'If-None-Match': etag}, status=200)
+    assert resp.headers['ETag'] != etag
+    assert resp.json['flashSale']['remainingStock'] == 9
+
+
+def test_cache_serves_one_query_per_ttl_with_a_moving_server_clock(cached_client, make_sale, db):
+    sale_id = make_sale(stock=10)
+    first = cached_client.get(f'/api/flash-sales/{sale_id}', status=200)
+    db.execute('UPDATE flash_sales SET remaining_stock = 3 WHERE id = %s', (sale_id,))
+    time.sleep(0.1)
+    cached = cached_client.get(f'/api/flash-sales/{sale_id}', status=200)
+    assert cached.json['flashSale']['remainingStock'] == 10  # from the cache
+    assert server_time(cached) > server_time(first)  # yet the clock moved on
+    time.sleep(0.3)
+    fresh = cached_client.get(f'/api/flash-sales/{sale_id}', status=200)
+    assert fresh.json['flashSale']['remainingStock'] == 3
+
+
+def test_cache_keeps_no_sale_and_unknown_sale_answers_right(cached_client):
+    assert cached_client.get('/api/flash-sales/current', status=404).json['code'] == 'no_sale'
+    unknown = '00000000-0000-0000-0000-000000000001'
+    assert cached_client.get(f'/api/flash-sales/{unknown}', status=404).json['code'] == 'sale_not_found'
+
+
+def test_sold_out_is_then_answered_from_memory(client, make_sale, make_users, db):
+    sale_id = make_sale(stock=1)
+    (_, first), (_, second), (_, third) = make_users(3)
+    client.post(f'/api/flash-sales/{sale_id}/purchase', headers=auth(first), status=201)
+    assert client.post(f'/api/flash-sales/{sale_id}/purchase', headers=auth(second), status=409).json['code'] == 'sold_out'
+    # Were the database asked again, it would now sell: it is not asked.
+    db.execute('UPDATE flash_sales SET total_stock = 2, remaining_stock = 1 WHERE id = %s', (sale_id,))
+    assert client.post(f'/api/flash-sales/{sale_id}/purchase', headers=auth(third), status=409).json['code'] == 'sold_out'
+    assert sale_state(db, sale_id) == (2, 1, 1)
+
+
+def test_only_a_real_sold_out_answer_short_circuits(client, make_sale, make_users, db):
+    sale_id = make_sale(stock=1, starts_in=30, ends_in=90)
+    (_, first), (_, second) = make_users(2)
+    assert client.post(f'/api/flash-sales/{sale_id}/purchase', headers=auth(first), status=409).json['code'] == 'sale_not_started'
+    db.execute("UPDATE flash_sales SET start_date = now() - interval '1 minute' WHERE id = %s", (sale_id,))
+    client.post(f'/api/flash-sales/{sale_id}/purchase', headers=auth(first), status=201)
+
+
+def test_sold_out_from_memory_still_needs_a_valid_token(client, make_sale, make_users):
+    sale_id = make_sale(stock=1, remaining=0)
+    [(_, token)] = make_users(1)
+    client.post(f'/api/flash-sales/{sale_id}/purchase', headers=auth(token), status=409)
+    assert client.post(f'/api/flash-sales/{sale_id}/purchase', status=401).json['code'] == 'unauthorized'
+
+
+def test_logins_beyond_the_bcrypt_slots_are_refused_at_once(settings, pool, make_user):
+    """One slot, bcrypt cost 12 (~0.2 s): of logins arriving together, those
+    that find the slot taken get 503 overloaded immediately instead of
+    holding a server thread while they wait."""
+    app = flashsale.create_app(dataclasses.replace(settings, bcrypt_rounds=12, bcrypt_slots=1), pool)
+    results = []
+    barrier = threading.Barrier(4)
+
+    def login():
+        client = webtest.TestApp(app)
+        barrier.wait()
+        started = time.monotonic()
+        resp = client.post_json('/api/auth/login', {'email': 'x@example.com', 'password': 'password123'}, expect_errors=True)
+        results.append((resp.status_int, resp.json['code'], time.monotonic() - started, resp.headers.get('Retry-After')))
+
+    threads = [threading.Thread(target=login) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    refused = [r for r in results if r[0] == 503]
+    assert [r[1] for r in results if r[0] == 401] == ['invalid_credentials']
+    assert len(refused) == 3
+    assert all(code == 'overloaded' and retry == '1' and took < 0.1 for _, code, took, retry in refused)

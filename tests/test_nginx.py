@@ -1,0 +1,92 @@
+"""Two `flashsale serve` processes behind real nginx (scripts/nginx.conf):
+the invariants hold across processes."""
+
+import collections
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import TEST_SECRET
+from conftest import free_port
+from conftest import race
+from conftest import sale_state
+
+NGINX_CONF = Path(__file__).resolve().parent.parent / 'scripts' / 'nginx.conf'
+
+
+def wait_until_up(url, proc, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f'{proc.args} exited with {proc.returncode}')
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    pytest.fail(f'{url} never answered')
+
+
+@pytest.fixture
+def behind_nginx(database_url, tmp_path):
+    nginx = shutil.which('nginx') or ('/usr/sbin/nginx' if os.path.exists('/usr/sbin/nginx') else None)
+    if nginx is None:
+        if os.environ.get('CI'):
+            pytest.fail('nginx is missing in CI (.ci/run installs it)')
+        pytest.skip('nginx is not installed (apt-get install nginx-light)')
+    app_ports = [free_port(), free_port()]
+    front_port = free_port()
+    apps = []
+    for port in app_ports:
+        env = dict(
+            os.environ, DATABASE_URL=database_url, JWT_SECRET=TEST_SECRET, PORT=str(port),
+            TRUSTED_PROXY='127.0.0.1', BCRYPT_ROUNDS='4', THREADS='4',
+        )
+        log = open(tmp_path / f'app-{port}.log', 'w+')
+        apps.append((subprocess.Popen([sys.executable, '-m', 'flashsale', 'serve'], env=env, stdout=log, stderr=log), log))
+    conf = (
+        NGINX_CONF.read_text()
+        .replace('127.0.0.1:8001', f'127.0.0.1:{app_ports[0]}')
+        .replace('127.0.0.1:8002', f'127.0.0.1:{app_ports[1]}')
+        .replace('127.0.0.1:8080', f'127.0.0.1:{front_port}')
+    )
+    (tmp_path / 'nginx.conf').write_text(conf)
+    (tmp_path / 'nginx-tmp').mkdir()
+    front = subprocess.Popen([nginx, '-p', str(tmp_path), '-c', 'nginx.conf', '-g', 'daemon off;'])
+    try:
+        for (proc, _), port in zip(apps, app_ports):
+            wait_until_up(f'http://127.0.0.1:{port}/health', proc)
+        wait_until_up(f'http://127.0.0.1:{front_port}/health', front)
+        yield f'http://127.0.0.1:{front_port}', [log for _, log in apps]
+    finally:
+        front.terminate()
+        for proc, log in apps:
+            proc.terminate()
+            proc.wait(timeout=30)
+            log.close()
+        front.wait(timeout=30)
+
+
+def test_two_processes_behind_nginx_sell_exactly_the_stock(behind_nginx, make_users, make_sale, db):
+    base_url, logs = behind_nginx
+    sale_id = make_sale(stock=50)
+    results = race(base_url, [(sale_id, token) for _, token in make_users(200)])
+    counts = collections.Counter(code or status for status, code, _ in results)
+    assert counts == {201: 50, 'sold_out': 150}
+    assert sale_state(db, sale_id) == (50, 0, 50)
+    answered = {r[2]['id'] for r in results if r[0] == 201}
+    assert answered == {str(r['id']) for r in db.execute('SELECT id FROM orders')}
+    # Both processes took purchases, and nginx replayed none.
+    served = []
+    for log in logs:
+        log.seek(0)
+        served.append(log.read().count('/purchase '))
+    assert all(n > 0 for n in served), served
+    assert sum(served) == 200
