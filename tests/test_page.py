@@ -215,6 +215,30 @@ def test_another_shopper_sees_the_stock_go_down_without_reloading(open_page, mak
     assert watcher.evaluate('window.sameDocument') is True
 
 
+def test_polls_send_the_last_etag_and_a_304_keeps_what_the_page_shows(open_page, make_sale, live_server):
+    sale_id = make_sale(stock=3)
+    polls = []  # (If-None-Match sent, status, ETag received)
+    page = open_page()
+    page.on('response', lambda response: polls.append((
+        response.request.headers.get('if-none-match'), response.status, response.headers.get('etag'),
+    )) if response.url.endswith('/current') else None)
+    expect(page.get_by_test_id('stock-remaining')).to_have_text('3')
+    page.wait_for_timeout(3500)
+
+    assert len(polls) >= 2
+    assert {status for _, status, _ in polls} <= {200, 304}
+    assert 304 in {status for _, status, _ in polls}
+    last_etag = None
+    for sent, status, received in polls:
+        assert sent == last_etag
+        if status == 200:
+            last_etag = received
+    expect(page.get_by_test_id('stock-remaining')).to_have_text('3')
+
+    buy(live_server, sale_id, register(live_server)[1])
+    expect(page.get_by_test_id('stock-remaining')).to_have_text('2')
+
+
 def test_a_sold_out_sale_says_so_and_cannot_be_bought(open_page, make_sale, live_server):
     sale_id = make_sale(stock=1)
     buy(live_server, sale_id, register(live_server)[1])
