@@ -177,11 +177,11 @@ function phaseOf(sale) {
 
 // Why the buy button is disabled, or null when it is not.
 function buyBlocker(sale, phase) {
-  if (!state.user) return 'Log in or create an account to buy.';
   if (state.order) return 'One per customer.';
+  if (phase === 'ended') return 'Check back for the next sale.';
+  if (phase === 'active' && sale.remainingStock <= 0) return 'Sold out. Better luck next time!';
+  if (!state.user) return 'Log in or create an account to buy.';
   if (phase === 'upcoming') return 'The button unlocks when the sale starts.';
-  if (phase === 'ended') return 'This sale has ended.';
-  if (sale.remainingStock <= 0) return 'Sold out. Better luck next time!';
   if (state.buying) return 'Placing your order…';
   const wait = Math.ceil((state.busyUntil - Date.now()) / 1000);
   if (wait > 0) return `The shop is busy, try again in ${wait} s.`;
@@ -312,7 +312,7 @@ async function checkOrder() {
   if (!sale || !state.user) return;
   try {
     const { data } = await api('GET', `/api/me/orders/${sale.id}`);
-    if (state.sale?.id === sale.id) state.order = data.order;
+    if (state.sale?.id === sale.id && state.user) state.order = data.order;
   } catch (error) {
     if (isSessionError(error)) return sessionExpired();
     // order_not_found is the everyday answer: no order yet. Anything else we
