@@ -181,6 +181,7 @@ def test_shopper_registers_waits_for_the_countdown_and_buys_one(open_page, make_
     snap(page, 'active')
 
     page.get_by_test_id('buy').click()
+    expect(page.get_by_test_id('order')).to_be_visible()
     expect(page.get_by_test_id('order')).to_contain_text('You got one!')
     order_id = order_id_in_db(db, 'ann@example.com')
     assert order_id is not None
@@ -290,6 +291,37 @@ def test_a_hidden_tab_stops_polling_and_a_late_click_hears_sold_out(open_page, m
     assert len(polls) >= 1
 
 
+def test_an_ended_sale_cannot_be_bought(open_page, make_sale, live_server):
+    make_sale(starts_in=-120, ends_in=-60)
+    email, _ = register(live_server)
+    page = open_page()
+    log_in(page, email)
+    expect(page.get_by_test_id('sale-status')).to_have_text('Ended')
+    expect(page.get_by_test_id('countdown-label')).to_have_text('This sale has ended.')
+    expect(page.get_by_test_id('buy')).to_be_disabled()
+    expect(page.get_by_test_id('buy')).to_have_text('Sale ended')
+
+
+def test_a_busy_server_says_when_to_try_again(open_page, make_sale, live_server, db):
+    sale_id = make_sale()
+    email, _ = register(live_server)
+    page = open_page()
+    log_in(page, email)
+    expect(page.get_by_test_id('buy')).to_be_enabled()
+
+    # Hold the sale row: the purchase waits out the server's lock_timeout and
+    # the API answers 503 overloaded with Retry-After.
+    with db.transaction():
+        db.execute('SELECT id FROM flash_sales WHERE id = %s FOR UPDATE', (sale_id,))
+        page.get_by_test_id('buy').click()
+        expect(page.get_by_test_id('buy-message')).to_have_text(
+            re.compile(r'^The shop is busy, try again in \d+ s\.$'), timeout=8000)
+
+    expect(page.get_by_test_id('buy')).to_be_enabled(timeout=4000)
+    page.get_by_test_id('buy').click()
+    expect(page.get_by_test_id('order')).to_be_visible()
+
+
 def test_shoppers_do_not_see_the_admin_panel_and_the_api_refuses_them(open_page, make_sale, live_server):
     make_sale(starts_in=60)
     email, _ = register(live_server)
@@ -309,6 +341,7 @@ def test_shoppers_do_not_see_the_admin_panel_and_the_api_refuses_them(open_page,
 def test_an_admin_creates_a_sale_from_the_page_in_local_time(open_page, admin_email, live_server):
     # In Kolkata (UTC+05:30), 09:30 local is 04:00 UTC.
     page = open_page(timezone_id='Asia/Kolkata')
+    expect(page.get_by_test_id('no-sale')).to_be_visible()
     expect(page.get_by_test_id('no-sale')).to_contain_text('No sale scheduled')
     log_in(page, admin_email)
     expect(page.get_by_test_id('admin')).to_be_visible()
