@@ -220,9 +220,11 @@ def test_polls_send_the_last_etag_and_a_304_keeps_what_the_page_shows(open_page,
     sale_id = make_sale(stock=3)
     polls = []  # (If-None-Match sent, status, ETag received)
     page = open_page()
+    page.goto('about:blank')  # watch from the page's very first poll
     page.on('response', lambda response: polls.append((
         response.request.headers.get('if-none-match'), response.status, response.headers.get('etag'),
     )) if response.url.endswith('/current') else None)
+    page.goto('/')
     expect(page.get_by_test_id('stock-remaining')).to_have_text('3')
     page.wait_for_timeout(3500)
 
@@ -238,6 +240,24 @@ def test_polls_send_the_last_etag_and_a_304_keeps_what_the_page_shows(open_page,
 
     buy(live_server, sale_id, register(live_server)[1])
     expect(page.get_by_test_id('stock-remaining')).to_have_text('2')
+
+
+def test_a_shopper_can_log_in_and_buy_with_the_keyboard_alone(open_page, make_sale, live_server):
+    make_sale()
+    email, _ = register(live_server)
+    page = open_page()
+    page.keyboard.press('Tab')  # the buy button is disabled, so the first stop is the login form
+    expect(page.locator('#login-email')).to_be_focused()
+    page.keyboard.type(email)
+    page.keyboard.press('Tab')
+    page.keyboard.type(PASSWORD)
+    page.keyboard.press('Enter')
+    expect(page.get_by_test_id('account-email')).to_have_text(email)
+
+    # The form is gone; the focus moved on to the buy button.
+    expect(page.get_by_test_id('buy')).to_be_focused()
+    page.keyboard.press('Enter')
+    expect(page.get_by_test_id('order')).to_be_visible()
 
 
 def test_a_sold_out_sale_says_so_and_cannot_be_bought(open_page, make_sale, live_server):

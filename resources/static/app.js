@@ -428,6 +428,9 @@ async function submitAuth(kind, event) {
     localStorage.setItem(TOKEN_KEY, data.token);
     form.reset();
     signedIn(data.user);
+    // The form just vanished with the focus in it: move on to what the
+    // shopper came for.
+    ($('buy').disabled ? $('sale') : $('buy')).focus();
   } catch (error) {
     const field = authField(error);
     if (field) {
