@@ -385,7 +385,12 @@ def main(argv=None):
     proc = None
     if args.start_server:
         if not args.database_url:
-            raise SystemExit('bench: --start-server needs --database-url (or DATABASE_URL)')
+            # As the server does: no database configured, an embedded one (a
+            # throwaway one in a temporary directory, gone when the bench ends).
+            from resources import embedded
+
+            log('bench: no --database-url: starting a throwaway embedded PostgreSQL')
+            args.database_url = embedded.start(tempfile.mkdtemp(prefix='flashsale-bench-'), delete_on_exit=True)
         log_path = os.path.join(tempfile.gettempdir(), f'flashsale-bench-{os.getpid()}.log')
         proc, base_url = start_server(args.database_url, log_path)
         log(f'started flashsale serve (pid {proc.pid}) at {base_url}; its log: {log_path}')

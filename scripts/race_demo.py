@@ -243,8 +243,14 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if not args.database_url:
-        print('race_demo: pass --database-url (or set DATABASE_URL)', file=sys.stderr)
-        return 2
+        # As the server does: no database configured, an embedded one (here
+        # a throwaway one in a temporary directory, gone when the demo ends).
+        import tempfile
+
+        from resources import embedded
+
+        print('race_demo: no --database-url: starting a throwaway embedded PostgreSQL', file=sys.stderr)
+        args.database_url = embedded.start(tempfile.mkdtemp(prefix='race-demo-'), delete_on_exit=True)
     rng = random.Random(args.seed)
     pause = args.naive_pause_ms / 1000
     started = time.monotonic()
