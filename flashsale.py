@@ -64,6 +64,7 @@ class Settings:
     bcrypt_slots: int = 4  # bcrypt calls at once; more logins than that get 503 (THREADS // 2)
     data_dir: str = '.flashsale'  # the embedded database and its secret
     trusted_proxy: str | None = None  # e.g. 127.0.0.1 when behind nginx
+    connection_limit: int = 1000  # open client connections waitress accepts
     auth_rate_per_minute: int = 30  # register + login per client address (0: off)
     purchase_rate_per_second: int = 5  # purchases per user, twice that at once (0: off)
     rate_limit_exempt: tuple = ('127.0.0.1', '::1')  # client addresses no limit applies to
@@ -103,6 +104,7 @@ class Settings:
             bcrypt_slots=integer('BCRYPT_SLOTS', max(1, threads // 2), 1, 256),
             data_dir=environ.get('FLASHSALE_DATA_DIR') or cls.data_dir,
             trusted_proxy=environ.get('TRUSTED_PROXY') or None,
+            connection_limit=integer('CONNECTION_LIMIT', cls.connection_limit, 10, 100_000),
             auth_rate_per_minute=integer('AUTH_RATE_PER_MINUTE', cls.auth_rate_per_minute, 0, 1_000_000),
             purchase_rate_per_second=integer('PURCHASE_RATE_PER_SECOND', cls.purchase_rate_per_second, 0, 1_000_000),
             rate_limit_exempt=tuple(
@@ -111,12 +113,6 @@ class Settings:
             ),
             shutdown_timeout=integer('SHUTDOWN_TIMEOUT_MS', int(cls.shutdown_timeout * 1000), 0, 600_000) / 1000,
         )
-        if settings.database_url and not settings.jwt_secret:
-            raise ConfigError(
-                'JWT_SECRET is required when DATABASE_URL is set: a random string of at least '
-                f'{MIN_JWT_SECRET_BYTES} bytes, e.g. the output of\n'
-                "  python3 -c 'import secrets; print(secrets.token_urlsafe(48))'"
-            )
         if settings.jwt_secret and len(settings.jwt_secret.encode()) < MIN_JWT_SECRET_BYTES:
             raise ConfigError(f'JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes long')
         return settings
@@ -210,6 +206,13 @@ def _seed_demo(conn, settings):
 def serve(settings):
     from resources import serving  # noqa: PLC0415 (only the serve command needs waitress)
 
+    if settings.database_url and not settings.jwt_secret:
+        # Only the embedded development database comes with a generated secret.
+        raise ConfigError(
+            'JWT_SECRET is required when DATABASE_URL is set: a random string of at least '
+            f'{MIN_JWT_SECRET_BYTES} bytes, e.g. the output of\n'
+            "  python3 -c 'import secrets; print(secrets.token_urlsafe(48))'"
+        )
     url, settings = _database(settings)
     with database.connect(settings, url) as conn:
         database.apply_schema(conn)
@@ -258,8 +261,12 @@ def main(argv=None):
         level=os.environ.get('LOG_LEVEL', 'INFO').upper(),
         format='%(asctime)s %(levelname)s %(name)s %(message)s',
     )
-    # pgserver logs every command it runs at INFO, output and all.
+    # pgserver logs every command it runs at INFO, output and all; waitress
+    # warns of its task queue depth on every request that has to queue, which
+    # in a flash sale is most of them (the access log already says how long
+    # each request took).
     logging.getLogger('pgserver').setLevel(logging.WARNING)
+    logging.getLogger('waitress.queue').setLevel(logging.ERROR)
     try:
         settings = Settings.from_env()
         if args.command == 'serve':

@@ -88,6 +88,11 @@ def create_server(app, settings):
         threads=settings.threads,
         ident='flashsale',
         max_request_body_size=settings.max_body_bytes,
+        # A flash sale opens with far more clients than waitress' default
+        # of 100 connections (beyond which it silently stops accepting);
+        # poll() because select() cannot watch more than 1024 sockets.
+        connection_limit=settings.connection_limit,
+        asyncore_use_poll=True,
         clear_untrusted_proxy_headers=True,
         **proxy,
     )

@@ -1,0 +1,570 @@
+// The shopper's page. No framework: the page's state lives in `state`, every
+// change goes through a small function, and render() redraws the sale card
+// from it (it is cheap, so the countdown simply calls it four times a second).
+
+const TOKEN_KEY = 'flashsale.token';
+const POLL_MS = 1500;
+const TICK_MS = 250;
+
+const $ = (id) => document.getElementById(id);
+
+const state = {
+  user: null,
+  sale: null, // the flashSale last read from /api/flash-sales/current
+  etag: null,
+  // Server clock minus local clock, in ms. Countdowns and the buy button use
+  // the server's idea of "now", so a wrong clock on the phone cannot open the
+  // button early or late.
+  clockOffset: 0,
+  order: null, // this user's order in state.sale, if any
+  buying: false,
+  busyUntil: 0, // local ms: the server asked us to wait until then
+};
+
+// ---------------------------------------------------------------- the API
+
+class ApiError extends Error {
+  constructor(status, code, message, field, retryAfter) {
+    super(message || code);
+    this.status = status;
+    this.code = code;
+    this.field = field;
+    this.retryAfter = retryAfter;
+  }
+}
+
+function retryAfterSeconds(response) {
+  const value = response.headers.get('Retry-After');
+  if (!value) return 1;
+  const seconds = /^\d+$/.test(value.trim()) ? Number(value) : (Date.parse(value) - Date.now()) / 1000;
+  return Math.max(1, Math.ceil(seconds) || 1);
+}
+
+// Resolves to {status, etag, data}; rejects with an ApiError for every
+// refusal, including a network failure (status 0, code "network").
+async function api(method, path, { body, etag, auth = true } = {}) {
+  const headers = { Accept: 'application/json' };
+  const token = auth ? localStorage.getItem(TOKEN_KEY) : null;
+  if (token) headers.Authorization = `Bearer ${token}`;
+  if (etag) headers['If-None-Match'] = etag;
+  if (body !== undefined) headers['Content-Type'] = 'application/json';
+  let response;
+  try {
+    // NOTE: with If-None-Match set by us, fetch bypasses the HTTP cache and
+    // hands the 304 to this code instead of replaying a cached 200.
+    response = await fetch(path, {
+      method,
+      headers,
+      body: body === undefined ? undefined : JSON.stringify(body),
+      cache: 'no-store',
+    });
+  } catch {
+    throw new ApiError(0, 'network', 'network error');
+  }
+  if (response.status === 304) return { status: 304, etag, data: null };
+  const data = await response.json().catch(() => null);
+  if (!response.ok) {
+    throw new ApiError(response.status, data?.code ?? `http_${response.status}`,
+      data?.message ?? '', data?.field, retryAfterSeconds(response));
+  }
+  return { status: response.status, etag: response.headers.get('ETag'), data };
+}
+
+const MESSAGES = {
+  network: "Can't reach the shop. Check your connection and try again.",
+  sold_out: 'Sorry, this sale is sold out.',
+  already_purchased: 'You already bought one in this sale.',
+  sale_not_started: "The sale hasn't started yet. Try again when the countdown ends.",
+  sale_ended: 'Sorry, this sale has ended.',
+  sale_not_found: 'This sale no longer exists.',
+  invalid_email: 'Enter a valid email address, like name@example.com.',
+  invalid_password: 'Your password must be 8 to 72 characters long.',
+  email_taken: 'An account with this email already exists. Log in instead.',
+  invalid_credentials: "That email and password don't match. Please try again.",
+  forbidden: 'Only admins can do that.',
+  payload_too_large: 'That is too much text.',
+};
+const SESSION_CODES = new Set(['unauthorized', 'invalid_token', 'token_expired']);
+const SESSION_EXPIRED = 'Your session expired, please log in again.';
+
+function isSessionError(error) {
+  return error.status === 401 && SESSION_CODES.has(error.code);
+}
+
+function isBusy(error) {
+  return error.status === 503 || error.status === 429;
+}
+
+function messageFor(error) {
+  if (error.code === 'rate_limited') return `Too many attempts. Try again in ${error.retryAfter} s.`;
+  if (isBusy(error)) return `The shop is busy, try again in ${error.retryAfter} s.`;
+  if (isSessionError(error)) return SESSION_EXPIRED;
+  if (MESSAGES[error.code]) return MESSAGES[error.code];
+  // The API's own message is written for people; the code is the last resort.
+  if (error.message && error.message !== error.code) return error.message;
+  return `Something went wrong (error ${error.status}). Please try again.`;
+}
+
+// ---------------------------------------------------------------- time
+
+// The API sends microseconds; Date.parse is only specified for milliseconds.
+function parseTime(iso) {
+  return Date.parse(iso.replace(/(\.\d{3})\d+/, '$1'));
+}
+
+function serverNow() {
+  return Date.now() + state.clockOffset;
+}
+
+const dateTimeFormat = new Intl.DateTimeFormat(undefined, { dateStyle: 'medium', timeStyle: 'medium' });
+
+function showTime(element, iso) {
+  element.dateTime = iso;
+  setText(element, dateTimeFormat.format(parseTime(iso)));
+}
+
+function formatDuration(ms) {
+  const total = Math.max(0, Math.ceil(ms / 1000));
+  const days = Math.floor(total / 86400);
+  const clock = [Math.floor(total / 3600) % 24, Math.floor(total / 60) % 60, total % 60]
+    .map((n) => String(n).padStart(2, '0')).join(':');
+  return days ? `${days}d ${clock}` : clock;
+}
+
+// "2026-11-24T14:05:00" in the browser's time zone, as <input type=datetime-local> wants it.
+function toLocalInput(date) {
+  const pad = (n) => String(n).padStart(2, '0');
+  return `${date.getFullYear()}-${pad(date.getMonth() + 1)}-${pad(date.getDate())}`
+    + `T${pad(date.getHours())}:${pad(date.getMinutes())}:${pad(date.getSeconds())}`;
+}
+
+// ---------------------------------------------------------------- small DOM helpers
+
+// Only touches the DOM when the text changes, so live regions do not repeat themselves.
+function setText(element, text) {
+  if (element.textContent !== text) element.textContent = text;
+}
+
+function showMessage(element, text, kind = 'error') {
+  element.classList.toggle('error', kind === 'error');
+  element.classList.toggle('success', kind === 'success');
+  setText(element, text);
+}
+
+function setFieldError(inputId, text) {
+  const input = $(inputId);
+  setText($(`${inputId}-error`), text);
+  if (text) input.setAttribute('aria-invalid', 'true');
+  else input.removeAttribute('aria-invalid');
+}
+
+function clearFieldErrors(form) {
+  for (const input of form.querySelectorAll('input')) setFieldError(input.id, '');
+}
+
+function focusFirstInvalid(form) {
+  form.querySelector('[aria-invalid="true"]')?.focus();
+}
+
+// ---------------------------------------------------------------- the sale
+
+function phaseOf(sale) {
+  const now = serverNow();
+  if (now < parseTime(sale.startDate)) return 'upcoming';
+  if (now < parseTime(sale.endDate)) return 'active';
+  return 'ended';
+}
+
+// Why the buy button is disabled, or null when it is not.
+function buyBlocker(sale, phase) {
+  if (state.order) return 'One per customer.';
+  if (phase === 'ended') return 'Check back for the next sale.';
+  if (phase === 'active' && sale.remainingStock <= 0) return 'Sold out. Better luck next time!';
+  if (!state.user) return 'Log in or create an account to buy.';
+  if (phase === 'upcoming') return 'The button unlocks when the sale starts.';
+  if (state.buying) return 'Placing your order…';
+  const wait = Math.ceil((state.busyUntil - Date.now()) / 1000);
+  if (wait > 0) return `The shop is busy, try again in ${wait} s.`;
+  return null;
+}
+
+const BADGES = {
+  upcoming: 'Upcoming',
+  active: 'Live now',
+  soldOut: 'Sold out',
+  ended: 'Ended',
+};
+
+function render() {
+  const sale = state.sale;
+  $('sale-details').hidden = !sale;
+  if (!sale) return;
+
+  const phase = phaseOf(sale);
+  const soldOut = sale.remainingStock <= 0;
+  const badge = phase === 'active' && soldOut ? 'soldOut' : phase;
+  const status = $('sale-status');
+  setText(status, BADGES[badge]);
+  status.className = `badge badge-${badge}`;
+  status.dataset.status = badge;
+
+  if (phase === 'upcoming') {
+    setText($('countdown-label'), 'Starts in');
+    setText($('countdown'), formatDuration(parseTime(sale.startDate) - serverNow()));
+  } else if (phase === 'active') {
+    setText($('countdown-label'), 'Ends in');
+    setText($('countdown'), formatDuration(parseTime(sale.endDate) - serverNow()));
+  } else {
+    setText($('countdown-label'), 'This sale has ended.');
+    setText($('countdown'), '');
+  }
+
+  setText($('stock-remaining'), String(sale.remainingStock));
+  setText($('stock-total'), String(sale.totalStock));
+  $('stock-bar').max = sale.totalStock;
+  $('stock-bar').value = sale.remainingStock;
+
+  const blocker = buyBlocker(sale, phase);
+  const buy = $('buy');
+  buy.disabled = blocker !== null;
+  const label = state.order ? 'Bought'
+    : state.buying ? 'Buying…'
+      : phase === 'ended' ? 'Sale ended'
+        : phase === 'active' && soldOut ? 'Sold out'
+          : 'Buy now';
+  setText(buy, label);
+  setText($('buy-hint'), blocker ?? 'One per customer. Good luck!');
+
+  $('order').hidden = !state.order;
+  if (state.order) {
+    setText($('order-id'), state.order.id);
+    showTime($('order-time'), state.order.createdAt);
+  }
+}
+
+function setSale(sale) {
+  const changed = sale?.id !== state.sale?.id;
+  state.sale = sale;
+  $('sale-loading').hidden = true;
+  $('sale').setAttribute('aria-busy', 'false');
+  $('no-sale').hidden = Boolean(sale);
+  if (sale) {
+    setText($('sale-name'), sale.name);
+    showTime($('sale-start'), sale.startDate);
+    showTime($('sale-end'), sale.endDate);
+  }
+  if (changed) {
+    state.order = null;
+    setText($('buy-message'), '');
+    checkOrder();
+  }
+  render();
+}
+
+async function refreshSale() {
+  let result;
+  try {
+    result = await api('GET', '/api/flash-sales/current', { etag: state.etag, auth: false });
+  } catch (error) {
+    if (error.code === 'no_sale') {
+      state.etag = null;
+      setSale(null);
+      showNotice('');
+    } else if (error.code === 'network') {
+      showNotice("Can't reach the shop. Retrying…");
+    } else {
+      showNotice(`${messageFor(error)} Retrying…`);
+    }
+    return;
+  }
+  showNotice('');
+  if (result.status === 304) return;
+  state.clockOffset = parseTime(result.data.serverTime) - Date.now();
+  state.etag = result.etag;
+  setSale(result.data.flashSale);
+}
+
+// Poll while the tab is visible; a hidden tab costs the server nothing.
+let pollTimer = 0;
+let polling = false;
+
+async function poll() {
+  clearTimeout(pollTimer);
+  if (polling || document.hidden) return;
+  polling = true;
+  try {
+    await refreshSale();
+  } finally {
+    polling = false;
+    if (!document.hidden) pollTimer = setTimeout(poll, POLL_MS);
+  }
+}
+
+function showNotice(text) {
+  setText($('notice'), text);
+  $('notice').hidden = !text;
+}
+
+// ---------------------------------------------------------------- orders
+
+async function checkOrder() {
+  const sale = state.sale;
+  if (!sale || !state.user) return;
+  try {
+    const { data } = await api('GET', `/api/me/orders/${sale.id}`);
+    if (state.sale?.id === sale.id && state.user) state.order = data.order;
+  } catch (error) {
+    if (isSessionError(error)) return sessionExpired();
+    // order_not_found is the everyday answer: no order yet. Anything else we
+    // learn again on the next sale change or reload; the buy button still works.
+  }
+  render();
+}
+
+async function buy() {
+  const sale = state.sale;
+  if (!sale || state.buying || state.order) return;
+  state.buying = true;
+  setText($('buy-message'), '');
+  render();
+  try {
+    const { data } = await api('POST', `/api/flash-sales/${sale.id}/purchase`, { body: {} });
+    state.order = data.order;
+    poll(); // show the new stock now, not in 1.5 s
+  } catch (error) {
+    if (isSessionError(error)) return sessionExpired();
+    if (error.code === 'already_purchased') await checkOrder();
+    if (error.code === 'sold_out') sale.remainingStock = 0;
+    if (isBusy(error)) state.busyUntil = Date.now() + error.retryAfter * 1000;
+    showMessage($('buy-message'), messageFor(error));
+  } finally {
+    state.buying = false;
+    render();
+  }
+}
+
+// ---------------------------------------------------------------- accounts
+
+function signedIn(user) {
+  state.user = user;
+  $('account').hidden = false;
+  setText($('account-email'), user.email);
+  $('auth').hidden = true;
+  setText($('auth-message'), '');
+  $('admin').hidden = !user.isAdmin;
+  if (user.isAdmin) {
+    prefillCreateForm();
+    loadSales();
+  }
+  checkOrder();
+  render();
+}
+
+function signOut() {
+  localStorage.removeItem(TOKEN_KEY);
+  state.user = null;
+  state.order = null;
+  $('account').hidden = true;
+  $('admin').hidden = true;
+  $('auth').hidden = false;
+  setText($('buy-message'), '');
+  showAuthForm('login');
+  render();
+}
+
+function sessionExpired() {
+  signOut();
+  showMessage($('auth-message'), SESSION_EXPIRED);
+  $('login-email').focus();
+}
+
+async function loadUser() {
+  if (!localStorage.getItem(TOKEN_KEY)) return signOut();
+  try {
+    const { data } = await api('GET', '/api/me');
+    signedIn(data.user);
+  } catch (error) {
+    if (error.status === 401) {
+      signOut();
+      if (error.code === 'token_expired') showMessage($('auth-message'), SESSION_EXPIRED);
+    } else {
+      // The token may be fine; the server is not. Keep it and ask again.
+      showNotice(`${messageFor(error)} Retrying…`);
+      setTimeout(loadUser, 3000);
+    }
+  }
+}
+
+function showAuthForm(kind) {
+  $('login-form').hidden = kind !== 'login';
+  $('register-form').hidden = kind !== 'register';
+  setText($('auth-title'), kind === 'login' ? 'Log in to buy' : 'Create an account');
+  setText($('auth-message'), '');
+}
+
+// Which input an API refusal is about, if any.
+function authField(error) {
+  if (error.field === 'email' || error.field === 'password') return error.field;
+  if (error.code === 'invalid_email' || error.code === 'email_taken') return 'email';
+  if (error.code === 'invalid_password') return 'password';
+  return null;
+}
+
+async function submitAuth(kind, event) {
+  event.preventDefault();
+  const form = $(`${kind}-form`);
+  const submit = $(`${kind}-submit`);
+  clearFieldErrors(form);
+  setText($('auth-message'), '');
+  const email = $(`${kind}-email`).value.trim();
+  const password = $(`${kind}-password`).value;
+  if (!email) setFieldError(`${kind}-email`, 'Enter your email address.');
+  if (!password) setFieldError(`${kind}-password`, 'Enter your password.');
+  if (!email || !password) return focusFirstInvalid(form);
+
+  submit.disabled = true;
+  try {
+    const { data } = await api('POST', `/api/auth/${kind}`, { body: { email, password }, auth: false });
+    localStorage.setItem(TOKEN_KEY, data.token);
+    form.reset();
+    signedIn(data.user);
+    // The form just vanished with the focus in it: move on to what the
+    // shopper came for.
+    ($('buy').disabled ? $('sale') : $('buy')).focus();
+  } catch (error) {
+    const field = authField(error);
+    if (field) {
+      setFieldError(`${kind}-${field}`, messageFor(error));
+      focusFirstInvalid(form);
+    } else {
+      showMessage($('auth-message'), messageFor(error));
+    }
+  } finally {
+    submit.disabled = false;
+  }
+}
+
+// ---------------------------------------------------------------- admin
+
+const CREATE_FIELDS = { name: 'create-name', startDate: 'create-start', endDate: 'create-end', totalStock: 'create-stock' };
+
+function prefillCreateForm() {
+  if ($('create-start').value) return;
+  const start = new Date(Date.now() + 10 * 60 * 1000);
+  start.setSeconds(0, 0);
+  $('create-start').value = toLocalInput(start);
+  $('create-end').value = toLocalInput(new Date(start.getTime() + 60 * 60 * 1000));
+  $('create-stock').value = '100';
+}
+
+async function createSale(event) {
+  event.preventDefault();
+  const form = $('create-sale-form');
+  clearFieldErrors(form);
+  setText($('create-message'), '');
+  const name = $('create-name').value.trim();
+  const start = $('create-start').value;
+  const end = $('create-end').value;
+  const stock = $('create-stock').value;
+  if (!start) setFieldError('create-start', 'Choose when the sale starts.');
+  if (!end) setFieldError('create-end', 'Choose when the sale ends.');
+  if (!/^\d+$/.test(stock)) setFieldError('create-stock', 'Enter a whole number of items.');
+  if (form.querySelector('[aria-invalid="true"]')) return focusFirstInvalid(form);
+
+  // datetime-local has no zone: new Date() reads it in the browser's zone,
+  // and toISOString() writes UTC with a 'Z', which is what the API wants.
+  const body = {
+    startDate: new Date(start).toISOString(),
+    endDate: new Date(end).toISOString(),
+    totalStock: Number(stock),
+  };
+  if (name) body.name = name;
+
+  $('create-submit').disabled = true;
+  try {
+    const { data } = await api('POST', '/api/flash-sales', { body });
+    showMessage($('create-message'), `Created “${data.flashSale.name}”.`, 'success');
+    $('create-name').value = '';
+    loadSales();
+    poll();
+  } catch (error) {
+    if (isSessionError(error)) return sessionExpired();
+    const inputId = CREATE_FIELDS[error.field];
+    if (inputId) {
+      setFieldError(inputId, messageFor(error));
+      focusFirstInvalid(form);
+    } else {
+      showMessage($('create-message'), messageFor(error));
+    }
+  } finally {
+    $('create-submit').disabled = false;
+  }
+}
+
+const shortDateTime = new Intl.DateTimeFormat(undefined, { dateStyle: 'short', timeStyle: 'short' });
+
+// column -> [heading, cell text]. The heading is repeated in each cell's
+// data-label for the stacked layout on narrow screens (see style.css).
+const SALE_COLUMNS = {
+  name: ['Name', (sale) => sale.name],
+  start: ['Starts', (sale) => shortDateTime.format(parseTime(sale.startDate))],
+  end: ['Ends', (sale) => shortDateTime.format(parseTime(sale.endDate))],
+  status: ['Status', (sale) => BADGES[sale.status === 'active' && sale.remainingStock <= 0 ? 'soldOut' : sale.status]],
+  sold: ['Sold', (sale) => `${sale.totalStock - sale.remainingStock} / ${sale.totalStock}`],
+};
+
+function saleRow(sale) {
+  const row = document.createElement('tr');
+  row.dataset.testid = 'sale-row';
+  row.dataset.saleId = sale.id;
+  for (const [column, [heading, text]] of Object.entries(SALE_COLUMNS)) {
+    const cell = document.createElement('td');
+    cell.textContent = text(sale);
+    cell.dataset.label = heading;
+    cell.dataset.testid = `sale-row-${column}`;
+    row.append(cell);
+  }
+  return row;
+}
+
+async function loadSales() {
+  try {
+    const { data } = await api('GET', '/api/flash-sales');
+    $('sales-rows').replaceChildren(...data.flashSales.map(saleRow));
+    setText($('sales-message'), data.flashSales.length ? '' : 'No sales yet.');
+    $('sales-message').classList.remove('error');
+  } catch (error) {
+    if (isSessionError(error)) return sessionExpired();
+    showMessage($('sales-message'), messageFor(error));
+  }
+}
+
+// ---------------------------------------------------------------- wiring
+
+$('buy').addEventListener('click', buy);
+$('login-form').addEventListener('submit', (event) => submitAuth('login', event));
+$('register-form').addEventListener('submit', (event) => submitAuth('register', event));
+$('show-register').addEventListener('click', () => {
+  showAuthForm('register');
+  $('register-email').focus();
+});
+$('show-login').addEventListener('click', () => {
+  showAuthForm('login');
+  $('login-email').focus();
+});
+$('logout').addEventListener('click', () => {
+  signOut();
+  $('login-email').focus();
+});
+$('create-sale-form').addEventListener('submit', createSale);
+$('sales-refresh').addEventListener('click', loadSales);
+
+document.addEventListener('visibilitychange', poll);
+// Logging in or out in another tab changes the token under us.
+window.addEventListener('storage', (event) => {
+  if (event.key === TOKEN_KEY) loadUser();
+});
+setInterval(render, TICK_MS);
+
+loadUser();
+poll();

@@ -1,0 +1,423 @@
+#!/usr/bin/env python3
+"""flashsale's benchmark in one go: what the HTTP service gets out of PostgreSQL.
+
+    python scripts/bench.py --start-server --database-url postgresql://postgres@127.0.0.1:5432/benchdb
+
+--start-server runs `flashsale serve` on a free port against --database-url,
+with BCRYPT_ROUNDS=4 and a generated JWT_SECRET (THREADS, POOL_SIZE and the
+other settings pass through from the environment), and stops it at the end.
+That is the documented way to run it. Against a server already running, give
+--base-url and an admin (--admin-email/--admin-password, or --grant-admin with
+the server's DATABASE_URL in --database-url); the direct-to-database part
+needs --database-url and is skipped without it.
+
+It prints one table:
+
+  1. purchases over HTTP, closed model at concurrency 8/32/64, stock that never
+     runs out (every request a different user's first purchase): req/s, p50, p99
+  2. the same statement (resources/sql.py's PURCHASE) straight through psycopg,
+     no HTTP, same concurrencies (threads, each with its own connection), and
+     the HTTP/direct ratio
+  3. sold-out refusals per second over HTTP, and the ratio to GET /health at
+     the same concurrency
+  4. the crowd scenario (100 users, stock 50, 1,000 req/s for 4 s): exact
+     counts, p99, invariants
+  5. the server's resident memory (VmRSS, and the peak VmHWM) after the runs
+
+It reuses loadtest.py's client, setup and checks; --json writes every figure.
+The machine's cores are shared by this client, the server and PostgreSQL:
+the figures are for that whole machine, and vary run to run (take --repeat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / 'scripts'))
+
+import loadtest  # noqa: E402
+
+
+# --- the server ---------------------------------------------------------------
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def flashsale_command():
+    """This checkout's flashsale.py when there is one (so the bench measures the code beside it,
+    whatever an editable install elsewhere points `flashsale` at), else the installed command."""
+    if (ROOT / 'flashsale.py').is_file():
+        return [sys.executable, str(ROOT / 'flashsale.py')]
+    found = shutil.which('flashsale') or shutil.which('flashsale', path=os.path.dirname(sys.executable))
+    if not found:
+        raise SystemExit('bench: neither flashsale.py beside scripts/ nor a `flashsale` command')
+    return [found]
+
+
+def start_server(database_url, log_path):
+    """`flashsale serve` on a free port with BCRYPT_ROUNDS=4 and a fresh JWT_SECRET."""
+    port = free_port()
+    env = dict(os.environ, DATABASE_URL=database_url, JWT_SECRET=secrets.token_urlsafe(48),
+               BCRYPT_ROUNDS='4', HOST='127.0.0.1', PORT=str(port))
+    log = open(log_path, 'w')
+    proc = subprocess.Popen(flashsale_command() + ['serve'], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            cwd=ROOT)
+    base_url = f'http://127.0.0.1:{port}'
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f'bench: the server exited ({proc.returncode}); see {log_path}:\n'
+                             + Path(log_path).read_text()[-2000:])
+        try:
+            with urllib.request.urlopen(base_url + '/health', timeout=2) as resp:
+                if resp.status == 200:
+                    return proc, base_url
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f'bench: the server did not answer /health within 60 s; see {log_path}')
+
+
+def stop_server(proc):
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def pid_listening_on(port):
+    """The process with a listening TCP socket on `port`, found through /proc (Linux)."""
+    inodes = set()
+    for table in ('/proc/net/tcp', '/proc/net/tcp6'):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == '0A' and int(fields[1].rsplit(':', 1)[1], 16) == port:  # 0A = LISTEN
+                inodes.add(f'socket:[{fields[9]}]')
+    for proc_dir in Path('/proc').iterdir():
+        if not proc_dir.name.isdigit():
+            continue
+        try:
+            for fd in (proc_dir / 'fd').iterdir():
+                if os.readlink(fd) in inodes:
+                    return int(proc_dir.name)
+        except OSError:
+            continue
+    return None
+
+
+def cpu_seconds_of(pid):
+    """User + system CPU seconds the process (all its threads) has used, from /proc/PID/stat."""
+    fields = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')  # utime, stime
+
+
+def cpu_ms_per_answer(result):
+    if result.get('probe_delta') is None or not result['answered']:
+        return None
+    return round(result['probe_delta'] * 1000 / result['answered'], 3)
+
+
+def memory_of(pid):
+    """{'rss_mib', 'peak_rss_mib'} from /proc/PID/status."""
+    values = {}
+    for line in Path(f'/proc/{pid}/status').read_text().splitlines():
+        key, _, rest = line.partition(':')
+        if key in ('VmRSS', 'VmHWM'):
+            values[key] = int(rest.split()[0]) / 1024
+    return {'rss_mib': round(values.get('VmRSS', 0), 1), 'peak_rss_mib': round(values.get('VmHWM', 0), 1)}
+
+
+# --- the purchase straight through psycopg -------------------------------------
+
+
+def direct_purchases(database_url, sale_id, user_ids, concurrency):
+    """sql.PURCHASE for every user once, from `concurrency` threads with a connection each."""
+    import psycopg
+    from psycopg.rows import dict_row
+
+    from resources import sql as flashsale_sql
+
+    barrier = threading.Barrier(concurrency + 1)
+    latencies = [[] for _ in range(concurrency)]
+    outcomes = [{} for _ in range(concurrency)]
+
+    def worker(k):
+        with psycopg.connect(database_url, autocommit=True, row_factory=dict_row,
+                             options='-c TimeZone=UTC') as conn:
+            mine = user_ids[k::concurrency]
+            barrier.wait()
+            for user_id in mine:
+                started = time.perf_counter()
+                try:
+                    row = conn.execute(flashsale_sql.PURCHASE, {'sale_id': sale_id, 'user_id': user_id}).fetchone()
+                    outcome = row['outcome']
+                except psycopg.errors.UniqueViolation:
+                    outcome = 'already_purchased'
+                latencies[k].append(time.perf_counter() - started)
+                outcomes[k][outcome] = outcomes[k].get(outcome, 0) + 1
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    merged = {}
+    for part in outcomes:
+        for key, n in part.items():
+            merged[key] = merged.get(key, 0) + n
+    flat = [v for part in latencies for v in part]
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        total, remaining, orders = conn.execute(
+            'SELECT total_stock, remaining_stock, (SELECT count(*) FROM orders WHERE flash_sale_id = s.id) '
+            'FROM flash_sales s WHERE id = %s', (sale_id,),
+        ).fetchone()
+    return {
+        'concurrency': concurrency,
+        'requests': len(flat),
+        'rate': round(len(flat) / elapsed, 1),
+        'latency_ms': loadtest.latency_summary(flat),
+        'outcomes': merged,
+        'invariant_ok': remaining + orders == total and merged.get('created', 0) == orders,
+    }
+
+
+# --- the runs -------------------------------------------------------------------
+
+
+def median_by_rate(runs, key):
+    """The run with the median rate (the middle one of an odd number)."""
+    ordered = sorted(runs, key=key)
+    return ordered[len(ordered) // 2]
+
+
+async def bench(args, base_url, pid, log):
+    results = {'base_url': base_url, 'levels': args.levels, 'purchases_per_level': args.purchases}
+    # The server's CPU per answer is steadier than its rate on a machine shared with other work.
+    probe = (lambda: cpu_seconds_of(pid)) if pid else None
+    api = loadtest.Api(base_url)
+    run_id = uuid.uuid4().hex[:8]
+    try:
+        admin = await api.admin_token(args.admin_email, args.admin_password, args.grant_admin or args.start_server,
+                                      shlex.join(flashsale_command()), args.database_url, run_id)
+        log(f'registering {args.purchases} users ...')
+        t0 = time.monotonic()
+        users = await api.register_users(args.purchases, f'bench-{run_id}', args.register_concurrency)
+        results['registration'] = {'users': len(users), 'seconds': round(time.monotonic() - t0, 2)}
+        api.pool.close()
+        await loadtest.run_plain_async(base_url, '/health', connections=8, requests=500)  # warm-up
+
+        # 1. purchases over HTTP
+        results['http'] = []
+        for level in args.levels:
+            runs = []
+            for _ in range(args.repeat):
+                log(f'HTTP purchases at concurrency {level} ...')
+                runs.append(await loadtest.run_scenario_async(
+                    'throughput', base_url=base_url, prepared_users=users, admin_token=admin,
+                    users=len(users), requests=len(users), connections=level, timeout=args.timeout, probe=probe))
+            best = median_by_rate(runs, key=lambda r: r['answered_rate'])
+            results['http'].append({
+                'concurrency': level, 'rate': best['answered_rate'], 'latency_ms': best['latency_ms'],
+                'by_code': best['by_code'], 'verdict': best['invariants']['verdict'],
+                'all_rates': [r['answered_rate'] for r in runs],
+                'server_cpu_ms': statistics.median([cpu_ms_per_answer(r) or 0 for r in runs]) if probe else None,
+            })
+
+        # 2. the same statement without HTTP
+        results['direct'] = []
+        if args.database_url:
+            user_ids = [u.id for u in users]
+            for level in args.levels:
+                runs = []
+                for _ in range(args.repeat):
+                    log(f'direct purchases at concurrency {level} ...')
+                    now, _ = await api.server_clock()
+                    sale = await api.create_sale(admin, len(user_ids), now - timedelta(seconds=1),
+                                                 timedelta(minutes=10), f'bench direct {run_id}')
+                    api.pool.close()
+                    runs.append(await asyncio.to_thread(direct_purchases, args.database_url, sale['id'],
+                                                        user_ids, level))
+                best = median_by_rate(runs, key=lambda r: r['rate'])
+                best['all_rates'] = [r['rate'] for r in runs]
+                results['direct'].append(best)
+
+        # 3. sold-out refusals against GET /health
+        log(f'sold-out refusals and /health at concurrency {args.refusal_concurrency} ...')
+        sold_out = await loadtest.run_scenario_async(
+            'sold-out', base_url=base_url, prepared_users=users, admin_token=admin, users=min(200, len(users)),
+            model='closed', connections=args.refusal_concurrency, requests=args.refusals, timeout=args.timeout,
+            probe=probe)
+        health = await loadtest.run_plain_async(base_url, '/health', connections=args.refusal_concurrency,
+                                                requests=args.refusals, timeout=args.timeout, probe=probe)
+        results['sold_out'] = {'rate': sold_out['answered_rate'], 'latency_ms': sold_out['latency_ms'],
+                               'by_code': sold_out['by_code'], 'verdict': sold_out['invariants']['verdict'],
+                               'server_cpu_ms': cpu_ms_per_answer(sold_out)}
+        results['health'] = {'rate': health['answered_rate'], 'latency_ms': health['latency_ms'],
+                             'by_code': health['by_code'], 'server_cpu_ms': cpu_ms_per_answer(health)}
+
+        # 4. the crowd
+        log('crowd: 100 users, stock 50, 1,000 req/s for 4 s ...')
+        crowd = await loadtest.run_scenario_async('crowd', base_url=base_url, prepared_users=users,
+                                                  admin_token=admin, users=100, database_url=args.database_url,
+                                                  timeout=args.timeout)
+        results['crowd'] = {'by_code': crowd['by_code'], 'latency_ms': crowd['latency_ms'],
+                            'achieved_rate': crowd['achieved_rate'], 'verdict': crowd['invariants']['verdict'],
+                            'orders': crowd['invariants']['orders'], 'remaining': crowd['invariants']['remaining'],
+                            'errors': crowd['errors']}
+    finally:
+        api.close()
+    return results
+
+
+def format_table(results):
+    out = []
+    rate = lambda v: '-' if v is None else f'{v:,.0f}'  # noqa: E731
+    ms = lambda v: '-' if v is None else f'{v:.1f}'  # noqa: E731
+    out.append(f'flashsale bench against {results["base_url"]}'
+               + (f' (server pid {results["server"]["pid"]})' if results.get('server') else '')
+               + f', {os.cpu_count()} cores shared by client, server and PostgreSQL')
+    out.append('')
+    direct = {d['concurrency']: d for d in results.get('direct', [])}
+    out.append(f'1-2. purchase, stock never runs out, {results["purchases_per_level"]} distinct users per level '
+               '(closed model)')
+    out.append('  conc |  HTTP req/s  p50 ms  p99 ms  srv CPU ms/req | direct tx/s  p50 ms  p99 ms | HTTP/direct '
+               '| checks')
+    for h in results['http']:
+        d = direct.get(h['concurrency'])
+        ratio = f'{h["rate"] / d["rate"]:.2f}' if d and d['rate'] else '-'
+        checks = h['verdict'] + ('' if not d else (', direct ok' if d['invariant_ok'] else ', direct FAIL'))
+        cpu = '-' if h.get('server_cpu_ms') is None else f'{h["server_cpu_ms"]:.2f}'
+        out.append(f'  {h["concurrency"]:>4} | {rate(h["rate"]):>11} {ms(h["latency_ms"]["p50"]):>7} '
+                   f'{ms(h["latency_ms"]["p99"]):>7} {cpu:>15} | '
+                   + (f'{rate(d["rate"]):>11} {ms(d["latency_ms"]["p50"]):>7} {ms(d["latency_ms"]["p99"]):>7}'
+                      if d else f'{"(no --database-url)":>27}')
+                   + f' | {ratio:>11} | {checks}')
+    if any(len(h['all_rates']) > 1 for h in results['http']):
+        out.append('  every run (req/s), median shown above: '
+                   + '; '.join(f'HTTP {h["concurrency"]}: ' + ', '.join(rate(v) for v in h['all_rates'])
+                               for h in results['http'])
+                   + ''.join(f'; direct {d["concurrency"]}: ' + ', '.join(rate(v) for v in d['all_rates'])
+                             for d in results.get('direct', [])))
+    so, he = results['sold_out'], results['health']
+    out.append('')
+    out.append(f'3. sold-out refusals at concurrency {results["refusal_concurrency"]}: {rate(so["rate"])}/s '
+               f'(p50 {ms(so["latency_ms"]["p50"])} ms, p99 {ms(so["latency_ms"]["p99"])} ms, {so["verdict"]}); '
+               f'GET /health: {rate(he["rate"])}/s (p99 {ms(he["latency_ms"]["p99"])} ms); '
+               f'refusals/health = {so["rate"] / he["rate"]:.2f}'
+               + (f'; server CPU per answer {so["server_cpu_ms"]:.2f} vs {he["server_cpu_ms"]:.2f} ms'
+                  if so.get('server_cpu_ms') is not None and he.get('server_cpu_ms') is not None else ''))
+    cr = results['crowd']
+    out.append('')
+    out.append(f'4. crowd, 100 users, stock 50, 1,000 req/s x 4 s (achieved {rate(cr["achieved_rate"])} req/s): '
+               + ', '.join(f'{n} x {label}' for label, n in cr['by_code'].items()))
+    out.append(f'   orders {cr["orders"]}, remaining {cr["remaining"]}; latency p50 {ms(cr["latency_ms"]["p50"])} ms, '
+               f'p99 {ms(cr["latency_ms"]["p99"])} ms, max {ms(cr["latency_ms"]["max"])} ms; '
+               f'invariants: {cr["verdict"].upper()}')
+    out.append('')
+    mem = results.get('memory')
+    if mem:
+        out.append(f'5. server memory after the runs (pid {mem["pid"]}): RSS {mem["rss_mib"]} MiB, '
+                   f'peak {mem["peak_rss_mib"]} MiB')
+    else:
+        out.append('5. server memory: unknown (pass --server-pid, or run the server on this machine)')
+    return '\n'.join(out)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--start-server', action='store_true',
+                        help='run `flashsale serve` (BCRYPT_ROUNDS=4, generated JWT_SECRET) on a free port')
+    parser.add_argument('--base-url', default=loadtest.DEFAULT_BASE_URL, help='a running server (no --start-server)')
+    parser.add_argument('--database-url', default=os.environ.get('DATABASE_URL'),
+                        help='the server\'s database: for --start-server, grant-admin and the direct runs')
+    parser.add_argument('--admin-email')
+    parser.add_argument('--admin-password')
+    parser.add_argument('--grant-admin', action='store_true')
+    parser.add_argument('--server-pid', type=int, help='for the memory figure (default: found by port)')
+    parser.add_argument('--levels', type=lambda s: [int(x) for x in s.split(',')], default=[8, 32, 64],
+                        help='concurrencies, comma-separated (default 8,32,64)')
+    parser.add_argument('--purchases', type=int, default=3000, help='distinct users = purchases per level')
+    parser.add_argument('--refusals', type=int, default=5000, help='requests for the sold-out and /health runs')
+    parser.add_argument('--refusal-concurrency', type=int, default=32)
+    parser.add_argument('--repeat', type=int, default=1, help='runs per level; the median is shown')
+    parser.add_argument('--register-concurrency', type=int, default=loadtest.DEFAULT_REGISTER_CONCURRENCY)
+    parser.add_argument('--timeout', type=float, default=30.0)
+    parser.add_argument('--json', dest='json_file')
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    proc = None
+    if args.start_server:
+        if not args.database_url:
+            # As the server does: no database configured, an embedded one (a
+            # throwaway one in a temporary directory, gone when the bench ends).
+            from resources import embedded
+
+            log('bench: no --database-url: starting a throwaway embedded PostgreSQL')
+            args.database_url = embedded.start(tempfile.mkdtemp(prefix='flashsale-bench-'), delete_on_exit=True)
+        log_path = os.path.join(tempfile.gettempdir(), f'flashsale-bench-{os.getpid()}.log')
+        proc, base_url = start_server(args.database_url, log_path)
+        log(f'started flashsale serve (pid {proc.pid}) at {base_url}; its log: {log_path}')
+    else:
+        base_url = args.base_url
+    try:
+        pid = proc.pid if proc else (args.server_pid or pid_listening_on(loadtest.split_base_url(base_url)[1]))
+        results = asyncio.run(bench(args, base_url, pid, log))
+        results['refusal_concurrency'] = args.refusal_concurrency
+        if pid:
+            results['memory'] = dict(memory_of(pid), pid=pid)
+            results['server'] = {'pid': pid}
+    except loadtest.SetupError as exc:
+        raise SystemExit(f'bench: {exc}') from None
+    finally:
+        if proc:
+            stop_server(proc)
+    print(format_table(results))
+    if args.json_file:
+        with open(args.json_file, 'w') as fh:
+            json.dump(results, fh, indent=2)
+    failed = [r for r in results['http'] if r['verdict'] != 'pass'] + \
+        [r for r in results['direct'] if not r['invariant_ok']]
+    if failed or results['crowd']['verdict'] != 'pass' or results['sold_out']['verdict'] != 'pass':
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""scripts/loadtest.py against the real waitress server and PostgreSQL: small
+crowd, single-user and sold-out runs with exact counts, and the invariant
+checker itself on outcomes that break each invariant."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import sale_state
+
+_PATH = Path(__file__).resolve().parent.parent / 'scripts' / 'loadtest.py'
+_spec = importlib.util.spec_from_file_location('loadtest', _PATH)
+loadtest = importlib.util.module_from_spec(_spec)
+sys.modules['loadtest'] = loadtest  # dataclasses look their module up there
+_spec.loader.exec_module(loadtest)
+
+
+@pytest.fixture
+def admin_token(make_user):
+    return make_user(admin=True)[1]
+
+
+def run(scenario, live_server, admin_token, database_url, **options):
+    # settle=0: the test app runs with poll_cache_ms=0, every read-back is fresh.
+    return loadtest.run_scenario(scenario, base_url=live_server, admin_token=admin_token,
+                                 database_url=database_url, settle=0, seed=7, **options)
+
+
+def test_crowd_sells_exactly_the_stock_and_every_invariant_holds(live_server, admin_token, database_url, db):
+    result = run('crowd', live_server, admin_token, database_url, users=20, stock=5, rate=200, duration=1)
+    assert result['requests'] == 200
+    assert result['errors'] == {}
+    assert result['by_status']['201'] == 5
+    assert result['by_status']['409'] == 195
+    assert set(result['by_code']) <= {'201', '409 sold_out', '409 already_purchased'}
+    assert result['users_sent'] == 20
+    assert result['invariants']['verdict'] == 'pass', result['invariants']['checks']
+    assert all(c['ok'] for c in result['invariants']['checks'])
+    assert result['database'] == {'total': 5, 'remaining': 0, 'orders': 5, 'duplicates': 0}
+    assert sale_state(db, result['sale']['id']) == (5, 0, 5)
+
+
+def test_single_user_hammering_gets_exactly_one_order(live_server, admin_token, database_url, db):
+    result = run('single-user', live_server, admin_token, database_url, stock=3, rate=200, duration=1)
+    assert result['by_code'] == {'409 already_purchased': 199, '201': 1}
+    assert result['invariants']['verdict'] == 'pass', result['invariants']['checks']
+    assert sale_state(db, result['sale']['id']) == (3, 2, 1)
+
+
+def test_sold_out_refuses_everyone(live_server, admin_token, database_url, db):
+    result = run('sold-out', live_server, admin_token, database_url, users=10, stock=2, rate=100, duration=0.5)
+    assert result['by_code'] == {'409 sold_out': 50}
+    assert result['invariants']['verdict'] == 'pass', result['invariants']['checks']
+    assert sale_state(db, result['sale']['id']) == (2, 0, 2)
+
+
+def test_closed_model_throughput_run_sells_one_unit_per_distinct_user(live_server, admin_token, database_url, db):
+    result = run('throughput', live_server, admin_token, database_url, users=40, connections=8)
+    assert result['model'] == 'closed'
+    assert result['by_code'] == {'201': 40}
+    assert result['invariants']['verdict'] == 'pass', result['invariants']['checks']
+    assert sale_state(db, result['sale']['id']) == (40, 0, 40)
+
+
+def test_the_result_serialises_to_json_and_an_html_report_with_charts(live_server, admin_token, database_url):
+    result = run('crowd', live_server, admin_token, database_url, users=5, stock=2, rate=100, duration=0.5)
+    assert json.loads(json.dumps(result))['by_status'] == result['by_status']
+    page = loadtest.html_report(result)
+    assert page.count('<svg') == 2
+    assert 'Verdict: PASS' in page
+    assert 'src=' not in page and 'href=' not in page  # no external assets
+
+
+# --- the checker, on outcomes a broken server could produce ---------------------
+
+SALE = 'sale-1'
+
+
+def record(label, user, buyer=None):
+    """(scheduled, started, ended, label, user index, order's userId)"""
+    return (0.0, 0.0, 0.001, label, user, buyer)
+
+
+def per_user(user, orders):
+    order = {'id': f'o{user}', 'userId': f'u{user}', 'flashSaleId': SALE, 'createdAt': '2026-01-01T00:00:00Z'}
+    return {'user': user, 'order': order if orders else None, 'count': orders, 'orders': [order] * orders}
+
+
+def verdict_of(records, remaining, total, users, **kwargs):
+    sale = {'totalStock': total, 'remainingStock': remaining}
+    ids = {f'u{u["user"]}': u['user'] for u in users}
+    return loadtest.check_invariants(records, sale, users, ids, **kwargs)
+
+
+def failed(outcome):
+    return {c['name'] for c in outcome['checks'] if c['ok'] is False}
+
+
+def test_checker_passes_a_correct_outcome():
+    records = [record('201', 0, 'u0'), record('409 sold_out', 1)]
+    outcome = verdict_of(records, remaining=0, total=1, users=[per_user(0, 1), per_user(1, 0)])
+    assert outcome['verdict'] == 'pass'
+
+
+def test_checker_fails_leaked_stock():
+    records = [record('201', 0, 'u0'), record('409 sold_out', 1)]
+    outcome = verdict_of(records, remaining=0, total=2, users=[per_user(0, 1), per_user(1, 0)])
+    assert outcome['verdict'] == 'fail'
+    assert failed(outcome) == {'stock conserved: remaining + orders == total'}
+
+
+def test_checker_fails_an_oversell_and_a_second_order_for_one_user():
+    records = [record('201', 0, 'u0'), record('201', 0, 'u0')]
+    outcome = verdict_of(records, remaining=0, total=1, users=[per_user(0, 2)])
+    assert outcome['verdict'] == 'fail'
+    assert 'at most one order per user' in failed(outcome)
+    assert 'no oversell: 0 <= remaining, orders <= total' in failed(outcome)
+    assert "no user received two 201s, each 201 is the requester's order" in failed(outcome)
+
+
+def test_checker_fails_an_order_nobody_was_told_about():
+    records = [record('409 sold_out', 0)]
+    outcome = verdict_of(records, remaining=0, total=1, users=[per_user(0, 1)])
+    assert failed(outcome) == {'orders == 201 answers received'}
+
+
+def test_checker_calls_an_order_behind_a_timeout_inconclusive_not_wrong():
+    records = [record('timeout', 0)]
+    outcome = verdict_of(records, remaining=0, total=1, users=[per_user(0, 1)])
+    assert outcome['verdict'] == 'inconclusive'
+
+
+def test_checker_fails_when_the_database_disagrees_with_the_api():
+    records = [record('201', 0, 'u0')]
+    database = {'total': 1, 'remaining': 0, 'orders': 2, 'duplicates': 1}
+    outcome = verdict_of(records, remaining=0, total=1, users=[per_user(0, 1)], database=database)
+    assert failed(outcome) == {'database: remaining + orders == total', 'database agrees with the API'}
+
+
+def test_percentile_is_nearest_rank():
+    values = sorted(range(1, 101))
+    assert [loadtest.percentile(values, p) for p in (50, 90, 99, 100)] == [50, 90, 99, 100]
+    assert loadtest.percentile([], 50) is None
