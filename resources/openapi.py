@@ -83,8 +83,8 @@ SCHEMAS = {
     ),
     'NewSale': _object(
         ['startDate', 'endDate', 'totalStock'],
-        startDate={**_TIME, 'description': 'with an offset or Z'},
-        endDate={**_TIME, 'description': 'after startDate'},
+        startDate={**_TIME, 'description': 'with an offset or Z; in the years 2000 to 9998 (UTC)'},
+        endDate={**_TIME, 'description': 'after startDate; in the years 2000 to 9998 (UTC)'},
         totalStock={'type': 'integer', 'minimum': 1, 'maximum': MAX_TOTAL_STOCK},
         name={'type': 'string', 'maxLength': 200, 'pattern': r'[^\s\x00-\x20\x7f-\x9f]',
               'description': 'trimmed; not blank'},

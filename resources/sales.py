@@ -1,6 +1,7 @@
 """Flash sales: the current one, the list, one by id, and creating one (admins)."""
 
 from datetime import datetime
+from datetime import timezone
 
 import falcon
 
@@ -14,6 +15,11 @@ from resources.parsing import read_object
 from resources.parsing import string_field
 
 MAX_TOTAL_STOCK = 1_000_000
+# Outside these, a date may not survive the trip: year 1 at +01:00 is 1 BC in
+# UTC, which PostgreSQL stores and Python cannot read back, so every list of
+# sales would fail from then on (found by tests/test_fuzz.py).
+EARLIEST_DATE = datetime(2000, 1, 1, tzinfo=timezone.utc)
+LATEST_DATE = datetime(9999, 1, 1, tzinfo=timezone.utc)
 
 
 def sale_not_found():
@@ -53,6 +59,12 @@ def _aware_datetime(body, name):
     # A date without an offset could mean any of 24 hours; refuse to guess.
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise invalid(name, f'"{name}" needs a UTC offset or "Z", e.g. 2026-12-01T10:00:00Z.')
+    try:
+        in_range = EARLIEST_DATE <= moment.astimezone(timezone.utc) < LATEST_DATE
+    except OverflowError:  # beyond year 1 or 9999 in UTC
+        in_range = False
+    if not in_range:
+        raise invalid(name, f'"{name}" must be from the year 2000 to 9998.')
     return moment
 
 

@@ -124,7 +124,7 @@ def test_one_log_line_per_request_with_method_path_status_duration_and_id(client
         ('POST', '/api/auth/login', '401'), ('DELETE', '/api/flash-sales', '405'), ('GET', '/nowhere', '404'),
     ]
     assert parsed[1][3] == 'abc-123'  # the client's id, echoed
-    assert parsed[4][3] != 'no spaces allowed' and len(parsed[4][3]) == 16  # a made-up one otherwise
+    assert parsed[4][3] != 'no spaces allowed'  # one of the server's own otherwise
 
 
 PASSWORD = 'Sw0rdfish-unique-7d1e'

@@ -257,3 +257,16 @@ def test_rate_limit_settings_from_the_environment():
     assert flashsale.Settings.from_env({'RATE_LIMIT_EXEMPT': ''}).rate_limit_exempt == ()
     with pytest.raises(flashsale.ConfigError):
         flashsale.Settings.from_env({'PURCHASE_RATE_PER_SECOND': '-1'})
+
+
+@pytest.mark.parametrize('start', ['0001-01-01T00:00:00+00:01', '1999-12-31T23:59:59Z', '9999-12-31T23:00:00-05:00'])
+def test_sale_dates_outside_the_years_2000_to_9998_are_400_and_the_list_still_reads(client, make_user, db, start):
+    """Year 1 at +00:01 is 1 BC in UTC: PostgreSQL stored it, Python could not
+    read it back, and every GET /api/flash-sales after it was a 500 (found by
+    tests/test_fuzz.py)."""
+    _, token = make_user(admin=True)
+    resp = client.post_json('/api/flash-sales', {'startDate': start, 'endDate': '9999-12-31T23:30:00-05:00',
+                                                 'totalStock': 1}, headers=auth(token), status=400)
+    assert resp.json['field'] == 'startDate'
+    assert db.execute('SELECT count(*) AS n FROM flash_sales').fetchone()['n'] == 0
+    client.get('/api/flash-sales', status=200)
