@@ -1,7 +1,10 @@
 """Connections to PostgreSQL: the pool the app uses, and applying schema.sql."""
 
+import logging
 import select
+import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -10,6 +13,8 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from resources import sql
+
+log = logging.getLogger('flashsale')
 
 
 def schema_path():
@@ -61,6 +66,18 @@ UNREACHABLE_WAIT = 0.2
 RECONNECT_TIMEOUT = 0.5
 
 
+# How often the pool looks for connections held too long (see Pool).
+WATCHDOG_TICK = 0.25
+
+
+def hold_limit(settings):
+    """The longest a request may hold a connection. A request runs at most two
+    statements, each cut off by the server at statement_timeout, so only a
+    database that has stopped answering altogether (a frozen process, a
+    stalled disk: its kernel still keeps the connection alive) takes longer."""
+    return 2 * settings.statement_timeout_ms / 1000 + 1
+
+
 def connect(settings, url):
     """One connection outside the pool (for commands and start-up work)."""
     return psycopg.connect(
@@ -81,15 +98,37 @@ def _hung_up(conn):
         return True
 
 
+def _cut_off(conn):
+    """End a connection from another thread: shut its socket down (without
+    closing the descriptor, which libpq still owns). The thread waiting on it
+    gets end-of-file at once, and psycopg an OperationalError."""
+    try:
+        sock = socket.socket(fileno=conn.fileno())
+    except (psycopg.Error, OSError, ValueError):
+        return
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.detach()
+
+
 class Pool(ConnectionPool):
     """A ConnectionPool that remembers whether its latest attempt to open a
     connection failed, so that "no connection came free in time" can be told
     apart: the database is down (503 database_unavailable) or merely busy
-    (503 overloaded). It answers that quickly while the database is down, and
-    never hands out a connection the server has hung up on."""
+    (503 overloaded). It answers that quickly while the database is down,
+    never hands out a connection the server has hung up on, and cuts off a
+    connection held longer than `hold_limit` seconds, so that no request
+    waits forever on a database that stopped answering."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, hold_limit=None, **kwargs):
         self.database_unreachable = False
+        self._hold_limit = hold_limit
+        self._held = {}  # id(conn) -> (conn, when it must be back)
+        self._held_lock = threading.Lock()
+        self._stop_watching = threading.Event()
         pool = self
 
         class Connection(psycopg.Connection):
@@ -104,6 +143,28 @@ class Pool(ConnectionPool):
                 return conn
 
         super().__init__(*args, connection_class=Connection, **kwargs)
+        if hold_limit:
+            threading.Thread(target=self._watch, name=f'{self.name}-watchdog', daemon=True).start()
+
+    def _watch(self):
+        while not self._stop_watching.wait(WATCHDOG_TICK):
+            now = time.monotonic()
+            with self._held_lock:
+                overdue = [key for key, (_, due) in self._held.items() if due <= now]
+                for key in overdue:
+                    conn, _ = self._held.pop(key)
+                    log.error('a database connection was held over %.1f s: the database is not answering; '
+                              'cutting the connection off', self._hold_limit)
+                    _cut_off(conn)
+
+    def close(self, timeout=5.0):
+        self._stop_watching.set()
+        super().close(timeout)
+
+    def putconn(self, conn):
+        with self._held_lock:
+            self._held.pop(id(conn), None)
+        super().putconn(conn)
 
     def getconn(self, timeout=None):
         if timeout is None:
@@ -114,6 +175,9 @@ class Pool(ConnectionPool):
         while True:
             conn = super().getconn(max(deadline - time.monotonic(), 0.001))
             if not _hung_up(conn):
+                if self._hold_limit:
+                    with self._held_lock:
+                        self._held[id(conn)] = (conn, time.monotonic() + self._hold_limit)
                 return conn
             # After a database restart every idle connection is dead: the
             # request would fail on the first. Drop it (the pool opens a
@@ -143,6 +207,7 @@ def open_pool(settings, url):
             **CONNECT_KWARGS,
         },
         reconnect_timeout=RECONNECT_TIMEOUT,
+        hold_limit=hold_limit(settings),
         name='flashsale',
         open=True,
     )

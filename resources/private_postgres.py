@@ -145,7 +145,30 @@ class PrivatePostgres:
         if self.pid() == pid:
             (self.pgdata / 'postmaster.pid').unlink()
 
+    def freeze(self):
+        """SIGSTOP the server and every backend: connections stay open (the
+        kernel keeps answering TCP) but nothing answers on them, the way a
+        stalled disk or a paused machine looks from outside. thaw() undoes it."""
+        self._frozen = [self.pid(), *_children(self.pid())]
+        for pid in self._frozen:
+            os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self):
+        for pid in getattr(self, '_frozen', ()):
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        self._frozen = []
+
     def restart(self, mode='fast', down_for=0.0):
+        """Stop (`fast`, `immediate`) or crash (`kill`) the server, wait, start
+        it again. (`freeze`: freeze it, wait, thaw it.)"""
+        if mode == 'freeze':
+            self.freeze()
+            time.sleep(down_for)
+            self.thaw()
+            return
         self.stop(mode) if mode != 'kill' else self.crash()
         time.sleep(down_for)
         self.start()
@@ -162,6 +185,7 @@ class PrivatePostgres:
 
     def close(self):
         """Stop (if running) and delete the cluster."""
+        self.thaw()
         if self.running():
             try:
                 self.stop('immediate')

@@ -13,6 +13,8 @@ events given run at even intervals:
   db:fast       pg_ctl stop -m fast, then start (a planned restart, failover)
   db:immediate  pg_ctl stop -m immediate, then start (a crash, with recovery)
   db:kill       SIGKILL to the postmaster, then start (a crash)
+  db:freeze     SIGSTOP to every database process, then SIGCONT (a stalled
+                disk, a paused machine: connections open, nothing answers)
   app:kill      SIGKILL to `flashsale serve`, then start it again
   app:term      SIGTERM to `flashsale serve` (it finishes what is in flight
                 and exits 0), then start it again
@@ -51,7 +53,7 @@ from resources.credentials import Credentials
 from resources.private_postgres import PrivatePostgres
 from resources.private_postgres import free_port
 
-EVENTS = ('db:fast', 'db:immediate', 'db:kill', 'app:kill', 'app:term')
+EVENTS = ('db:fast', 'db:immediate', 'db:kill', 'db:freeze', 'app:kill', 'app:term')
 
 SETTLED = {'created', 'already_purchased', 'sold_out'}
 # Answers that say "not bought, try again": the statement never ran, or rolled back.
@@ -252,7 +254,7 @@ def run(events=('db:fast', 'db:immediate'), users=400, stock=300, rate=150.0, sh
                 what, how = event.split(':')
                 if what == 'db':
                     pg.restart(how, down_for=down_for)
-                    detail = f'database down {down_for:g} s'
+                    detail = f'database {"frozen" if how == "freeze" else "down"} {down_for:g} s'
                 elif how == 'kill':
                     server.kill()
                     server.start()

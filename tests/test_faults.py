@@ -205,6 +205,49 @@ def test_purchase_cut_off_by_a_database_shutdown_is_503_outcome_unknown_and_sett
     assert state_after_restart(private_pg, sale_id) == (5, 4, 1)
 
 
+def test_a_database_that_stops_answering_holds_no_request_past_the_hold_limit(private_pg, private_db, private_app):
+    """SIGSTOP every process of the database: its connections stay open (its
+    kernel still answers TCP), so no timeout of its own fires and nothing
+    reaches the client. The pool cuts off any connection held longer than a
+    request can need (two statements' statement_timeout, plus a second):
+    the requests end with a 503, the purchase with outcome_unknown (its
+    statement had been sent). Thawed, the service goes on, and buying again
+    settles the purchase either way."""
+    client, pool, settings = private_app(statement_timeout_ms=500)
+    limit = database.hold_limit(settings)
+    user_id, token, sale_id = user_and_sale(private_db)
+    answers = {}
+
+    def call(name, method, path):
+        started = time.monotonic()
+        resp = client.request(path, method=method, headers=auth(token), expect_errors=True)
+        answers[name] = (resp.status_int, resp.json['code'], resp.headers.get('Retry-After'),
+                         time.monotonic() - started)
+
+    private_pg.freeze()
+    try:
+        calls = [threading.Thread(target=call, args=('health', 'GET', '/health')),
+                 threading.Thread(target=call, args=('purchase', 'POST', f'/api/flash-sales/{sale_id}/purchase'))]
+        for c in calls:
+            c.start()
+        for c in calls:
+            c.join(limit + 5)
+    finally:
+        private_pg.thaw()
+    assert answers['health'][:2] == (503, 'database_unavailable')
+    assert answers['purchase'][:2] == (503, 'outcome_unknown')
+    for status, code, retry_after, took in answers.values():
+        assert int(retry_after) >= 1
+        assert limit - 0.1 < took < limit + 1, took
+
+    wait_for(lambda: client.get('/health', expect_errors=True).status_int == 200, timeout=10, message='recovery')
+    # The frozen server may still have run the purchase it had received when
+    # it thawed: the client cannot know, and need not. Buying again settles it.
+    again = client.post(f'/api/flash-sales/{sale_id}/purchase', headers=auth(token), expect_errors=True)
+    assert (again.status_int, again.json.get('code')) in {(201, None), (409, 'already_purchased')}
+    assert state_after_restart(private_pg, sale_id) == (5, 4, 1)
+
+
 # --- storms (scripts/chaos.py) --------------------------------------------------
 
 
@@ -225,12 +268,13 @@ def assert_chaos_held(result):
 
 def test_purchase_storm_across_database_restarts_and_crashes_keeps_every_invariant(tmp_path):
     """A `flashsale serve` under a steady purchase storm while its database is
-    restarted, crashed (immediate shutdown) and its postmaster SIGKILLed.
+    restarted, crashed (immediate shutdown), its postmaster SIGKILLed, and
+    frozen for a moment (SIGSTOP).
     Afterwards: stock + orders = total, exactly the stock sold, every 201 has
     its order, no order without a 201 or an admitted unknown outcome, and
     every user settled, all without restarting the service."""
     result = load_chaos().run(
-        events=('db:fast', 'db:immediate', 'db:kill'), users=240, stock=160, rate=120, shoppers=12,
+        events=('db:fast', 'db:immediate', 'db:kill', 'db:freeze'), users=240, stock=160, rate=120, shoppers=12,
         down_for=0.3, workdir=tmp_path, log=lambda *args: None,
     )
     assert_chaos_held(result)
