@@ -1,6 +1,7 @@
 """Hostile tokens on every route that takes one; what the logs hold and what
 they must never hold; what errors reveal."""
 
+import dataclasses
 import logging
 import re
 import time
@@ -8,10 +9,12 @@ import uuid
 
 import jwt
 import pytest
+import webtest
 
 import flashsale
 from conftest import TEST_SECRET
 from conftest import auth
+from resources import database
 
 
 def claims(user_id, **changes):
@@ -168,28 +171,23 @@ def test_a_real_5xx_is_logged_with_its_traceback_and_answered_without_one(client
     assert ' 500 ' in access_lines(caplog)[0]
 
 
-def test_database_errors_reach_no_response(settings, pool, db):
+def test_database_errors_reach_no_response(client, settings, db):
     """Statements that fail in the database answer with our code and message
     only: no SQL, no driver message, no constraint name."""
-    import dataclasses
-
-    import webtest
-
-    client = webtest.TestApp(flashsale.create_app(settings, pool))
     client.post_json('/api/auth/register', {'email': 'dup@example.com', 'password': 'password123'}, status=201)
     taken = client.post_json('/api/auth/register', {'email': 'DUP@example.com', 'password': 'password123'},
                              status=409)
     assert taken.json == {'code': 'email_taken', 'message': 'An account with this email already exists.'}
-    # A statement cut off by statement_timeout (the table is locked by this test).
-    slow_pool = type(pool)(settings.database_url, min_size=1, max_size=1, open=True, kwargs={
-        'autocommit': True, 'options': '-c statement_timeout=200'})
+    # A statement cut off by statement_timeout (this test holds the table's lock).
+    impatient = dataclasses.replace(settings, statement_timeout_ms=200, pool_size=1)
+    impatient_pool = database.open_pool(impatient, settings.database_url)
     try:
-        slow = webtest.TestApp(flashsale.create_app(dataclasses.replace(settings), slow_pool))
         with db.transaction():
             db.execute('LOCK TABLE flash_sales IN ACCESS EXCLUSIVE MODE')
-            timeout = slow.get('/api/flash-sales', status=503)
+            timeout = webtest.TestApp(flashsale.create_app(impatient, impatient_pool)).get('/api/flash-sales',
+                                                                                             status=503)
     finally:
-        slow_pool.close()
+        impatient_pool.close()
     assert timeout.json['code'] == 'overloaded'
     for resp in (taken, timeout):
         for leak in ('users_email_key', 'duplicate key', 'INSERT', 'SELECT', 'DETAIL', 'canceling statement',

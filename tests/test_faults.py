@@ -322,8 +322,9 @@ def start_serve(env, log_path):
     return proc
 
 
+@pytest.mark.parametrize('stop_signal', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'Ctrl-C'])
 def test_sigterm_stops_accepting_and_answers_every_request_in_flight_then_exits_0(
-        database_url, make_user, make_sale, db, tmp_path):
+        database_url, make_user, make_sale, db, tmp_path, stop_signal):
     """One server thread: a purchase is running (waiting for the sale row)
     and a second request waits for the thread when SIGTERM arrives. The
     server refuses new connections at once and closes idle ones, but answers
@@ -359,7 +360,7 @@ def test_sigterm_stops_accepting_and_answers_every_request_in_flight_then_exits_
         clients[1].start()
         time.sleep(0.3)  # received by the server, waiting for its only thread
 
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(stop_signal)
         wait_for(lambda: refused(port), timeout=3, message='new connections to be refused')
         idle.settimeout(5)
         assert idle.recv(1) == b''  # closed: it had no request
@@ -378,7 +379,7 @@ def test_sigterm_stops_accepting_and_answers_every_request_in_flight_then_exits_
     assert str(stored) == body['order']['id']
     assert answers['queued'][0] == 200, answers['queued']
     output = log_path.read_text()
-    assert 'SIGTERM: stopping' in output
+    assert f'{stop_signal.name}: stopping' in output
     assert 'database pool closed' in output
     assert 'Traceback' not in output
 
