@@ -56,7 +56,7 @@ class Purchase:
                 # statement rolled back. A connection that broke instead (the
                 # database shut down or crashed, the network went) may have
                 # lost only the answer to a commit that happened: say so,
-                # rather than "failed" (README: "When the database goes away").
+                # rather than "failed" (README.md: "When things go wrong").
                 if conn.broken:
                     raise outcome_unknown() from exc
                 raise
