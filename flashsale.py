@@ -6,11 +6,14 @@ grant-admin). Everything else lives in resources/.
 """
 
 import argparse
+import atexit
 import dataclasses
 import functools
 import json
 import logging
+import logging.handlers
 import os
+import queue
 import secrets
 import sys
 import uuid
@@ -248,6 +251,24 @@ def grant_admin(settings, email):
     print(f'{user["email"]} is now an admin')
 
 
+def _configure_logging(level):
+    """Log lines go through a queue to one writer thread. With a handler
+    writing to stderr directly, every request thread takes the handler's
+    lock for a write() per access-log line, and under load the threads
+    queue on that lock: it was a third of a sold-out answer's time."""
+    writer = logging.StreamHandler()
+    writer.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s %(message)s'))
+    records = queue.SimpleQueue()
+    listener = logging.handlers.QueueListener(records, writer)
+    listener.start()
+    atexit.register(listener.stop)  # writes out what is queued before exit
+    enqueue = logging.handlers.QueueHandler(records)
+    # The handler merges the message (and any traceback) before queueing; the
+    # writer adds the time, level and logger name.
+    enqueue.setFormatter(logging.Formatter('%(message)s'))
+    logging.basicConfig(level=level, handlers=[enqueue], force=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog='flashsale', description=__doc__.split('\n')[0])
     commands = parser.add_subparsers(dest='command', required=True)
@@ -257,10 +278,7 @@ def main(argv=None):
     grant.add_argument('email')
     args = parser.parse_args(argv)
 
-    logging.basicConfig(
-        level=os.environ.get('LOG_LEVEL', 'INFO').upper(),
-        format='%(asctime)s %(levelname)s %(name)s %(message)s',
-    )
+    _configure_logging(os.environ.get('LOG_LEVEL', 'INFO').upper())
     # pgserver logs every command it runs at INFO, output and all; waitress
     # warns of its task queue depth on every request that has to queue, which
     # in a flash sale is most of them (the access log already says how long
