@@ -7,6 +7,7 @@ grant-admin). Everything else lives in resources/.
 
 import argparse
 import atexit
+import contextlib
 import dataclasses
 import functools
 import json
@@ -15,6 +16,7 @@ import logging.handlers
 import os
 import queue
 import secrets
+import signal
 import sys
 import uuid
 from datetime import datetime
@@ -72,6 +74,7 @@ class Settings:
     purchase_rate_per_second: int = 5  # purchases per user, twice that at once (0: off)
     rate_limit_exempt: tuple = ('127.0.0.1', '::1')  # client addresses no limit applies to
     shutdown_timeout: float = 10.0  # seconds SIGTERM waits for requests in flight
+    workers: int = 1  # server processes sharing the listening socket
 
     @classmethod
     def from_env(cls, environ=os.environ):
@@ -108,6 +111,7 @@ class Settings:
             data_dir=environ.get('FLASHSALE_DATA_DIR') or cls.data_dir,
             trusted_proxy=environ.get('TRUSTED_PROXY') or None,
             connection_limit=integer('CONNECTION_LIMIT', cls.connection_limit, 10, 100_000),
+            workers=integer('WORKERS', cls.workers, 1, 64),
             auth_rate_per_minute=integer('AUTH_RATE_PER_MINUTE', cls.auth_rate_per_minute, 0, 1_000_000),
             purchase_rate_per_second=integer('PURCHASE_RATE_PER_SECOND', cls.purchase_rate_per_second, 0, 1_000_000),
             rate_limit_exempt=tuple(
@@ -221,10 +225,23 @@ def serve(settings):
         database.apply_schema(conn)
         if not settings.database_url:
             _seed_demo(conn, settings)
+    if settings.workers == 1:
+        _serve_process(settings, url, None)
+    else:
+        # Bound before the workers are forked, so that they all accept on it.
+        sock = serving.listening_socket(settings)
+        _run_workers(dataclasses.replace(settings, port=sock.getsockname()[1]), url, sock)
+
+
+def _serve_process(settings, url, sock):
+    """One server process: its own pool, threads and waitress loop."""
+    from resources import serving  # noqa: PLC0415
+
     pool = database.open_pool(settings, url)
     try:
-        server = serving.create_server(create_app(settings, pool), settings)
-        print(f'flashsale listening on http://{settings.host}:{server.effective_port}', flush=True)
+        server = serving.create_server(create_app(settings, pool), settings, sock)
+        if sock is None:
+            print(f'flashsale listening on http://{settings.host}:{server.effective_port}', flush=True)
         # SIGTERM (docker stop, systemd, kill) and Ctrl-C: stop accepting,
         # finish and send the answers in flight, then close the pool (and stop
         # the embedded database) on the way out, exit status 0.
@@ -232,6 +249,64 @@ def serve(settings):
     finally:
         pool.close()
         log.info('database pool closed')
+
+
+def _run_workers(settings, url, sock):
+    """WORKERS processes accepting on one listening socket. One process uses
+    one core at most (the interpreter lock), and most of a short request's CPU
+    is waitress' own: a second process is what makes a second core count.
+    Each worker has its own pool, threads, caches and rate limits. The parent
+    only forwards SIGTERM/SIGINT and waits; it exits 0 when every worker
+    stopped cleanly, else 1 (after stopping the rest)."""
+    workers = []
+    for _ in range(settings.workers):
+        pid = os.fork()
+        if pid == 0:  # the worker
+            # Its own process group: a Ctrl-C in the terminal reaches the
+            # parent only, which passes it on once.
+            os.setpgid(0, 0)
+            writer = _configure_logging(logging.getLogger().level)
+            status = 1
+            try:
+                _serve_process(settings, url, sock)
+                status = 0
+            except BaseException:  # noqa: BLE001 (a worker must never return into the parent's code)
+                log.exception('worker %d failed', os.getpid())
+            finally:
+                writer.stop()
+                os._exit(status)
+        workers.append(pid)
+    sock.close()
+    print(f'flashsale listening on http://{settings.host}:{settings.port} '
+          f'({settings.workers} workers: {", ".join(map(str, workers))})', flush=True)
+
+    stopping = []
+
+    def stop(signum, frame):
+        stopping.append(signum)
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    failed = False
+    remaining = set(workers)
+    while remaining:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        remaining.discard(pid)
+        if os.waitstatus_to_exitcode(status) != 0:
+            failed = True
+        if not stopping:
+            # A worker died on its own: stop the rest, so a supervisor
+            # (systemd, docker) restarts the whole server.
+            log.error('worker %d exited unexpectedly; stopping the others', pid)
+            stop(signal.SIGTERM, None)
+    if failed:
+        raise SystemExit(1)
 
 
 def init_db(settings):
@@ -267,6 +342,7 @@ def _configure_logging(level):
     # writer adds the time, level and logger name.
     enqueue.setFormatter(logging.Formatter('%(message)s'))
     logging.basicConfig(level=level, handlers=[enqueue], force=True)
+    return listener
 
 
 def main(argv=None):

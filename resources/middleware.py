@@ -14,9 +14,15 @@ log = logging.getLogger('flashsale.access')
 _REQUEST_ID = re.compile(r'^[A-Za-z0-9._-]{1,64}$')
 # Our own ids: this process's pid and a counter. Unique per process, and free,
 # where uuid4() (a getrandom() call per request) was a tenth of a sold-out
-# answer's CPU.
-_PROCESS_TAG = f'{os.getpid():x}'
-_request_numbers = itertools.count(1)
+# answer's CPU. A forked worker (WORKERS) starts its own.
+def _start_request_ids():
+    global _PROCESS_TAG, _request_numbers
+    _PROCESS_TAG = f'{os.getpid():x}'
+    _request_numbers = itertools.count(1)
+
+
+_start_request_ids()
+os.register_at_fork(after_in_child=_start_request_ids)
 
 # The API returns JSON only; nothing in it may be rendered, framed or run.
 _API_CSP = "default-src 'none'; frame-ancestors 'none'"

@@ -21,6 +21,7 @@ Two things waitress does not do on its own:
 import json
 import logging
 import signal
+import socket
 import time
 
 import waitress
@@ -72,8 +73,21 @@ class _Channel(HTTPChannel):
     error_task_class = _JSONErrorTask
 
 
-def create_server(app, settings):
-    """The waitress server for `app`, listening but not yet serving."""
+def listening_socket(settings):
+    """A bound TCP socket for several worker processes to accept on."""
+    family = socket.AF_INET6 if ':' in settings.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.host, settings.port))
+    # Listening from now on, before the workers start: a client connecting
+    # early waits in the backlog instead of being refused.
+    sock.listen(1024)
+    return sock
+
+
+def create_server(app, settings, sock=None):
+    """The waitress server for `app`, listening but not yet serving; on
+    `sock` when given (shared by worker processes), else on HOST:PORT."""
     proxy = {}
     if settings.trusted_proxy:
         # Behind nginx: believe X-Forwarded-For/-Proto from that address only.
@@ -81,10 +95,10 @@ def create_server(app, settings):
             'trusted_proxy': settings.trusted_proxy,
             'trusted_proxy_headers': {'x-forwarded-for', 'x-forwarded-proto'},
         }
+    where = {'sockets': [sock]} if sock is not None else {'host': settings.host, 'port': settings.port}
     server = waitress.create_server(
         app,
-        host=settings.host,
-        port=settings.port,
+        **where,
         threads=settings.threads,
         ident='flashsale',
         max_request_body_size=settings.max_body_bytes,

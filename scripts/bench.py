@@ -135,10 +135,31 @@ def pid_listening_on(port):
     return None
 
 
+def server_processes(pid):
+    """The server's process and its worker processes (WORKERS > 1: forked children)."""
+    pids = [pid]
+    for proc_dir in Path('/proc').iterdir():
+        if proc_dir.name.isdigit():
+            try:
+                fields = (proc_dir / 'stat').read_text().rsplit(')', 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:  # ppid
+                pids.append(int(proc_dir.name))
+    return pids
+
+
 def cpu_seconds_of(pid):
-    """User + system CPU seconds the process (all its threads) has used, from /proc/PID/stat."""
-    fields = Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')  # utime, stime
+    """User + system CPU seconds the server (all its threads, and its worker
+    processes) has used, from /proc/PID/stat."""
+    total = 0
+    for one in server_processes(pid):
+        try:
+            fields = Path(f'/proc/{one}/stat').read_text().rsplit(')', 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf('SC_CLK_TCK')
 
 
 def cpu_ms_per_answer(result):
@@ -148,13 +169,28 @@ def cpu_ms_per_answer(result):
 
 
 def memory_of(pid):
-    """{'rss_mib', 'peak_rss_mib'} from /proc/PID/status."""
-    values = {}
-    for line in Path(f'/proc/{pid}/status').read_text().splitlines():
-        key, _, rest = line.partition(':')
-        if key in ('VmRSS', 'VmHWM'):
-            values[key] = int(rest.split()[0]) / 1024
-    return {'rss_mib': round(values.get('VmRSS', 0), 1), 'peak_rss_mib': round(values.get('VmHWM', 0), 1)}
+    """{'rss_mib', 'peak_rss_mib'} of the largest server process, from
+    /proc/PID/status, and how many processes there are (with WORKERS > 1 the
+    workers share the parent's pages copy-on-write; 'pss_total_mib' counts
+    each page once, shared ones in proportion)."""
+    rss, peak, pss = [], [], 0.0
+    pids = server_processes(pid)
+    for one in pids:
+        values = {}
+        for line in Path(f'/proc/{one}/status').read_text().splitlines():
+            key, _, rest = line.partition(':')
+            if key in ('VmRSS', 'VmHWM'):
+                values[key] = int(rest.split()[0]) / 1024
+        rss.append(values.get('VmRSS', 0))
+        peak.append(values.get('VmHWM', 0))
+        try:
+            for line in Path(f'/proc/{one}/smaps_rollup').read_text().splitlines():
+                if line.startswith('Pss:'):
+                    pss += int(line.split()[1]) / 1024
+        except OSError:
+            pass
+    return {'rss_mib': round(max(rss), 1), 'peak_rss_mib': round(max(peak), 1),
+            'processes': len(pids), 'pss_total_mib': round(pss, 1)}
 
 
 # --- the purchase straight through psycopg -------------------------------------
@@ -349,8 +385,13 @@ def format_table(results):
     out.append('')
     mem = results.get('memory')
     if mem:
-        out.append(f'5. server memory after the runs (pid {mem["pid"]}): RSS {mem["rss_mib"]} MiB, '
-                   f'peak {mem["peak_rss_mib"]} MiB')
+        if mem.get('processes', 1) > 1:
+            out.append(f'5. server memory after the runs (pid {mem["pid"]} and {mem["processes"] - 1} workers): '
+                       f'RSS {mem["rss_mib"]} MiB in the largest process, peak {mem["peak_rss_mib"]} MiB; '
+                       f'all together {mem["pss_total_mib"]} MiB PSS (shared pages counted once)')
+        else:
+            out.append(f'5. server memory after the runs (pid {mem["pid"]}): RSS {mem["rss_mib"]} MiB, '
+                       f'peak {mem["peak_rss_mib"]} MiB')
     else:
         out.append('5. server memory: unknown (pass --server-pid, or run the server on this machine)')
     return '\n'.join(out)

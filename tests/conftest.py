@@ -187,8 +187,12 @@ def race(base_url, requests):
 
     def fire(index, sale_id, token):
         conn = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
-        conn.connect()
-        barrier.wait()
+        try:
+            conn.connect()
+        except OSError:
+            barrier.abort()  # the others must not wait for this one forever
+            raise
+        barrier.wait(timeout=60)
         conn.request('POST', f'/api/flash-sales/{sale_id}/purchase', headers={'Authorization': f'Bearer {token}'})
         resp = conn.getresponse()
         body = json.loads(resp.read())

@@ -158,3 +158,34 @@ def test_embedded_serve_seeds_a_demo_survives_sigkill_and_stops_cleanly(tmp_path
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
     assert not postgres_running(tmp_path)
+
+
+def test_workers_share_one_port_and_keep_the_invariants(database_url, make_users, make_sale, db, tmp_path):
+    """WORKERS=2: two processes accept on one socket; 200 buyers racing for
+    50 items get exactly 50 orders, both workers answer, and SIGTERM stops
+    them all with exit status 0."""
+    from conftest import TEST_SECRET
+    from conftest import race
+    from conftest import sale_state
+
+    env = clean_env(DATABASE_URL=database_url, JWT_SECRET=TEST_SECRET, PORT='0', WORKERS='2', THREADS='4')
+    log_path = tmp_path / 'serve.log'
+    with open(log_path, 'w') as log:
+        proc = subprocess.Popen([sys.executable, '-m', 'flashsale', 'serve'], env=env, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 30
+        while 'listening on' not in log_path.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        base_url = re.search(r'listening on (\S+) \(2 workers: \d+, \d+\)', log_path.read_text()).group(1)
+        sale_id = make_sale(stock=50)
+        results = race(base_url, [(sale_id, token) for _, token in make_users(200)])
+        assert sorted(r[0] for r in results) == [201] * 50 + [409] * 150
+        assert sale_state(db, sale_id) == (50, 0, 50)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    purchase_lines = [line for line in log_path.read_text().splitlines() if '/purchase ' in line]
+    workers = {re.search(r'id=([0-9a-f]+)-', line).group(1) for line in purchase_lines}
+    assert len(purchase_lines) == 200
+    assert len(workers) == 2, workers
