@@ -8,10 +8,13 @@ and re-creating the public schema: never point it at data you want to keep.
 import http.client
 import json
 import os
-import socket
+import subprocess
+import sys
 import threading
+import time
 import urllib.parse
 import uuid
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -23,6 +26,7 @@ import flashsale
 from resources import database
 from resources import embedded
 from resources.credentials import Credentials
+from resources.private_postgres import free_port  # noqa: F401 (for the tests)
 
 TEST_SECRET = 'test-secret-' + 'x' * 40
 
@@ -151,10 +155,20 @@ def sale_state(conn, sale_id):
     return row['total_stock'], row['remaining_stock'], row['orders']
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
+def start_serve(env, log_path, timeout=60):
+    """`flashsale serve` as a real process with `env`, its output in log_path
+    (truncated first); returns the process once it says it is listening."""
+    with open(log_path, 'w') as log:
+        proc = subprocess.Popen(
+            [sys.executable, '-m', 'flashsale', 'serve'], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    deadline = time.monotonic() + timeout
+    while 'listening on' not in Path(log_path).read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail('flashsale serve did not start:\n' + Path(log_path).read_text())
+        time.sleep(0.05)
+    return proc
 
 
 @pytest.fixture(scope='session')

@@ -25,6 +25,7 @@ from conftest import TEST_SECRET
 from conftest import auth
 from conftest import free_port
 from conftest import sale_state
+from conftest import start_serve
 from resources import database
 from resources import serving
 from resources.credentials import Credentials
@@ -314,16 +315,6 @@ def refused(port):
     except ConnectionRefusedError:
         return True
     return False
-
-
-def start_serve(env, log_path):
-    log = open(log_path, 'w+')
-    proc = subprocess.Popen([sys.executable, '-m', 'flashsale', 'serve'], env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    wait_for(lambda: 'listening on' in Path(log_path).read_text() or proc.poll() is not None, timeout=30,
-             message='flashsale serve to listen')
-    assert proc.poll() is None, Path(log_path).read_text()
-    return proc
 
 
 @pytest.mark.parametrize('stop_signal', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'Ctrl-C'])

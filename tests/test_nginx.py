@@ -5,7 +5,6 @@ import collections
 import os
 import shutil
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -16,6 +15,7 @@ from conftest import TEST_SECRET
 from conftest import free_port
 from conftest import race
 from conftest import sale_state
+from conftest import start_serve
 
 NGINX_CONF = Path(__file__).resolve().parent.parent / 'scripts' / 'nginx.conf'
 
@@ -49,8 +49,8 @@ def behind_nginx(database_url, tmp_path):
             os.environ, DATABASE_URL=database_url, JWT_SECRET=TEST_SECRET, PORT=str(port),
             TRUSTED_PROXY='127.0.0.1', BCRYPT_ROUNDS='4', THREADS='4',
         )
-        log = open(tmp_path / f'app-{port}.log', 'w+')
-        apps.append((subprocess.Popen([sys.executable, '-m', 'flashsale', 'serve'], env=env, stdout=log, stderr=log), log))
+        log_path = tmp_path / f'app-{port}.log'
+        apps.append((start_serve(env, log_path), log_path))
     conf = (
         NGINX_CONF.read_text()
         .replace('127.0.0.1:8001', f'127.0.0.1:{app_ports[0]}')
@@ -61,16 +61,13 @@ def behind_nginx(database_url, tmp_path):
     (tmp_path / 'nginx-tmp').mkdir()
     front = subprocess.Popen([nginx, '-p', str(tmp_path), '-c', 'nginx.conf', '-g', 'daemon off;'])
     try:
-        for (proc, _), port in zip(apps, app_ports):
-            wait_until_up(f'http://127.0.0.1:{port}/health', proc)
         wait_until_up(f'http://127.0.0.1:{front_port}/health', front)
-        yield f'http://127.0.0.1:{front_port}', [log for _, log in apps]
+        yield f'http://127.0.0.1:{front_port}', [log_path for _, log_path in apps]
     finally:
         front.terminate()
-        for proc, log in apps:
+        for proc, _ in apps:
             proc.terminate()
             proc.wait(timeout=30)
-            log.close()
         front.wait(timeout=30)
 
 
@@ -84,9 +81,6 @@ def test_two_processes_behind_nginx_sell_exactly_the_stock(behind_nginx, make_us
     answered = {r[2]['id'] for r in results if r[0] == 201}
     assert answered == {str(r['id']) for r in db.execute('SELECT id FROM orders')}
     # Both processes took purchases, and nginx replayed none.
-    served = []
-    for log in logs:
-        log.seek(0)
-        served.append(log.read().count('/purchase '))
+    served = [log_path.read_text().count('/purchase ') for log_path in logs]
     assert all(n > 0 for n in served), served
     assert sum(served) == 200

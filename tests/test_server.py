@@ -14,7 +14,11 @@ import pytest
 import webtest
 
 import flashsale
+from conftest import TEST_SECRET
 from conftest import free_port
+from conftest import race
+from conftest import sale_state
+from conftest import start_serve
 from resources import database
 
 
@@ -99,21 +103,11 @@ def test_grant_admin_makes_a_registered_user_admin(database_url, make_user, db):
 
 
 def start_embedded_serve(data_dir, port):
+    """(process, its output so far): no DATABASE_URL, data in data_dir."""
     env = clean_env(FLASHSALE_DATA_DIR=str(data_dir), PORT=str(port), BCRYPT_ROUNDS='4')
-    proc = subprocess.Popen(
-        [sys.executable, '-m', 'flashsale', 'serve'], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    lines = []
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        lines.append(line)
-        if 'listening on' in line:
-            return proc, ''.join(lines)
-        if not line and proc.poll() is not None:
-            break
-    proc.kill()
-    pytest.fail('flashsale serve did not start:\n' + ''.join(lines))
+    log_path = data_dir / 'serve.log'
+    proc = start_serve(env, log_path)
+    return proc, log_path.read_text()
 
 
 def postgres_running(data_dir):
@@ -164,19 +158,10 @@ def test_workers_share_one_port_and_keep_the_invariants(database_url, make_users
     """WORKERS=2: two processes accept on one socket; 200 buyers racing for
     50 items get exactly 50 orders, both workers answer, and SIGTERM stops
     them all with exit status 0."""
-    from conftest import TEST_SECRET
-    from conftest import race
-    from conftest import sale_state
-
     env = clean_env(DATABASE_URL=database_url, JWT_SECRET=TEST_SECRET, PORT='0', WORKERS='2', THREADS='4')
     log_path = tmp_path / 'serve.log'
-    with open(log_path, 'w') as log:
-        proc = subprocess.Popen([sys.executable, '-m', 'flashsale', 'serve'], env=env, stdout=log, stderr=log)
+    proc = start_serve(env, log_path)
     try:
-        deadline = time.monotonic() + 30
-        while 'listening on' not in log_path.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.1)
         base_url = re.search(r'listening on (\S+) \(2 workers: \d+, \d+\)', log_path.read_text()).group(1)
         sale_id = make_sale(stock=50)
         results = race(base_url, [(sale_id, token) for _, token in make_users(200)])
