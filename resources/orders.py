@@ -42,7 +42,7 @@ class Purchase:
 
     def on_post(self, req, resp, sale_id):
         user_id = self._credentials.user_id(req)
-        sale_id = path_uuid(sale_id, sale_not_found())
+        sale_id = path_uuid(sale_id, sale_not_found)
         if sale_id in self._sold_out:
             raise _REFUSALS['sold_out']()
         with self._pool.connection() as conn:
@@ -76,7 +76,7 @@ class MyOrder:
 
     def on_get(self, req, resp, sale_id):
         user_id = self._credentials.user_id(req)
-        sale_id = path_uuid(sale_id, order_not_found())
+        sale_id = path_uuid(sale_id, order_not_found)
         with self._pool.connection() as conn:
             existing_user(conn, user_id)
             row = sql.one(conn, sql.FIND_MY_ORDER, {'sale_id': sale_id, 'user_id': user_id})

@@ -69,9 +69,10 @@ def string_field(body, name, *, max_length):
     return value
 
 
-def path_uuid(raw, error):
-    """An id from the path; a malformed one is simply not found (`error`)."""
+def path_uuid(raw, not_found):
+    """An id from the path; a malformed one is simply not found: raises
+    not_found(), built only then (this runs on every purchase)."""
     try:
         return uuid.UUID(raw)
     except ValueError:
-        raise error from None
+        raise not_found() from None

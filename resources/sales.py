@@ -34,12 +34,16 @@ def _split(row):
     return {'flashSale': row, 'status': row['status']}, server_time
 
 
+def _no_sale():
+    return not_found('no_sale', 'No flash sale is scheduled.')
+
+
 def _respond_polled(req, resp, cache, key, load, missing):
     """Answer a polled GET from the cache: 304 when the client's ETag still
     matches, else the sale with a fresh serverTime."""
     payload, server_time, etag = cache.get(key, load)
     if payload is None:
-        raise missing
+        raise missing()
     # Browsers may reuse the answer for a second; after that If-None-Match
     # makes an unchanged answer a bodiless 304.
     resp.cache_control = ['max-age=1']
@@ -74,10 +78,7 @@ class Current:
         self._cache = cache
 
     def on_get(self, req, resp):
-        _respond_polled(
-            req, resp, self._cache, 'current', self._load,
-            not_found('no_sale', 'No flash sale is scheduled.'),
-        )
+        _respond_polled(req, resp, self._cache, 'current', self._load, _no_sale)
 
     def _load(self):
         with self._pool.connection() as conn:
@@ -90,8 +91,8 @@ class Item:
         self._cache = cache
 
     def on_get(self, req, resp, sale_id):
-        sale_id = path_uuid(sale_id, sale_not_found())
-        _respond_polled(req, resp, self._cache, sale_id, lambda: self._load(sale_id), sale_not_found())
+        sale_id = path_uuid(sale_id, sale_not_found)
+        _respond_polled(req, resp, self._cache, sale_id, lambda: self._load(sale_id), sale_not_found)
 
     def _load(self, sale_id):
         with self._pool.connection() as conn:
