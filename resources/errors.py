@@ -106,10 +106,16 @@ def serialize(req, resp, exc):
     resp.text = json.dumps(_error_body(exc), separators=(',', ':'))
 
 
+def already_purchased():
+    # Said by the purchase statement's outcome, and by the unique index when
+    # the same user's other tab won a race (see sql.PURCHASE).
+    return conflict('already_purchased', 'You already bought one in this sale.')
+
+
 # Which unique constraint a violation names tells what the user did.
 _UNIQUE_VIOLATIONS = {
-    'users_email_key': ('email_taken', 'An account with this email already exists.'),
-    'orders_one_per_user_per_sale': ('already_purchased', 'You already bought one in this sale.'),
+    'users_email_key': lambda: conflict('email_taken', 'An account with this email already exists.'),
+    'orders_one_per_user_per_sale': already_purchased,
 }
 
 
@@ -117,7 +123,7 @@ def _unique_violation(req, resp, exc, params):
     constraint = exc.diag.constraint_name
     if constraint not in _UNIQUE_VIOLATIONS:
         _unexpected(req, resp, exc, params)
-    raise conflict(*_UNIQUE_VIOLATIONS[constraint])
+    raise _UNIQUE_VIOLATIONS[constraint]()
 
 
 def _foreign_key_violation(req, resp, exc, params):

@@ -5,6 +5,7 @@ import psycopg
 
 from resources import sql
 from resources.accounts import existing_user
+from resources.errors import already_purchased
 from resources.errors import conflict
 from resources.errors import not_found
 from resources.errors import outcome_unknown
@@ -17,7 +18,7 @@ _REFUSALS = {
     'sale_not_started': lambda: conflict('sale_not_started', 'This sale has not started yet.'),
     'sale_ended': lambda: conflict('sale_ended', 'This sale has ended.'),
     'sold_out': lambda: conflict('sold_out', 'Sold out: every item in this sale is taken.'),
-    'already_purchased': lambda: conflict('already_purchased', 'You already bought one in this sale.'),
+    'already_purchased': already_purchased,
 }
 
 
