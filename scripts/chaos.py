@@ -3,7 +3,7 @@
 or the server itself, is restarted under it; then the invariants.
 
 Everything it touches it makes itself, in a temporary directory: a private
-PostgreSQL cluster (resources/private_postgres.py; never a database anyone
+PostgreSQL cluster (tests/private_postgres.py; never a database anyone
 else uses), a `flashsale serve` on a free port, users and a sale. Shoppers
 (threads, each on its own keep-alive connection) buy at a steady pace, one
 user after another; a user whose answer settles nothing (503, no answer at
@@ -48,10 +48,14 @@ from pathlib import Path
 
 import psycopg
 
-from resources import database
-from resources.credentials import Credentials
-from resources.private_postgres import PrivatePostgres
-from resources.private_postgres import free_port
+ROOT = Path(__file__).resolve().parent.parent
+# The private cluster is test support: it lives beside the tests, not in the package.
+sys.path.insert(0, str(ROOT / 'tests'))
+
+from resources import database  # noqa: E402
+from resources.credentials import Credentials  # noqa: E402
+from private_postgres import PrivatePostgres  # noqa: E402
+from private_postgres import free_port  # noqa: E402
 
 EVENTS = ('db:fast', 'db:immediate', 'db:kill', 'db:freeze', 'app:kill', 'app:term')
 

@@ -26,7 +26,7 @@ import flashsale
 from resources import database
 from resources import embedded
 from resources.credentials import Credentials
-from resources.private_postgres import free_port  # noqa: F401 (for the tests)
+from private_postgres import free_port  # noqa: F401 (for the tests)
 
 TEST_SECRET = 'test-secret-' + 'x' * 40
 

@@ -4,7 +4,6 @@ crash and start (never the session's database), the real waitress server and
 
 import dataclasses
 import http.client
-import importlib.util
 import json
 import os
 import signal
@@ -29,7 +28,7 @@ from conftest import start_serve
 from resources import database
 from resources import serving
 from resources.credentials import Credentials
-from resources.private_postgres import PrivatePostgres
+from private_postgres import PrivatePostgres
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -257,9 +256,7 @@ def test_a_database_that_stops_answering_holds_no_request_past_the_hold_limit(pr
 
 
 def load_chaos():
-    spec = importlib.util.spec_from_file_location('chaos', ROOT / 'scripts' / 'chaos.py')
-    chaos = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(chaos)
+    import chaos  # noqa: PLC0415 (scripts/, on the tests' path; imported only by the storms)
     return chaos
 
 

@@ -2,20 +2,12 @@
 crowd, single-user and sold-out runs with exact counts, and the invariant
 checker itself on outcomes that break each invariant."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
+import loadtest
 import pytest
 
 from conftest import sale_state
-
-_PATH = Path(__file__).resolve().parent.parent / 'scripts' / 'loadtest.py'
-_spec = importlib.util.spec_from_file_location('loadtest', _PATH)
-loadtest = importlib.util.module_from_spec(_spec)
-sys.modules['loadtest'] = loadtest  # dataclasses look their module up there
-_spec.loader.exec_module(loadtest)
 
 
 @pytest.fixture
