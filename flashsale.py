@@ -36,6 +36,7 @@ from resources import page
 from resources import sales
 from resources import sql
 from resources.cache import PollCache
+from resources.credentials import Authentication
 from resources.credentials import Credentials
 from resources.ratelimit import RateLimits
 
@@ -144,7 +145,9 @@ def create_app(settings, pool):
     stack = [middleware.RequestLog(), middleware.SecurityHeaders(), middleware.StaticMethods()]
     if settings.cors_origins:
         stack.append(falcon.CORSMiddleware(allow_origins=list(settings.cors_origins)))
-    stack.append(RateLimits(settings, credentials))
+    # Authentication before the rate limits: they key purchases by its user id.
+    stack.append(Authentication(credentials))
+    stack.append(RateLimits(settings))
     app = falcon.App(middleware=stack, cors_enable=False)
 
     json_handler = falcon.media.JSONHandler(
@@ -156,13 +159,13 @@ def create_app(settings, pool):
     app.add_route('/health', health.Health(pool))
     app.add_route('/api/auth/register', accounts.Register(pool, credentials, settings))
     app.add_route('/api/auth/login', accounts.Login(pool, credentials, settings))
-    app.add_route('/api/me', accounts.Me(pool, credentials))
-    app.add_route('/api/me/orders', orders.MyOrders(pool, credentials))
-    app.add_route('/api/me/orders/{sale_id}', orders.MyOrder(pool, credentials))
-    app.add_route('/api/flash-sales', sales.Collection(pool, credentials, settings))
+    app.add_route('/api/me', accounts.Me(pool))
+    app.add_route('/api/me/orders', orders.MyOrders(pool))
+    app.add_route('/api/me/orders/{sale_id}', orders.MyOrder(pool))
+    app.add_route('/api/flash-sales', sales.Collection(pool, settings))
     app.add_route('/api/flash-sales/current', sales.Current(pool, poll_cache))
     app.add_route('/api/flash-sales/{sale_id}', sales.Item(pool, poll_cache))
-    app.add_route('/api/flash-sales/{sale_id}/purchase', orders.Purchase(pool, credentials))
+    app.add_route('/api/flash-sales/{sale_id}/purchase', orders.Purchase(pool))
     app.add_route('/openapi.json', openapi.Document())
     page.add_routes(app)
     return app
@@ -328,9 +331,10 @@ def grant_admin(settings, email):
 
 def _configure_logging(level):
     """Log lines go through a queue to one writer thread. With a handler
-    writing to stderr directly, every request thread takes the handler's
-    lock for a write() per access-log line, and under load the threads
-    queue on that lock: it was a third of a sold-out answer's time."""
+    writing to stderr directly, every request thread would take the
+    handler's lock for a write() per access-log line, and under load the
+    threads would queue on that lock for a third of a sold-out answer's
+    time."""
     writer = logging.StreamHandler()
     writer.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s %(message)s'))
     records = queue.SimpleQueue()

@@ -7,9 +7,9 @@ import falcon
 from resources import sql
 from resources.credentials import MAX_PASSWORD_BYTES
 from resources.credentials import MIN_PASSWORD_BYTES
-from resources.errors import APIError
+from resources.credentials import current_user
 from resources.errors import invalid
-from resources.errors import unauthorized
+from resources.errors import refusal
 from resources.parsing import read_object
 from resources.parsing import string_field
 
@@ -62,24 +62,16 @@ class Login:
         # Unknown email and wrong password: one answer, and the same bcrypt time.
         password_hash = None if user is None else user.pop('password_hash')
         if not self._credentials.check_password(password, password_hash):
-            raise APIError(falcon.HTTP_401, 'invalid_credentials', 'Wrong email or password.')
+            raise refusal('invalid_credentials')
         resp.media = {'user': user, 'token': self._credentials.issue(user['id'])}
 
 
-def existing_user(conn, user_id):
-    """The row of the user a verified token names; 401 if they were deleted."""
-    user = sql.one(conn, sql.FIND_USER_BY_ID, {'user_id': user_id})
-    if user is None:
-        raise unauthorized('invalid_token', 'This account no longer exists.')
-    return user
-
-
 class Me:
-    def __init__(self, pool, credentials):
+    login_required = frozenset({'GET'})
+
+    def __init__(self, pool):
         self._pool = pool
-        self._credentials = credentials
 
     def on_get(self, req, resp):
-        user_id = self._credentials.user_id(req)
         with self._pool.connection() as conn:
-            resp.media = {'user': existing_user(conn, user_id)}
+            resp.media = {'user': current_user(conn, req)}

@@ -1,5 +1,6 @@
-"""Passwords (bcrypt) and session tokens (JWT, HS256), and reading the caller's
-identity from a request."""
+"""Passwords (bcrypt) and session tokens (JWT, HS256), and who is calling: the
+Authentication middleware verifies a request's token once and puts its user
+id on req.context."""
 
 import contextlib
 import threading
@@ -9,8 +10,9 @@ import uuid
 import bcrypt
 import jwt
 
-from resources.errors import unauthorized
-from resources.errors import unavailable
+from resources import sql
+from resources.errors import ACCOUNT_GONE
+from resources.errors import refusal
 
 # bcrypt looks at the first 72 bytes only; longer passwords are refused rather
 # than silently truncated.
@@ -35,7 +37,7 @@ class Credentials:
         # purchases waiting: only a few hash at once, and a login that finds
         # no free slot is refused at once (a waiting thread is a taken thread).
         if not self._bcrypt_slots.acquire(blocking=False):
-            raise unavailable('overloaded', 'Too many logins at once; try again in a second.', 1)
+            raise refusal('overloaded', 'Too many logins at once; try again in a second.')
         try:
             yield
         finally:
@@ -69,10 +71,10 @@ class Credentials:
         """The id of the user whose valid token the request carries, or 401."""
         header = req.get_header('Authorization')
         if not header:
-            raise unauthorized()
+            raise refusal('unauthorized')
         scheme, _, token = header.partition(' ')
         if scheme.lower() != 'bearer' or not token.strip():
-            raise unauthorized('invalid_token', 'Use "Authorization: Bearer <token>".')
+            raise refusal('invalid_token', 'Use "Authorization: Bearer <token>".')
         try:
             # The algorithm is pinned: a token claiming "none" or any other
             # algorithm is refused, whatever its header says.
@@ -84,6 +86,31 @@ class Credentials:
             )
             return uuid.UUID(claims['sub'])
         except jwt.ExpiredSignatureError:
-            raise unauthorized('token_expired', 'Your session expired; log in again.') from None
+            raise refusal('token_expired') from None
         except (jwt.InvalidTokenError, ValueError, TypeError, AttributeError):
-            raise unauthorized('invalid_token', 'The token is not valid; log in again.') from None
+            raise refusal('invalid_token') from None
+
+
+class Authentication:
+    """Falcon middleware: the token is verified once per request, here, and only
+    for the responders that need a user. A resource names their methods in
+    `login_required`; for those, req.context.user_id is the verified user's id
+    (or the request is refused 401 here), before the rate limits, which key
+    purchases by it, and before the responder. Anonymous requests (the polls,
+    the page) cost one set lookup; a method the resource lacks is its 405."""
+
+    def __init__(self, credentials):
+        self._credentials = credentials
+
+    def process_resource(self, req, resp, resource, params):
+        if req.method in getattr(resource, 'login_required', ()):
+            req.context.user_id = self._credentials.user_id(req)
+
+
+def current_user(conn, req):
+    """The row of the user the request's verified token names; 401 if they
+    were deleted since."""
+    user = sql.one(conn, sql.FIND_USER_BY_ID, {'user_id': req.context.user_id})
+    if user is None:
+        raise refusal('invalid_token', ACCOUNT_GONE)
+    return user

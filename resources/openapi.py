@@ -9,6 +9,7 @@ import falcon
 
 from resources.credentials import MAX_PASSWORD_BYTES
 from resources.credentials import MIN_PASSWORD_BYTES
+from resources.errors import CATALOGUE
 from resources.sales import MAX_TOTAL_STOCK
 
 _UUID = {'type': 'string', 'format': 'uuid'}
@@ -51,7 +52,7 @@ SCHEMAS = {
         id=_UUID, email={'type': 'string'}, isAdmin={'type': 'boolean'}, createdAt=_TIME,
     ),
     'FlashSale': _object(
-        ['id', 'name', 'startDate', 'endDate', 'totalStock', 'remainingStock', 'status', 'createdAt', 'updatedAt'],
+        ['id', 'name', 'startDate', 'endDate', 'totalStock', 'remainingStock', 'status', 'createdAt'],
         id=_UUID,
         name={'type': 'string'},
         startDate=_TIME,
@@ -60,7 +61,6 @@ SCHEMAS = {
         remainingStock={'type': 'integer', 'minimum': 0},
         status=_ref('SaleStatus'),
         createdAt=_TIME,
-        updatedAt=_TIME,
     ),
     'SaleStatus': {'type': 'string', 'enum': ['upcoming', 'active', 'ended']},
     'Order': _object(
@@ -97,38 +97,41 @@ SCHEMAS = {
 }
 
 
-def _error(description, *codes, retry_after=False):
+def _error(codes):
+    """One status's error response: its codes, each with its message, and
+    Retry-After when they send one (all from the catalogue)."""
+    entries = [CATALOGUE[code] for code in codes]
     schema = {'allOf': [_ref('Error'), {'properties': {'code': {'enum': list(codes)}}}]}
+    description = ' '.join(f'{code}: {entry.message}' for code, entry in zip(codes, entries))
     response = {'description': description, 'content': _json(schema)}
-    if retry_after:
+    if any(entry.retry_after for entry in entries):
         response['headers'] = {
-            'Retry-After': {'required': True, 'schema': {'type': 'integer', 'minimum': 1},
+            'Retry-After': {'required': all(entry.retry_after for entry in entries),
+                            'schema': {'type': 'integer', 'minimum': 1},
                             'description': 'seconds to wait before trying again'},
         }
     return response
+
+
+def _errors(*codes):
+    """The error responses of an operation that can answer these codes,
+    grouped by each code's status in resources/errors.py's CATALOGUE."""
+    by_status = {}
+    for code in codes:
+        by_status.setdefault(CATALOGUE[code].status[:3], []).append(code)
+    return {status: _error(grouped) for status, grouped in sorted(by_status.items())}
 
 
 def _ok(description, schema):
     return {'description': description, 'content': _json(schema)}
 
 
-_UNAVAILABLE = _error(
-    'The database is unreachable, or the service is too busy to answer in time',
-    'database_unavailable', 'overloaded', retry_after=True,
+_UNAVAILABLE = ('database_unavailable', 'overloaded')
+_UNAUTHORIZED = ('unauthorized', 'invalid_token', 'token_expired')
+_BAD_BODY = (
+    'invalid_json', 'invalid_body', 'missing_field', 'unknown_field', 'invalid_field', 'invalid_email',
+    'invalid_password', 'payload_too_large', 'unsupported_media_type',
 )
-_RATE_LIMITED = _error('Too many requests from this client (or user)', 'rate_limited', retry_after=True)
-_UNAUTHORIZED = _error(
-    'No token, or one that is invalid, expired, or names a deleted user',
-    'unauthorized', 'invalid_token', 'token_expired',
-)
-_BAD_BODY = {
-    '400': _error(
-        'The body is not what the endpoint takes', 'invalid_json', 'invalid_body', 'missing_field',
-        'unknown_field', 'invalid_field', 'invalid_email', 'invalid_password',
-    ),
-    '413': _error('The body is over MAX_BODY_BYTES', 'payload_too_large'),
-    '415': _error('The body is not application/json', 'unsupported_media_type'),
-}
 _BEARER = [{'bearer': []}]
 _SALE_ID = {
     'name': 'sale_id', 'in': 'path', 'required': True, 'schema': _UUID,
@@ -149,7 +152,7 @@ PATHS = {
                 status={'type': 'string', 'enum': ['ok']}, database={'type': 'string', 'enum': ['ok']},
                 serverTime=_TIME,
             )),
-            '503': _UNAVAILABLE,
+            **_errors(*_UNAVAILABLE),
         },
     }},
     '/api/auth/register': {'post': {
@@ -157,10 +160,7 @@ PATHS = {
         'requestBody': {'required': True, 'content': _json(_ref('Registration'))},
         'responses': {
             '201': _ok('Registered', _ref('Session')),
-            **_BAD_BODY,
-            '409': _error('An account with that email exists', 'email_taken'),
-            '429': _RATE_LIMITED,
-            '503': _UNAVAILABLE,
+            **_errors(*_BAD_BODY, 'email_taken', 'rate_limited', *_UNAVAILABLE),
         },
     }},
     '/api/auth/login': {'post': {
@@ -168,10 +168,7 @@ PATHS = {
         'requestBody': {'required': True, 'content': _json(_ref('Login'))},
         'responses': {
             '200': _ok('Logged in', _ref('Session')),
-            **_BAD_BODY,
-            '401': _error('Wrong email or password (the same answer for both)', 'invalid_credentials'),
-            '429': _RATE_LIMITED,
-            '503': _UNAVAILABLE,
+            **_errors(*_BAD_BODY, 'invalid_credentials', 'rate_limited', *_UNAVAILABLE),
         },
     }},
     '/api/me': {'get': {
@@ -179,8 +176,7 @@ PATHS = {
         'security': _BEARER,
         'responses': {
             '200': _ok('The user', _object(['user'], user=_ref('User'))),
-            '401': _UNAUTHORIZED,
-            '503': _UNAVAILABLE,
+            **_errors(*_UNAUTHORIZED, *_UNAVAILABLE),
         },
     }},
     '/api/me/orders': {'get': {
@@ -188,8 +184,7 @@ PATHS = {
         'security': _BEARER,
         'responses': {
             '200': _ok('Orders', _object(['orders'], orders={'type': 'array', 'items': _ref('Order')})),
-            '401': _UNAUTHORIZED,
-            '503': _UNAVAILABLE,
+            **_errors(*_UNAUTHORIZED, *_UNAVAILABLE),
         },
     }},
     '/api/me/orders/{sale_id}': {'get': {
@@ -198,9 +193,7 @@ PATHS = {
         'parameters': [_SALE_ID],
         'responses': {
             '200': _ok('The order', _object(['order'], order=_ref('Order'))),
-            '401': _UNAUTHORIZED,
-            '404': _error('No order of yours in that sale', 'order_not_found'),
-            '503': _UNAVAILABLE,
+            **_errors(*_UNAUTHORIZED, 'order_not_found', *_UNAVAILABLE),
         },
     }},
     '/api/flash-sales': {
@@ -211,7 +204,7 @@ PATHS = {
                     ['flashSales', 'serverTime'],
                     flashSales={'type': 'array', 'items': _ref('FlashSale')}, serverTime=_TIME,
                 )),
-                '503': _UNAVAILABLE,
+                **_errors(*_UNAVAILABLE),
             },
         },
         'post': {
@@ -220,10 +213,7 @@ PATHS = {
             'requestBody': {'required': True, 'content': _json(_ref('NewSale'))},
             'responses': {
                 '201': _ok('Created', _object(['flashSale'], flashSale=_ref('FlashSale'))),
-                **_BAD_BODY,
-                '401': _UNAUTHORIZED,
-                '403': _error('Not an admin', 'forbidden'),
-                '503': _UNAVAILABLE,
+                **_errors(*_BAD_BODY, *_UNAUTHORIZED, 'forbidden', *_UNAVAILABLE),
             },
         },
     },
@@ -233,8 +223,7 @@ PATHS = {
         'responses': {
             '200': _ok('The sale', _ref('SaleWithTime')),
             **_POLLED,
-            '404': _error('No sale at all', 'no_sale'),
-            '503': _UNAVAILABLE,
+            **_errors('no_sale', *_UNAVAILABLE),
         },
     }},
     '/api/flash-sales/{sale_id}': {'get': {
@@ -243,8 +232,7 @@ PATHS = {
         'responses': {
             '200': _ok('The sale', _ref('SaleWithTime')),
             **_POLLED,
-            '404': _error('No such sale', 'sale_not_found'),
-            '503': _UNAVAILABLE,
+            **_errors('sale_not_found', *_UNAVAILABLE),
         },
     }},
     '/api/flash-sales/{sale_id}/purchase': {'post': {
@@ -253,16 +241,9 @@ PATHS = {
         'parameters': [_SALE_ID],
         'responses': {
             '201': _ok('Bought', _object(['order'], order=_ref('Order'))),
-            '401': _UNAUTHORIZED,
-            '404': _error('No such sale', 'sale_not_found'),
-            '409': _error(
-                'Not bought, and why', 'sale_not_started', 'sale_ended', 'sold_out', 'already_purchased',
-            ),
-            '429': _RATE_LIMITED,
-            '503': _error(
-                'Not bought (database_unavailable, overloaded), or not known whether it was '
-                '(outcome_unknown: GET /api/me/orders/{sale_id} tells, and buying again is safe)',
-                'database_unavailable', 'overloaded', 'outcome_unknown', retry_after=True,
+            **_errors(
+                *_UNAUTHORIZED, 'sale_not_found', 'sale_not_started', 'sale_ended', 'sold_out',
+                'already_purchased', 'rate_limited', *_UNAVAILABLE, 'outcome_unknown',
             ),
         },
     }},
@@ -282,8 +263,7 @@ PATHS = {
                 '200': {'description': 'The file', 'content': {'*/*': {'schema': {'type': 'string'}}}},
                 '206': {'description': 'Part of the file (Range)', 'content': {'*/*': {'schema': {'type': 'string'}}}},
                 '304': {'description': 'Unchanged'},
-                '404': _error('No such file', 'not_found'),
-                '416': _error('Unsatisfiable range', 'range_not_satisfiable'),
+                **_errors('not_found', 'range_not_satisfiable'),
             },
         }
         for method in ('get', 'head')

@@ -7,8 +7,8 @@ import uuid
 
 import falcon
 
-from resources.errors import APIError
 from resources.errors import invalid
+from resources.errors import refusal
 
 # No body this API takes nests at all; this is far beyond any honest one, and
 # keeps the parser away from Python's recursion limit whatever its version.
@@ -33,14 +33,10 @@ def read_object(req, max_bytes, *, required, optional=()):
     `required` and `optional`; anything else is a 4xx with a code."""
     media_type = (req.content_type or '').split(';', 1)[0].strip().lower()
     if media_type != falcon.MEDIA_JSON:
-        raise APIError(
-            falcon.HTTP_415, 'unsupported_media_type', 'Send JSON (Content-Type: application/json).'
-        )
+        raise refusal('unsupported_media_type')
     raw = req.bounded_stream.read(max_bytes + 1)
     if len(raw) > max_bytes:
-        raise APIError(
-            falcon.HTTP_413, 'payload_too_large', f'The request body is over {max_bytes} bytes.'
-        )
+        raise refusal('payload_too_large', f'The request body is over {max_bytes} bytes.')
     if _nesting(raw) > MAX_JSON_DEPTH:
         raise invalid(None, f'The request body nests deeper than {MAX_JSON_DEPTH} levels.', 'invalid_json')
     try:
@@ -70,9 +66,9 @@ def string_field(body, name, *, max_length):
 
 
 def path_uuid(raw, not_found):
-    """An id from the path; a malformed one is simply not found: raises
-    not_found(), built only then (this runs on every purchase)."""
+    """An id from the path; a malformed one is simply not found: the refusal
+    with code `not_found` (e.g. 'sale_not_found')."""
     try:
         return uuid.UUID(raw)
     except ValueError:
-        raise not_found() from None
+        raise refusal(not_found) from None

@@ -13,7 +13,7 @@ import threading
 import time
 from collections import OrderedDict
 
-from resources.errors import rate_limited
+from resources.errors import refusal
 
 AUTH_ROUTES = frozenset({'/api/auth/register', '/api/auth/login'})
 PURCHASE_ROUTE = '/api/flash-sales/{sale_id}/purchase'
@@ -57,10 +57,10 @@ class TokenBuckets:
 
 class RateLimits:
     """Falcon middleware: the limits, checked after routing and before the
-    responder (so an unknown route or method is never counted)."""
+    responder (so an unknown route or method is never counted), and after
+    credentials.Authentication (whose req.context.user_id keys purchases)."""
 
-    def __init__(self, settings, credentials):
-        self._credentials = credentials
+    def __init__(self, settings):
         self._exempt = frozenset(settings.rate_limit_exempt)
         per_minute = settings.auth_rate_per_minute
         per_second = settings.purchase_rate_per_second
@@ -75,11 +75,12 @@ class RateLimits:
             _check(self.auth, req.remote_addr)
         elif req.uri_template == PURCHASE_ROUTE and self.purchase is not None:
             # Keyed by the verified user: a bot cannot spread its clicks over
-            # made-up ids, nor spend someone else's. A bad token is 401 here.
-            _check(self.purchase, self._credentials.user_id(req))
+            # made-up ids, nor spend someone else's. A bad token was refused
+            # 401 before this, counting against nobody.
+            _check(self.purchase, req.context.user_id)
 
 
 def _check(buckets, key):
     wait = buckets.take(key)
     if wait:
-        raise rate_limited(max(1, math.ceil(wait)))
+        raise refusal('rate_limited', retry_after=max(1, math.ceil(wait)))

@@ -6,10 +6,9 @@ from datetime import timezone
 import falcon
 
 from resources import sql
-from resources.accounts import existing_user
-from resources.errors import APIError
+from resources.credentials import current_user
 from resources.errors import invalid
-from resources.errors import not_found
+from resources.errors import refusal
 from resources.parsing import path_uuid
 from resources.parsing import read_object
 from resources.parsing import string_field
@@ -17,13 +16,9 @@ from resources.parsing import string_field
 MAX_TOTAL_STOCK = 1_000_000
 # Outside these, a date may not survive the trip: year 1 at +01:00 is 1 BC in
 # UTC, which PostgreSQL stores and Python cannot read back, so every list of
-# sales would fail from then on (found by tests/test_fuzz.py).
+# sales would fail from then on (tests/test_fuzz.py sends such dates).
 EARLIEST_DATE = datetime(2000, 1, 1, tzinfo=timezone.utc)
 LATEST_DATE = datetime(9999, 1, 1, tzinfo=timezone.utc)
-
-
-def sale_not_found():
-    return not_found('sale_not_found', 'There is no flash sale with that id.')
 
 
 def _split(row):
@@ -34,16 +29,12 @@ def _split(row):
     return {'flashSale': row, 'status': row['status']}, server_time
 
 
-def _no_sale():
-    return not_found('no_sale', 'No flash sale is scheduled.')
-
-
 def _respond_polled(req, resp, cache, key, load, missing):
     """Answer a polled GET from the cache: 304 when the client's ETag still
     matches, else the sale with a fresh serverTime."""
     payload, server_time, etag = cache.get(key, load)
     if payload is None:
-        raise missing()
+        raise refusal(missing)
     # Browsers may reuse the answer for a second; after that If-None-Match
     # makes an unchanged answer a bodiless 304.
     resp.cache_control = ['max-age=1']
@@ -78,7 +69,7 @@ class Current:
         self._cache = cache
 
     def on_get(self, req, resp):
-        _respond_polled(req, resp, self._cache, 'current', self._load, _no_sale)
+        _respond_polled(req, resp, self._cache, 'current', self._load, 'no_sale')
 
     def _load(self):
         with self._pool.connection() as conn:
@@ -91,8 +82,8 @@ class Item:
         self._cache = cache
 
     def on_get(self, req, resp, sale_id):
-        sale_id = path_uuid(sale_id, sale_not_found)
-        _respond_polled(req, resp, self._cache, sale_id, lambda: self._load(sale_id), sale_not_found)
+        sale_id = path_uuid(sale_id, 'sale_not_found')
+        _respond_polled(req, resp, self._cache, sale_id, lambda: self._load(sale_id), 'sale_not_found')
 
     def _load(self, sale_id):
         with self._pool.connection() as conn:
@@ -100,9 +91,10 @@ class Item:
 
 
 class Collection:
-    def __init__(self, pool, credentials, settings):
+    login_required = frozenset({'POST'})
+
+    def __init__(self, pool, settings):
         self._pool = pool
-        self._credentials = credentials
         self._settings = settings
 
     def on_get(self, req, resp):
@@ -114,12 +106,11 @@ class Collection:
         resp.media = {'flashSales': rows, 'serverTime': server_time}
 
     def on_post(self, req, resp):
-        user_id = self._credentials.user_id(req)
         with self._pool.connection() as conn:
             # Who may ask comes before what they ask: a non-admin gets 403
             # whatever the body says.
-            if not existing_user(conn, user_id)['isAdmin']:
-                raise APIError(falcon.HTTP_403, 'forbidden', 'Only admins can create flash sales.')
+            if not current_user(conn, req)['isAdmin']:
+                raise refusal('forbidden')
             row = sql.one(conn, sql.CREATE_SALE, self._new_sale(req))
         row.pop('serverTime')
         resp.status = falcon.HTTP_201

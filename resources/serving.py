@@ -31,16 +31,18 @@ from waitress.server import BaseWSGIServer
 from waitress.server import MultiSocketServer
 from waitress.task import ErrorTask
 
+from resources.errors import CATALOGUE
+
 log = logging.getLogger('flashsale')
 access_log = logging.getLogger('flashsale.access')
 
-# The errors waitress raises itself, in the API's shape.
-_WAITRESS_ERRORS = {
-    400: ('bad_request', 'The request is not valid HTTP.'),
-    413: ('payload_too_large', 'The request body is too large.'),
-    431: ('headers_too_large', 'The request headers are too large.'),
-    501: ('not_implemented', 'That transfer encoding is not supported.'),
-    500: ('internal_error', 'Something went wrong on our side.'),
+# The errors waitress raises itself, by their status: codes of the catalogue.
+_WAITRESS_CODES = {
+    400: 'bad_request',
+    413: 'payload_too_large',
+    431: 'headers_too_large',
+    501: 'not_implemented',
+    500: 'internal_error',
 }
 
 # How often the socket loop looks up from its sockets to see whether a stop
@@ -51,7 +53,9 @@ _TICK = 0.2
 class _JSONErrorTask(ErrorTask):
     def execute(self):
         error = self.request.error
-        code, message = _WAITRESS_ERRORS.get(error.code, ('bad_request', error.reason))
+        code = _WAITRESS_CODES.get(error.code)
+        message = CATALOGUE[code].message if code else error.reason
+        code = code or 'bad_request'
         body = json.dumps({'code': code, 'message': message}, separators=(',', ':')).encode()
         self.status = f'{error.code} {error.reason}'
         self.response_headers.extend([

@@ -1,7 +1,7 @@
 """Every SQL statement flashsale runs, in one place, readable top to bottom.
 
 Each statement is a named constant with a comment that says what it returns and
-why it is safe. Resources import these names and run them with one of the four
+why it is safe. Resources import these names and run them with one of the three
 executors at the bottom, which are named by how many rows come back. No other
 module builds SQL.
 
@@ -77,7 +77,7 @@ _SALE_COLUMNS = '''
          WHEN now() < end_date   THEN 'active'
          ELSE 'ended'
     END AS status,
-    created_at AS "createdAt", updated_at AS "updatedAt",
+    created_at AS "createdAt",
     now() AS "serverTime"
 '''
 
@@ -238,8 +238,3 @@ def value(conn, statement, params=None):
     """The first column of the first row."""
     row = conn.execute(statement, params).fetchone()
     return None if row is None else next(iter(row.values()))
-
-
-def run(conn, statement, params=None):
-    """Run for its effect; return the number of rows affected."""
-    return conn.execute(statement, params).rowcount

@@ -4,24 +4,28 @@ import re
 
 import falcon
 
+from resources.errors import CATALOGUE
 from resources.openapi import DOCUMENT
 
 METHODS = {'get', 'put', 'post', 'delete', 'options', 'head', 'patch', 'trace'}
 
 
-def routed_operations(app):
-    """(METHOD, path) for every responder the app's router and static routes have."""
-    found = set()
-
+def routed_resources(app):
+    """(resource, OpenAPI path) for every route of the app's router."""
     def walk(nodes):
         for node in nodes:
             if node.resource is not None:
                 # Falcon's {name:converter} is OpenAPI's {name}.
-                path = re.sub(r'{(\w+)(:[^}]*)?}', r'{\1}', node.uri_template)
-                found.update((method, path) for method in falcon.routing.map_http_methods(node.resource))
-            walk(node.children)
+                yield node.resource, re.sub(r'{(\w+)(:[^}]*)?}', r'{\1}', node.uri_template)
+            yield from walk(node.children)
 
-    walk(app._router._roots)
+    return walk(app._router._roots)
+
+
+def routed_operations(app):
+    """(METHOD, path) for every responder the app's router and static routes have."""
+    found = {(method, path) for resource, path in routed_resources(app)
+             for method in falcon.routing.map_http_methods(resource)}
     for route, _, _ in app._static_routes:
         # resources/middleware.py lets only these through to a static route.
         found.update((method, route._prefix + '{path}') for method in ('GET', 'HEAD'))
@@ -57,3 +61,28 @@ def test_every_operation_documents_its_errors_in_the_error_shape():
                     assert schema['allOf'][0] == {'$ref': '#/components/schemas/Error'}, (method, path, status)
             if operation.get('security'):
                 assert '401' in operation['responses'], (method, path)
+
+
+def test_every_documented_error_code_is_the_catalogues_with_its_status():
+    documented = set()
+    for item in DOCUMENT['paths'].values():
+        for operation in item.values():
+            for status, response in operation['responses'].items():
+                if status >= '400' and 'content' in response:
+                    for code in response['content']['application/json']['schema']['allOf'][1]['properties']['code']['enum']:
+                        assert CATALOGUE[code].status.startswith(status), (code, status)
+                        documented.add(code)
+    # What the document cannot list per operation: refusals of the HTTP edge
+    # before any route (the info text names 404 and 405), and the 500 no
+    # operation is meant to give.
+    edge = {'bad_request', 'headers_too_large', 'not_implemented', 'method_not_allowed', 'internal_error'}
+    assert set(CATALOGUE) - documented == edge
+
+
+def test_the_operations_that_need_a_token_are_the_ones_documented_with_one(wsgi_app):
+    needing = {(method, path) for resource, path in routed_resources(wsgi_app)
+               for method in getattr(resource, 'login_required', ())}
+    documented = {(method.upper(), path) for path, item in DOCUMENT['paths'].items()
+                  for method, operation in item.items() if operation.get('security')}
+    assert needing == documented
+    assert len(needing) == 5

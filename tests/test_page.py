@@ -483,3 +483,16 @@ def test_the_page_fits_a_phone_screen(open_page, admin_email, make_sale):
     # The sales table stacks instead of scrolling sideways.
     assert page.evaluate("(w => w.scrollWidth <= w.clientWidth)(document.querySelector('.table-wrap'))")
     snap(page, 'phone', full_page=True)
+
+
+def test_the_page_has_words_for_every_error_code_the_api_sends():
+    # No browser needed: app.js's MESSAGES against resources/errors.py's catalogue.
+    from resources.errors import CATALOGUE  # noqa: PLC0415
+
+    script = (Path(__file__).resolve().parent.parent / 'resources' / 'static' / 'app.js').read_text()
+    block = re.search(r'^const MESSAGES = \{\n(.*?)^\};', script, re.M | re.S)
+    assert block, 'no MESSAGES object in app.js'
+    known = re.findall(r'^  (\w+):', block.group(1), re.M)
+    assert len(known) == len(set(known)), 'a code twice in MESSAGES'
+    assert set(CATALOGUE) - set(known) == set(), 'codes the API sends that the page has no words for'
+    assert set(known) - set(CATALOGUE) == {'network'}, 'codes in MESSAGES that the API never sends'

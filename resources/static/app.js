@@ -70,20 +70,6 @@ async function api(method, path, { body, etag, auth = true } = {}) {
   return { status: response.status, etag: response.headers.get('ETag'), data };
 }
 
-const MESSAGES = {
-  network: "Can't reach the shop. Check your connection and try again.",
-  sold_out: 'Sorry, this sale is sold out.',
-  already_purchased: 'You already bought one in this sale.',
-  sale_not_started: "The sale hasn't started yet. Try again when the countdown ends.",
-  sale_ended: 'Sorry, this sale has ended.',
-  sale_not_found: 'This sale no longer exists.',
-  invalid_email: 'Enter a valid email address, like name@example.com.',
-  invalid_password: 'Your password must be 8 to 72 characters long.',
-  email_taken: 'An account with this email already exists. Log in instead.',
-  invalid_credentials: "That email and password don't match. Please try again.",
-  forbidden: 'Only admins can do that.',
-  payload_too_large: 'That is too much text.',
-};
 const SESSION_CODES = new Set(['unauthorized', 'invalid_token', 'token_expired']);
 const SESSION_EXPIRED = 'Your session expired, please log in again.';
 
@@ -95,14 +81,57 @@ function isBusy(error) {
   return error.status === 503 || error.status === 429;
 }
 
+const busy = (error) => `The shop is busy, try again in ${error.retryAfter} s.`;
+// The API's own message is written for people (it names the field or the
+// limit at fault); the status is the last resort.
+const apiMessage = (error) => (error.message && error.message !== error.code
+  ? error.message : `Something went wrong (error ${error.status}). Please try again.`);
+
+// What the page says for each code the API can send: every code of the
+// catalogue in resources/errors.py is here (tests/test_page.py checks), and
+// "network" is the page's own. A function gets the error.
+const MESSAGES = {
+  network: "Can't reach the shop. Check your connection and try again.",
+  sold_out: 'Sorry, this sale is sold out.',
+  already_purchased: 'You already bought one in this sale.',
+  sale_not_started: "The sale hasn't started yet. Try again when the countdown ends.",
+  sale_ended: 'Sorry, this sale has ended.',
+  sale_not_found: 'This sale no longer exists.',
+  no_sale: apiMessage,
+  order_not_found: apiMessage,
+  invalid_email: 'Enter a valid email address, like name@example.com.',
+  invalid_password: 'Your password must be 8 to 72 characters long.',
+  email_taken: 'An account with this email already exists. Log in instead.',
+  invalid_credentials: "That email and password don't match. Please try again.",
+  forbidden: 'Only admins can do that.',
+  payload_too_large: 'That is too much text.',
+  invalid_json: apiMessage,
+  invalid_body: apiMessage,
+  missing_field: apiMessage,
+  unknown_field: apiMessage,
+  invalid_field: apiMessage,
+  unauthorized: SESSION_EXPIRED,
+  invalid_token: SESSION_EXPIRED,
+  token_expired: SESSION_EXPIRED,
+  rate_limited: (error) => `Too many attempts. Try again in ${error.retryAfter} s.`,
+  overloaded: busy,
+  database_unavailable: busy,
+  outcome_unknown: busy,
+  bad_request: apiMessage,
+  headers_too_large: apiMessage,
+  not_implemented: apiMessage,
+  not_found: apiMessage,
+  method_not_allowed: apiMessage,
+  range_not_satisfiable: apiMessage,
+  unsupported_media_type: apiMessage,
+  internal_error: apiMessage,
+};
+
 function messageFor(error) {
-  if (error.code === 'rate_limited') return `Too many attempts. Try again in ${error.retryAfter} s.`;
-  if (isBusy(error)) return `The shop is busy, try again in ${error.retryAfter} s.`;
-  if (isSessionError(error)) return SESSION_EXPIRED;
-  if (MESSAGES[error.code]) return MESSAGES[error.code];
-  // The API's own message is written for people; the code is the last resort.
-  if (error.message && error.message !== error.code) return error.message;
-  return `Something went wrong (error ${error.status}). Please try again.`;
+  // Not the API's (a proxy's own 502 or 503, say): by its status.
+  const known = Object.hasOwn(MESSAGES, error.code);
+  const say = known ? MESSAGES[error.code] : (isBusy(error) ? busy : apiMessage);
+  return typeof say === 'function' ? say(error) : say;
 }
 
 // ---------------------------------------------------------------- time
