@@ -12,9 +12,9 @@ log = logging.getLogger('flashsale.access')
 
 # A client's request id is echoed into logs: accept only a plain token.
 _REQUEST_ID = re.compile(r'^[A-Za-z0-9._-]{1,64}$')
-# Our own ids: this process's pid and a counter. Unique per process, and free,
-# where uuid4() (a getrandom() call per request) was a tenth of a sold-out
-# answer's CPU. A forked worker (WORKERS) starts its own.
+# Our own ids: this process's pid and a counter. Unique per process, and free:
+# uuid4() costs a getrandom() call per request, a tenth of a sold-out answer's
+# CPU. A forked worker (WORKERS) starts its own.
 def _start_request_ids():
     global _PROCESS_TAG, _request_numbers
     _PROCESS_TAG = f'{os.getpid():x}'

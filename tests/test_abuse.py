@@ -213,7 +213,7 @@ def test_login_answers_the_same_for_an_unknown_email_and_a_wrong_password(client
 
 def test_a_login_with_a_password_over_72_bytes_is_a_wrong_password_not_a_500(client):
     """bcrypt 5 raises on such a password; registration refuses them, so it
-    can match no account (found by tests/test_fuzz.py)."""
+    can match no account: it gets the answer of any wrong password."""
     client.post_json('/api/auth/register', {'email': 'long@example.com', 'password': 'x' * 72}, status=201)
     for password in ('x' * 73, 'x' * 72 + 'y', 'é' * 37, 'x' * 1024):
         resp = client.post_json('/api/auth/login', {'email': 'long@example.com', 'password': password}, status=401)

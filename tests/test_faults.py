@@ -185,8 +185,9 @@ def test_purchase_cut_off_by_a_database_shutdown_is_503_outcome_unknown_and_sett
         wait_for(lambda: backends_waiting_on_a_lock(private_pg.url) == 1, message='the purchase to wait on the row')
         # Immediate, not fast: a fast shutdown ends the lock holder's
         # transaction first, and the waiting purchase can take the row and
-        # commit before its own backend is told to stop (seen once in CI:
-        # a 201, which is a right answer too, but not the case under test).
+        # commit before its own backend is told to stop (on a busy machine
+        # it can: a 201, which is a right answer too, but not the case under
+        # test).
         private_pg.stop('immediate')
         buyer.join(5)
     finally:
@@ -321,8 +322,8 @@ def test_sigterm_stops_accepting_and_answers_every_request_in_flight_then_exits_
     and a second request waits for the thread when SIGTERM arrives. The
     server refuses new connections at once and closes idle ones, but answers
     both requests, sends the answers, closes the pool and exits 0. (waitress'
-    own stop, which flashsale used to rely on, keeps accepting connections it
-    never serves and drops the queued request unanswered.)"""
+    own stop keeps accepting connections it never serves and drops the
+    queued request unanswered.)"""
     user_id, token = make_user()
     sale_id = make_sale(stock=5)
     port = free_port()

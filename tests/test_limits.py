@@ -262,9 +262,9 @@ def test_rate_limit_settings_from_the_environment():
 
 @pytest.mark.parametrize('start', ['0001-01-01T00:00:00+00:01', '1999-12-31T23:59:59Z', '9999-12-31T23:00:00-05:00'])
 def test_sale_dates_outside_the_years_2000_to_9998_are_400_and_the_list_still_reads(client, make_user, db, start):
-    """Year 1 at +00:01 is 1 BC in UTC: PostgreSQL stored it, Python could not
-    read it back, and every GET /api/flash-sales after it was a 500 (found by
-    tests/test_fuzz.py)."""
+    """Year 1 at +00:01 is 1 BC in UTC: PostgreSQL would store it and Python
+    could not read it back, so every GET /api/flash-sales after it would be a
+    500."""
     _, token = make_user(admin=True)
     resp = client.post_json('/api/flash-sales', {'startDate': start, 'endDate': '9999-12-31T23:30:00-05:00',
                                                  'totalStock': 1}, headers=auth(token), status=400)
