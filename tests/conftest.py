@@ -27,6 +27,7 @@ from resources import database
 from resources import embedded
 from resources.credentials import Credentials
 from private_postgres import free_port  # noqa: F401 (for the tests)
+from invariants import sale_state  # noqa: F401 (for the tests: scripts/invariants.py, one checker for all)
 
 TEST_SECRET = 'test-secret-' + 'x' * 40
 
@@ -142,17 +143,6 @@ def make_sale(db):
         return row['id']
 
     return make
-
-
-def sale_state(conn, sale_id):
-    """(total, remaining, orders) straight from the database."""
-    row = conn.execute(
-        'SELECT total_stock, remaining_stock, '
-        '(SELECT count(*) FROM orders WHERE flash_sale_id = s.id) AS orders '
-        'FROM flash_sales s WHERE id = %s',
-        (sale_id,),
-    ).fetchone()
-    return row['total_stock'], row['remaining_stock'], row['orders']
 
 
 def start_serve(env, log_path, timeout=60):

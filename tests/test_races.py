@@ -9,6 +9,7 @@ import threading
 import time
 import urllib.parse
 
+import invariants
 from conftest import race
 from conftest import sale_state
 
@@ -17,11 +18,15 @@ def codes(results):
     return collections.Counter(code or status for status, code, _ in results)
 
 
-def assert_orders_match_answers(db, sale_id, results):
-    """Every order answered 201 exists; no other order does."""
-    answered = {r[2]['id'] for r in results if r[0] == 201}
-    stored = {str(row['id']) for row in db.execute('SELECT id FROM orders WHERE flash_sale_id = %s', (sale_id,))}
-    assert answered == stored
+def assert_invariants_hold(db, sale_id, buyers, results):
+    """Every invariant of scripts/invariants.py: stock conserved, one order per
+    user, every 201 its user's order, no order without a 201. buyers[i] is the
+    user id behind results[i]."""
+    state, orders = invariants.read_sale(db, sale_id)
+    answers = [invariants.Answer(str(user), 'created' if status == 201 else code, (order or {}).get('id'))
+               for user, (status, code, order) in zip(buyers, results)]
+    checks = invariants.check_sale(state, orders, answers)
+    assert not invariants.failures(checks), checks
 
 
 def test_many_users_little_stock_sells_exactly_the_stock(live_server, make_users, make_sale, db):
@@ -30,7 +35,7 @@ def test_many_users_little_stock_sells_exactly_the_stock(live_server, make_users
     results = race(live_server, [(sale_id, token) for _, token in users])
     assert codes(results) == {201: 50, 'sold_out': 150}
     assert sale_state(db, sale_id) == (50, 0, 50)
-    assert_orders_match_answers(db, sale_id, results)
+    assert_invariants_hold(db, sale_id, [user for user, _ in users], results)
 
 
 def test_one_user_many_tabs_gets_one_order_and_stock_drops_by_one(live_server, make_users, make_sale, db):
@@ -43,25 +48,25 @@ def test_one_user_many_tabs_gets_one_order_and_stock_drops_by_one(live_server, m
     results = race(live_server, [(sale_id, token) for _, token in users for _ in range(10)])
     assert codes(results) == {201: 8, 'already_purchased': 72}
     assert sale_state(db, sale_id) == (100, 92, 8)
-    per_user = collections.Counter(row['user_id'] for row in db.execute('SELECT user_id FROM orders'))
-    assert sorted(per_user.values()) == [1] * 8
-    assert_orders_match_answers(db, sale_id, results)
+    assert_invariants_hold(db, sale_id, [user for user, _ in users for _ in range(10)], results)
 
 
 def test_one_user_twenty_five_tabs(live_server, make_users, make_sale, db):
     sale_id = make_sale(stock=10)
-    [(_, token)] = make_users(1)
+    [(user, token)] = make_users(1)
     results = race(live_server, [(sale_id, token)] * 25)
     assert codes(results) == {201: 1, 'already_purchased': 24}
     assert sale_state(db, sale_id) == (10, 9, 1)
+    assert_invariants_hold(db, sale_id, [user] * 25, results)
 
 
 def test_the_last_item_goes_to_exactly_one_user(live_server, make_users, make_sale, db):
     sale_id = make_sale(stock=1)
-    results = race(live_server, [(sale_id, token) for _, token in make_users(30)])
+    users = make_users(30)
+    results = race(live_server, [(sale_id, token) for _, token in users])
     assert codes(results) == {201: 1, 'sold_out': 29}
     assert sale_state(db, sale_id) == (1, 0, 1)
-    assert_orders_match_answers(db, sale_id, results)
+    assert_invariants_hold(db, sale_id, [user for user, _ in users], results)
 
 
 def test_the_window_holds_under_a_stampede(live_server, make_users, make_sale, db):
@@ -97,9 +102,9 @@ def test_the_window_holds_under_a_stampede(live_server, make_users, make_sale, d
         (sale_id,),
     ).fetchone()
     assert window['outside'] == 0
-    total, remaining, orders = sale_state(db, sale_id)
-    assert remaining + orders == total
-    assert 0 < orders <= len(users)
+    state = sale_state(db, sale_id)
+    assert not invariants.failures(invariants.stock_checks(state)), state
+    assert 0 < state.orders <= len(users)
     for user_id, answers in results.items():
         # Each user's answers run: not started..., then at most one 201 with
         # already_purchased after it, then ended...
