@@ -24,7 +24,7 @@ It prints one table:
      counts, p99, invariants
   5. the server's resident memory (VmRSS, and the peak VmHWM) after the runs
 
-It reuses loadtest.py's client, setup and checks; --json writes every figure.
+It reuses loadtest.py's client, setup and checks (scripts/invariants.py); --json writes every figure.
 The machine's cores are shared by this client, the server and PostgreSQL:
 the figures are for that whole machine, and vary run to run (take --repeat).
 """
@@ -55,6 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'scripts'))
 
+import invariants  # noqa: E402
 import loadtest  # noqa: E402
 
 
@@ -236,17 +237,15 @@ def direct_purchases(database_url, sale_id, user_ids, concurrency):
             merged[key] = merged.get(key, 0) + n
     flat = [v for part in latencies for v in part]
     with psycopg.connect(database_url, autocommit=True) as conn:
-        total, remaining, orders = conn.execute(
-            'SELECT total_stock, remaining_stock, (SELECT count(*) FROM orders WHERE flash_sale_id = s.id) '
-            'FROM flash_sales s WHERE id = %s', (sale_id,),
-        ).fetchone()
+        state = invariants.sale_state(conn, sale_id)
     return {
         'concurrency': concurrency,
         'requests': len(flat),
         'rate': round(len(flat) / elapsed, 1),
         'latency_ms': loadtest.latency_summary(flat),
         'outcomes': merged,
-        'invariant_ok': remaining + orders == total and merged.get('created', 0) == orders,
+        'invariant_ok': not invariants.failures(invariants.stock_checks(state))
+        and merged.get('created', 0) == state.orders,
     }
 
 

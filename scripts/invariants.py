@@ -102,19 +102,19 @@ def order_checks(orders_by_user, answers, unknown_ok=None):
         explained = False
     else:
         explained = unknown_ok if unknown else True
+    orders = sum(map(len, orders_by_user.values()))
     return [
         Check('at most one order per user', not several,
-              f'{len(several)} users with several orders' if several
-              else f'{len(orders_by_user)} users with one order each'),
-        Check("no user received two 201s, each 201 is the requester's order", not twice and not strangers,
-              f'{len(twice)} users got two 201s, {len(strangers)} 201s without the requester\'s order'
-              if twice or strangers else f'{len(created)} x 201, {len(created_per_user)} distinct buyers'),
-        Check('no order without a 201', explained,
-              f'{len(unexplained) - len(unknown)} orders never answered 201, {len(unknown)} behind an answer '
-              'that admits not knowing' if unexplained else f'{sum(map(len, orders_by_user.values()))} orders, '
-              f'{len(created)} x 201'),
-        Check('every already_purchased has an order', not claimed,
-              f'{len(claimed)} users told already_purchased have no order' if claimed else 'yes'),
+              f'{orders} orders, {len(orders_by_user)} buyers'
+              + (f', {len(several)} users with several orders' if several else '')),
+        Check('every 201 has its order, for that user', not strangers,
+              f'{len(created)} x 201' + (f', {len(strangers)} without their order' if strangers else '')),
+        Check('no user answered 201 twice', not twice, f'{len(twice)} users with two 201s'),
+        Check('no order without a 201 or an admitted unknown outcome', explained,
+              f'{len(unexplained) - len(unknown)} orders without either' if explained is False
+              else f'{len(unknown)} orders behind an unknown outcome'
+              + (', settled by a retry' if unknown and unknown_ok else ', cannot tell' if unknown else '')),
+        Check('every already_purchased has an order', not claimed, f'{len(claimed)} without one'),
     ]
 
 

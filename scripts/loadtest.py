@@ -63,6 +63,11 @@ when the run could not be prepared (no admin, server unreachable, ...).
 
 Importable: ``run_scenario('crowd', base_url=..., users=20, stock=5, rate=200,
 duration=1, grant_admin=True)`` returns the result dict that ``--json`` writes.
+It is four steps, each usable alone: plan() resolves a scenario's defaults and
+the options into a Plan; prepare() makes the admin, users and sale (Prepared);
+run_load() sends the load through one of MODELS (Ran); check() reads the
+outcome back and checks it with scripts/invariants.py. The HTTP client and
+the API calls are in loadclient.py, the text and HTML reports in loadreport.py.
 """
 
 from __future__ import annotations
@@ -71,531 +76,307 @@ import argparse
 import asyncio
 import collections
 import dataclasses
-import html
 import itertools
 import json
 import math
 import os
 import random
 import resource
-import shlex
-import shutil
-import socket
-import subprocess
 import sys
 import time
 import uuid
 from datetime import datetime
 from datetime import timedelta
 from datetime import timezone
-from urllib.parse import urlsplit
+from typing import Callable
+from typing import NamedTuple
 
 if sys.version_info < (3, 11):
     sys.exit('loadtest.py needs Python 3.11 or newer (asyncio.timeout)')
 
+import invariants  # noqa: E402 (the scripts beside this one)
+from loadclient import DEFAULT_REGISTER_CONCURRENCY  # noqa: E402
+from loadclient import READ_BACK_CONCURRENCY  # noqa: E402
+from loadclient import Api  # noqa: E402
+from loadclient import ConnectionPool  # noqa: E402
+from loadclient import ProtocolError  # noqa: E402
+from loadclient import SetupError  # noqa: E402
+from loadclient import UserOrders  # noqa: E402
+from loadclient import build_request  # noqa: E402
+from loadclient import iso  # noqa: E402
+from loadclient import parse_time  # noqa: E402
+from loadclient import split_base_url  # noqa: E402
+from loadreport import format_report  # noqa: E402
+from loadreport import html_report  # noqa: E402
+
+__all__ = ['Api', 'SetupError', 'UserOrders', 'format_report', 'html_report', 'plan', 'prepare', 'run_load',
+           'check', 'run_scenario', 'run_scenario_async', 'run_plain_async', 'check_outcome', 'latency_summary',
+           'percentile', 'split_base_url']
+
 DEFAULT_BASE_URL = 'http://127.0.0.1:8000'
-USER_PASSWORD = 'loadtest-password'
 
-# What each scenario runs unless a flag says otherwise. stock=None means
-# "never runs out": one unit per request the run can send.
-SCENARIOS = {
-    'single-user': dict(users=1, stock=10, model='open', rate=500, duration=2.0, connections=32),
-    'crowd': dict(users=100, stock=50, model='open', rate=1000, duration=4.0, connections=32),
-    'throughput': dict(users=2000, stock=None, model='closed', duration=None, connections=32),
-    'sold-out': dict(users=100, stock=1, model='open', rate=1000, duration=4.0, connections=32),
-    'opening': dict(users=100, stock=50, model='open', rate=1000, duration=5.0, connections=32, start_delay=2.0),
-}
-
-# waitress stops accepting at connection_limit (default 100), and counts its own
-# listening socket and wake-up pipe in it: a 99th client connection sits in the
-# listen backlog unanswered until the client times out. Stay below that.
+# The open model opens more connections when every one is busy, up to this
+# many: enough for the crowd at 1,000 req/s on a 2-core machine, and well
+# under the server's CONNECTION_LIMIT (1000 by default).
 DEFAULT_MAX_CONNECTIONS = 96
 
-# The server hashes at most BCRYPT_SLOTS passwords at once (default THREADS // 2 = 4) and
-# answers 503 overloaded to the rest: register no more than that at a time.
-DEFAULT_REGISTER_CONCURRENCY = 4
-READ_BACK_CONCURRENCY = 16
-
-
-class ProtocolError(Exception):
-    """The server's answer was not HTTP/1.1 this client understands."""
-
-
-class SetupError(Exception):
-    """Preparing the run (admin, users, sale) failed."""
-
 
 # --------------------------------------------------------------------------
-# HTTP/1.1 on asyncio streams
+# Scenarios: what a run sends, and what it must produce
 # --------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Response:
-    status: int
-    headers: dict
-    body: bytes
-    keep_alive: bool
+class Record(NamedTuple):
+    """One request of the run. Times are seconds since the run's t0 (monotonic);
+    label is '201', '409 sold_out', 'timeout', 'error:OSError', ..."""
 
-    def json(self):
-        if not self.body:
-            return None
-        try:
-            return json.loads(self.body)
-        except ValueError:
-            return None
+    scheduled: float
+    started: float
+    ended: float
+    label: str
+    user: int  # User.index
+    order: str | None = None  # the order id a 201 carried
 
+    @property
+    def answered(self):
+        return not (self.label == 'timeout' or self.label.startswith('error:'))
 
-class Connection:
-    """One keep-alive HTTP/1.1 connection; one request at a time."""
+    @property
+    def latency(self):
+        """From the scheduled start (open model: what a customer waits; closed: the send)."""
+        return self.ended - self.scheduled
 
-    __slots__ = ('reader', 'writer')
-
-    def __init__(self, reader, writer):
-        self.reader = reader
-        self.writer = writer
-
-    @classmethod
-    async def open(cls, host, port):
-        reader, writer = await asyncio.open_connection(host, port)
-        sock = writer.get_extra_info('socket')
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return cls(reader, writer)
-
-    async def request(self, raw: bytes) -> Response:
-        self.writer.write(raw)
-        head = await self.reader.readuntil(b'\r\n\r\n')
-        lines = head.split(b'\r\n')
-        parts = lines[0].split(b' ', 2)
-        if len(parts) < 2 or not parts[0].startswith(b'HTTP/'):
-            raise ProtocolError(f'bad status line {lines[0][:80]!r}')
-        status = int(parts[1])
-        headers = {}
-        for line in lines[1:]:
-            if line:
-                name, _, value = line.partition(b':')
-                headers[name.strip().lower().decode('latin-1')] = value.strip().decode('latin-1')
-        if parts[0] == b'HTTP/1.0':
-            keep_alive = headers.get('connection', '').lower() == 'keep-alive'
+    def answer(self):
+        """The record as the shared checker reads it (scripts/invariants.py)."""
+        status, _, code = self.label.partition(' ')
+        if self.label == '201':
+            kind = 'created'
+        elif not self.answered:
+            kind = 'timeout' if self.label == 'timeout' else 'error'
         else:
-            keep_alive = headers.get('connection', '').lower() != 'close'
-        if status in (204, 304) or 100 <= status < 200:
-            body = b''
-        elif 'chunked' in headers.get('transfer-encoding', '').lower():
-            body = await self._read_chunked()
-        elif 'content-length' in headers:
-            body = await self.reader.readexactly(int(headers['content-length']))
-        else:
-            body = await self.reader.read()
-            keep_alive = False
-        return Response(status, headers, body, keep_alive)
-
-    async def _read_chunked(self):
-        chunks = []
-        while True:
-            size_line = await self.reader.readuntil(b'\r\n')
-            size = int(size_line.split(b';', 1)[0], 16)
-            if size == 0:
-                while (await self.reader.readuntil(b'\r\n')) != b'\r\n':
-                    pass  # trailers
-                return b''.join(chunks)
-            chunks.append(await self.reader.readexactly(size))
-            await self.reader.readexactly(2)
-
-    def close(self):
-        try:
-            self.writer.close()
-        except Exception:  # noqa: BLE001 - closing a broken socket may raise anything
-            pass
+            kind = code or f'http_{status}'
+        return invariants.Answer(self.user, kind, self.order)
 
 
-class ConnectionPool:
-    """Keep-alive connections to one server.
+class Expected(NamedTuple):
+    """What the scenario must produce, as a check."""
 
-    ``size`` connections are opened up front; when none is idle a new one is
-    opened, up to ``max_size`` (``peak_open`` says how far it grew); past that
-    the request waits for one to come back (counted in ``waited``).
+    name: str
+    ok: bool
+    detail: str
 
-    ``open_count`` counts slots: a connection open or being opened. A slot
-    freed by a closed connection passes straight to the first waiter, which
-    then opens its own connection in it.
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    """A scenario's defaults (flags override them) and what it does differently.
+
+    stock=None means "never runs out": one unit per request the run can send.
+    pick(i, rng, users) is the index of the user who sends request i.
+    expect(plan, records, sent_users, opening_offset) -> Expected.
+    buy_out_first: the whole stock is bought in setup, by users of its own.
+    opens_late: the sale starts start_delay seconds into the run.
     """
 
-    def __init__(self, host, port, size, max_size):
-        self.host = host
-        self.port = port
-        self.size = size
-        self.max_size = max(size, max_size)
-        self.idle = collections.deque()
-        self.waiters = collections.deque()
-        self.open_count = 0
-        self.in_use = 0
-        self.peak_in_use = 0
-        self.peak_open = 0
-        self.discarded = 0
-        self.waited = 0
-        self.connect_errors = 0
-
-    async def start(self):
-        results = await asyncio.gather(
-            *(Connection.open(self.host, self.port) for _ in range(self.size)), return_exceptions=True
-        )
-        for conn in results:
-            if isinstance(conn, BaseException):
-                self.connect_errors += 1
-            else:
-                self.open_count += 1
-                self.idle.append(conn)
-        self.peak_open = self.open_count
-        if not self.idle and self.size:
-            raise SetupError(f'cannot connect to {self.host}:{self.port}: {results[0]!r}')
-
-    async def acquire(self) -> Connection:
-        conn = None
-        if self.idle:
-            conn = self.idle.pop()
-        elif self.open_count < self.max_size:
-            self.open_count += 1
-            conn = await self._connect_in_slot()
-        else:
-            self.waited += 1
-            waiter = asyncio.get_running_loop().create_future()
-            self.waiters.append(waiter)
-            try:
-                conn = await waiter
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
-                    # handed a connection (or an open slot) just as we gave up
-                    self._give_back(waiter.result())
-                raise
-            if conn is None:  # handed a free slot: open our own connection in it
-                conn = await self._connect_in_slot()
-        self.in_use += 1
-        if self.in_use > self.peak_in_use:
-            self.peak_in_use = self.in_use
-        return conn
-
-    async def _connect_in_slot(self):
-        self.peak_open = max(self.peak_open, self.open_count)
-        try:
-            return await Connection.open(self.host, self.port)
-        except BaseException:
-            self.connect_errors += 1
-            self._give_back(None)
-            raise
-
-    async def send(self, raw: bytes) -> Response:
-        """One request on a pooled connection, kept for the next one if the answer allows it
-        (a timeout cancelling the request closes the connection instead)."""
-        conn = await self.acquire()
-        reusable = False
-        try:
-            response = await conn.request(raw)
-            reusable = response.keep_alive
-        finally:
-            self.release(conn, reusable)
-        return response
-
-    def release(self, conn: Connection, reusable: bool):
-        self.in_use -= 1
-        if reusable:
-            self._give_back(conn)
-        else:
-            conn.close()
-            self.discarded += 1
-            self._give_back(None)
-
-    def _give_back(self, conn):
-        """Hand a connection (or, with None, a free slot) to the first waiter."""
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(conn)
-                return
-        if conn is not None:
-            self.idle.append(conn)
-        else:
-            self.open_count -= 1
-
-    def close(self):
-        """Close the idle connections (the pool can still open new ones later)."""
-        while self.idle:
-            self.idle.pop().close()
-            self.open_count -= 1
+    users: int
+    stock: int | None
+    model: str
+    duration: float | None
+    expect: Callable
+    pick: Callable = lambda i, rng, users: rng.randrange(users)
+    rate: float = 1000
+    connections: int = 32
+    start_delay: float = 0.0
+    single_user: bool = False
+    covers_every_user: bool = False  # the stock is at least one unit per user
+    buy_out_first: bool = False
+    opens_late: bool = False
 
 
-def build_request(method, path, host_header, token=None, body=None) -> bytes:
-    lines = [f'{method} {path} HTTP/1.1', f'Host: {host_header}', 'Accept: application/json']
-    if token:
-        lines.append(f'Authorization: Bearer {token}')
-    payload = b''
-    if body is not None:
-        payload = json.dumps(body).encode()
-        lines.append('Content-Type: application/json')
-    if body is not None or method in ('POST', 'PUT', 'PATCH'):
-        lines.append(f'Content-Length: {len(payload)}')
-    return ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1') + payload
+def _labels(records):
+    return collections.Counter(r.label for r in records)
 
 
-def split_base_url(base_url):
-    parts = urlsplit(base_url)
-    if parts.scheme != 'http':
-        raise SetupError(f'only http:// base URLs are supported, not {base_url!r}')
-    host = parts.hostname or '127.0.0.1'
-    port = parts.port or 80
-    return host, port, parts.netloc
+def expect_single_user(plan, records, sent_users, opening_offset):
+    labels = _labels(records)
+    created = labels.get('201', 0)
+    others = {k: v for k, v in labels.items() if k not in ('201', '409 already_purchased')}
+    return Expected('single user: exactly one 201, every other answer 409 already_purchased',
+                    created == 1 and not others, f'{created} x 201, other answers {others or "none"}')
+
+
+def expect_sold_out(plan, records, sent_users, opening_offset):
+    labels = _labels(records)
+    others = {k: v for k, v in labels.items() if k != '409 sold_out'}
+    return Expected('sold out: every request refused 409 sold_out', not others,
+                    f'{labels.get("409 sold_out", 0)} x 409 sold_out, others {others or "none"}')
+
+
+def expect_one_per_user(plan, records, sent_users, opening_offset):
+    # the stock covers every user: each user's first purchase must succeed
+    labels = _labels(records)
+    created = labels.get('201', 0)
+    want = len(sent_users)
+    return Expected('throughput: one 201 per distinct user (the stock covers them all)', created == want,
+                    f'{created} x 201 for {want} distinct users; {dict(labels)}')
+
+
+def expect_opening(plan, records, sent_users, opening_offset):
+    # requests scheduled more than 100 ms before the start (by our estimate of the server's clock)
+    # must all be sale_not_started; afterwards min(stock, buyers) orders
+    margin = 0.1
+    created = _labels(records).get('201', 0)
+    before = [r for r in records if r.scheduled < opening_offset - margin]
+    bad = collections.Counter(r.label for r in before if r.label != '409 sale_not_started')
+    after_users = {r.user for r in records if r.scheduled >= opening_offset + margin}
+    want = min(plan.stock, len(after_users))
+    return Expected('opening: sale_not_started before the start, then min(stock, buyers) orders',
+                    not bad and created == want,
+                    f'{len(before)} requests before the start, unexpected answers {dict(bad) or "none"}; '
+                    f'{created} x 201, expected {want}')
+
+
+def expect_stock_sold(plan, records, sent_users, opening_offset):
+    created = _labels(records).get('201', 0)
+    want = min(plan.stock, len(sent_users))
+    return Expected(f'{plan.scenario}: orders == min(stock, users who sent requests)', created == want,
+                    f'{created} x 201, stock {plan.stock}, {len(sent_users)} users sent requests')
+
+
+SCENARIOS = {
+    'single-user': Scenario(users=1, stock=10, model='open', rate=500, duration=2.0, single_user=True,
+                            pick=lambda i, rng, users: 0, expect=expect_single_user),
+    'crowd': Scenario(users=100, stock=50, model='open', duration=4.0, expect=expect_stock_sold),
+    'throughput': Scenario(users=2000, stock=None, model='closed', duration=None,
+                           pick=lambda i, rng, users: i % users, covers_every_user=True,
+                           expect=expect_one_per_user),
+    'sold-out': Scenario(users=100, stock=1, model='open', duration=4.0, buy_out_first=True,
+                         expect=expect_sold_out),
+    'opening': Scenario(users=100, stock=50, model='open', duration=5.0, start_delay=2.0, opens_late=True,
+                        expect=expect_opening),
+}
 
 
 # --------------------------------------------------------------------------
-# Setup and read-back through the API
+# Load models: how the requests arrive
 # --------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class User:
-    index: int
-    email: str
-    id: str
-    token: str
+@dataclasses.dataclass(frozen=True)
+class Load:
+    """How much load, and how it arrives (MODELS[model])."""
 
-
-def _parse_time(text):
-    return datetime.fromisoformat(text.replace('Z', '+00:00'))
-
-
-def _iso(moment: datetime):
-    return moment.astimezone(timezone.utc).strftime('%Y-%m-%dT%H:%M:%S.%fZ')
-
-
-class Api:
-    """Setup and read-back calls, over a small keep-alive pool of its own."""
-
-    def __init__(self, base_url, connections=16, timeout=60.0):
-        self.base_url = base_url
-        self.host, self.port, self.host_header = split_base_url(base_url)
-        self.pool = ConnectionPool(self.host, self.port, 0, connections)
-        self.timeout = timeout
-
-    async def call(self, method, path, token=None, body=None, expect=(200,), retries=8):
-        """One request; retries 503/429 (honouring Retry-After) and broken connections."""
-        raw = build_request(method, path, self.host_header, token, body)
-        for attempt in range(retries + 1):
-            try:
-                async with asyncio.timeout(self.timeout):
-                    response = await self.pool.send(raw)
-            except (OSError, asyncio.IncompleteReadError, ProtocolError) as exc:
-                if attempt == retries:
-                    raise SetupError(f'{method} {path}: {exc!r}') from exc
-                await asyncio.sleep(0.2 * (attempt + 1))
-                continue
-            if response.status in (429, 503) and attempt < retries:
-                await asyncio.sleep(min(float(response.headers.get('retry-after', 1) or 1), 5.0))
-                continue
-            if expect and response.status not in expect:
-                raise SetupError(
-                    f'{method} {path}: expected {"/".join(map(str, expect))}, got {response.status} '
-                    f'{response.body[:300].decode("utf-8", "replace")}'
-                )
-            return response.status, response.json()
-        raise AssertionError('unreachable')
-
-    async def server_clock(self):
-        """(server's now, local monotonic time it corresponds to)."""
-        sent = time.monotonic()
-        _, body = await self.call('GET', '/health')
-        got = time.monotonic()
-        return _parse_time(body['serverTime']), (sent + got) / 2
-
-    async def login(self, email, password):
-        _, body = await self.call('POST', '/api/auth/login', body={'email': email, 'password': password})
-        return User(-1, email, body['user']['id'], body['token']), body['user']
-
-    async def register(self, email, password, index=-1):
-        _, body = await self.call(
-            'POST', '/api/auth/register', body={'email': email, 'password': password}, expect=(201,)
-        )
-        return User(index, email, body['user']['id'], body['token'])
-
-    async def register_users(self, count, prefix, concurrency=DEFAULT_REGISTER_CONCURRENCY,
-                             first_index=0):
-        semaphore = asyncio.Semaphore(concurrency)
-
-        async def one(i):
-            async with semaphore:
-                return await self.register(f'{prefix}-{i}@example.com', USER_PASSWORD, index=i)
-
-        return list(await asyncio.gather(*(one(i) for i in range(first_index, first_index + count))))
-
-    async def admin_token(self, admin_email=None, admin_password=None, grant_admin=False, flashsale_cmd=None,
-                          database_url=None, run_id=None):
-        if admin_email:
-            if not admin_password:
-                raise SetupError('--admin-email needs --admin-password')
-            admin, user = await self.login(admin_email, admin_password)
-            if not user.get('isAdmin'):
-                raise SetupError(f'{admin_email} is not an admin (flashsale grant-admin {admin_email})')
-            return admin.token
-        if not grant_admin:
-            raise SetupError('an admin is needed to create the sale: pass --admin-email/--admin-password '
-                             'or --grant-admin')
-        email = f'loadtest-admin-{run_id or uuid.uuid4().hex[:10]}@example.com'
-        password = 'loadtest-admin-' + uuid.uuid4().hex
-        await self.register(email, password)
-        grant_admin_command(email, flashsale_cmd, database_url)
-        # log in again: the token minted at registration may carry isAdmin=false
-        admin, user = await self.login(email, password)
-        if not user.get('isAdmin'):
-            raise SetupError(f'flashsale grant-admin {email} ran, but the server still says isAdmin=false '
-                             '(does the command use the same DATABASE_URL as the server?)')
-        return admin.token
-
-    async def create_sale(self, admin_token, total_stock, starts_at: datetime, length: timedelta, name):
-        _, body = await self.call(
-            'POST', '/api/flash-sales', token=admin_token, expect=(201,),
-            body={'name': name, 'startDate': _iso(starts_at), 'endDate': _iso(starts_at + length),
-                  'totalStock': total_stock},
-        )
-        return body['flashSale']
-
-    async def purchase(self, user: User, sale_id):
-        return await self.call('POST', f'/api/flash-sales/{sale_id}/purchase', token=user.token, expect=None)
-
-    async def read_back(self, sale_id, users, concurrency=READ_BACK_CONCURRENCY):
-        """The sale as the API sees it, and per user: the order of this sale and how many it has."""
-        _, body = await self.call('GET', f'/api/flash-sales/{sale_id}')
-        sale = body['flashSale']
-        semaphore = asyncio.Semaphore(concurrency)
-
-        async def orders_of(user):
-            async with semaphore:
-                status, one = await self.call('GET', f'/api/me/orders/{sale_id}', token=user.token, expect=(200, 404))
-                _, every = await self.call('GET', '/api/me/orders', token=user.token)
-            mine = [o for o in every['orders'] if o['flashSaleId'] == sale_id]
-            return {
-                'user': user.index,
-                'order': one['order'] if status == 200 else None,
-                'code': None if status == 200 else (one or {}).get('code'),
-                'count': len(mine),
-                'orders': mine,
-            }
-
-        per_user = await asyncio.gather(*(orders_of(u) for u in users))
-        return sale, per_user
-
-    def close(self):
-        self.pool.close()
-
-
-def grant_admin_command(email, flashsale_cmd=None, database_url=None):
-    """Run `flashsale grant-admin EMAIL` (the app's CLI) with the server's DATABASE_URL."""
-    if flashsale_cmd:
-        command = shlex.split(flashsale_cmd)
-    else:
-        found = shutil.which('flashsale') or shutil.which('flashsale', path=os.path.dirname(sys.executable))
-        if not found:
-            raise SetupError('--grant-admin needs the `flashsale` command (pip install -e .) or --flashsale-cmd')
-        command = [found]
-    env = dict(os.environ)
-    if database_url:
-        env['DATABASE_URL'] = database_url
-    # `flashsale` refuses to start without JWT_SECRET when DATABASE_URL is set, even for
-    # grant-admin, which signs nothing: a throwaway value is enough for it.
-    if env.get('DATABASE_URL') and not env.get('JWT_SECRET'):
-        env['JWT_SECRET'] = 'grant-admin-only-' + uuid.uuid4().hex + uuid.uuid4().hex
-    done = subprocess.run(command + ['grant-admin', email], env=env, capture_output=True, text=True, timeout=120)
-    if done.returncode != 0:
-        hint = ''
-        if not env.get('DATABASE_URL'):
-            hint = ('\n(no DATABASE_URL: the command used the embedded database of the current directory; '
-                    'pass --database-url with the server\'s DATABASE_URL, or run from the directory the '
-                    'server was started in)')
-        raise SetupError(f'{" ".join(command)} grant-admin {email} failed ({done.returncode}): '
-                         f'{(done.stderr or done.stdout).strip()[-500:]}{hint}')
-
-
-# --------------------------------------------------------------------------
-# The load itself
-# --------------------------------------------------------------------------
-
-# One record per request: (scheduled start, actual start, end, label, user index, order's userId or None).
-# Times are seconds since the run's t0 (monotonic). label is '201', '409 sold_out', 'timeout', 'error:...'.
+    model: str
+    connections: int
+    max_connections: int
+    rate: float | None = None
+    duration: float | None = None
+    requests: int | None = None  # closed model: None means until duration
+    timeout: float = 10.0
 
 
 class LoadRun:
-    def __init__(self, base_url, connections, max_connections, timeout):
+    """The requests of one run over one pool, and what it took: records, elapsed, CPU."""
+
+    def __init__(self, base_url, load: Load):
         self.host, self.port, self.host_header = split_base_url(base_url)
-        self.pool = ConnectionPool(self.host, self.port, connections, max_connections)
-        self.timeout = timeout
+        self.pool = ConnectionPool(self.host, self.port, load.connections, load.max_connections)
+        self.timeout = load.timeout
         self.records = []
         self.t0 = None
         self.max_lag = 0.0
         self.elapsed = None
         self.cpu = None
         self.started_at = None  # wall clock, for reports
+        self._cpu_before = None
 
-    async def _fire(self, raw, user, scheduled):
+    async def start(self, t0):
+        await self.pool.start()
+        self._cpu_before = _cpu_seconds()
+        self.t0 = t0
+        self.started_at = datetime.now(timezone.utc)
+
+    def finish(self):
+        self.elapsed = asyncio.get_running_loop().time() - self.t0
+        self.cpu = _cpu_seconds() - self._cpu_before
+        self.pool.close()
+
+    async def fire(self, raw, user, scheduled, send=None):
+        """One request, recorded. send(raw) -> Response defaults to the pool's
+        (a model with connections of its own passes theirs)."""
         loop_time = asyncio.get_running_loop().time
         start = loop_time()
+        order = None
         try:
             async with asyncio.timeout(self.timeout):
-                response = await self.pool.send(raw)
+                response = await (send or self.pool.send)(raw)
         except TimeoutError:
-            label, buyer = 'timeout', None
+            label = 'timeout'
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ProtocolError, ValueError) as exc:
-            label, buyer = f'error:{type(exc).__name__}', None
+            label = f'error:{type(exc).__name__}'
         else:
             body = response.json() if response.body else None
-            buyer = None
             if response.status < 300:
                 label = str(response.status)
                 if isinstance(body, dict) and isinstance(body.get('order'), dict):
-                    buyer = body['order'].get('userId')
+                    order = body['order'].get('id')
             else:
                 code = body.get('code') if isinstance(body, dict) else None
                 label = f'{response.status} {code}' if code else str(response.status)
         t0 = self.t0
-        self.records.append((scheduled - t0, start - t0, loop_time() - t0, label, user, buyer))
+        self.records.append(Record(scheduled - t0, start - t0, loop_time() - t0, label, user, order))
 
-    async def run_open(self, request_for, rate, duration):
-        """Start request i at t0 + i/rate for duration seconds, finished or not."""
+
+class OpenModel:
+    """Request i starts at t0 + i/rate for duration seconds, finished or not.
+    Latency counts from the scheduled start (no coordinated omission)."""
+
+    scheduled = True
+
+    def describe(self, load):
+        return (f'open model, {load.rate:g} req/s for {load.duration:g} s over {load.connections} '
+                f'connections (up to {load.max_connections})')
+
+    async def run(self, run: LoadRun, load: Load, request_for):
         loop = asyncio.get_running_loop()
-        total = max(1, round(rate * duration))
-        await self.pool.start()
-        cpu_before = _cpu_seconds()
-        self.t0 = loop.time() + 0.02
-        self.started_at = datetime.now(timezone.utc)
+        rate = load.rate
+        total = max(1, round(rate * load.duration))
+        await run.start(loop.time() + 0.02)
         tasks = set()
         i = 0
         while i < total:
             now = loop.time()
             while i < total:
-                scheduled = self.t0 + i / rate
+                scheduled = run.t0 + i / rate
                 if scheduled > now:
                     break
-                self.max_lag = max(self.max_lag, now - scheduled)
+                run.max_lag = max(run.max_lag, now - scheduled)
                 raw, user = request_for(i)
-                task = loop.create_task(self._fire(raw, user, scheduled))
+                task = loop.create_task(run.fire(raw, user, scheduled))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
                 i += 1
             if i < total:
-                await asyncio.sleep(max(0.0, self.t0 + i / rate - loop.time()))
+                await asyncio.sleep(max(0.0, run.t0 + i / rate - loop.time()))
         if tasks:
             await asyncio.gather(*tasks)
-        self.elapsed = loop.time() - self.t0
-        self.cpu = _cpu_seconds() - cpu_before
-        self.pool.close()
+        run.finish()
 
-    async def run_closed(self, request_for, connections, requests=None, duration=None):
-        """`connections` workers, each one request at a time, until `requests` sent or `duration` passed."""
+
+class ClosedModel:
+    """`connections` workers, each one request at a time, until `requests` sent or `duration` passed."""
+
+    scheduled = False
+
+    def describe(self, load):
+        return (f'closed model, {load.connections} connections, '
+                + (f'{load.requests} requests' if load.requests is not None else '')
+                + (f' for at most {load.duration:g} s' if load.duration else ''))
+
+    async def run(self, run: LoadRun, load: Load, request_for):
         loop = asyncio.get_running_loop()
-        await self.pool.start()
-        cpu_before = _cpu_seconds()
-        self.t0 = loop.time()
-        self.started_at = datetime.now(timezone.utc)
-        deadline = self.t0 + duration if duration else math.inf
-        counter = iter(range(requests)) if requests is not None else itertools.count()
+        await run.start(loop.time())
+        deadline = run.t0 + load.duration if load.duration else math.inf
+        counter = iter(range(load.requests)) if load.requests is not None else itertools.count()
 
         async def worker():
             for i in counter:
@@ -603,12 +384,15 @@ class LoadRun:
                 if now >= deadline:
                     return
                 raw, user = request_for(i)
-                await self._fire(raw, user, now)
+                await run.fire(raw, user, now)
 
-        await asyncio.gather(*(worker() for _ in range(connections)))
-        self.elapsed = loop.time() - self.t0
-        self.cpu = _cpu_seconds() - cpu_before
-        self.pool.close()
+        await asyncio.gather(*(worker() for _ in range(load.connections)))
+        run.finish()
+
+
+# A new way for requests to arrive is a class with describe(load) and
+# run(run, load, request_for) (calling run.start, run.fire per request, run.finish).
+MODELS = {'open': OpenModel(), 'closed': ClosedModel()}
 
 
 def _cpu_seconds():
@@ -617,8 +401,173 @@ def _cpu_seconds():
 
 
 # --------------------------------------------------------------------------
-# Summaries and checks
+# 1. Plan: the scenario's defaults and the flags, resolved
 # --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    scenario: str
+    base_url: str
+    users: int
+    stock: int
+    load: Load
+    planned: int | None  # requests the run will send (None: as many as fit in the duration)
+    start_delay: float
+    seed: int | None
+    settle: float
+    bucket: float | None
+
+    @property
+    def kind(self) -> Scenario:
+        return SCENARIOS[self.scenario]
+
+    def params(self):
+        load = self.load
+        return {'users': self.users, 'stock': self.stock, 'rate': load.rate if load.model == 'open' else None,
+                'duration': load.duration, 'connections': load.connections,
+                'max_connections': load.max_connections, 'requests': self.planned,
+                'start_delay': self.start_delay if self.kind.opens_late else None,
+                'timeout': load.timeout, 'seed': self.seed}
+
+
+def plan(scenario, base_url=DEFAULT_BASE_URL, users=None, stock=None, rate=None, duration=None, connections=None,
+         max_connections=None, requests=None, model=None, start_delay=None, timeout=10.0, seed=None, settle=1.0,
+         bucket=None, prepared_users=None):
+    """The run to do: the scenario's defaults where no option is given."""
+    if scenario not in SCENARIOS:
+        raise SetupError(f'unknown scenario {scenario!r}; one of {", ".join(SCENARIOS)}')
+    kind = SCENARIOS[scenario]
+    users = 1 if kind.single_user else users or (len(prepared_users) if prepared_users else kind.users)
+    model = model or kind.model
+    rate = rate or kind.rate
+    duration = duration if duration is not None else kind.duration
+    connections = connections or kind.connections
+    start_delay = start_delay if start_delay is not None else kind.start_delay
+    if model == 'open':
+        max_connections = max_connections or max(DEFAULT_MAX_CONNECTIONS, connections)
+        if not duration:
+            duration = requests / rate if requests else 4.0
+    else:
+        max_connections = connections
+        if requests is None and not duration:
+            requests = users
+    planned = requests if requests is not None else (round(rate * duration) if model == 'open' else None)
+    if stock is None:
+        stock = kind.stock if kind.stock is not None else (planned or users)
+        if kind.covers_every_user:
+            stock = max(stock, users)
+    load = Load(model, connections, max_connections, rate if model == 'open' else None, duration, requests,
+                timeout)
+    return Plan(scenario, base_url, users, stock, load, planned, start_delay, seed, settle, bucket)
+
+
+# --------------------------------------------------------------------------
+# 2. Prepare: admin, users and the sale, through the API
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Prepared:
+    admin_token: str
+    crowd: list  # the run's users (loadclient.User), index = position
+    sale: dict
+    opening_at: datetime | None  # when the sale starts, if it starts during the run
+    clock: tuple  # (server's now, the local monotonic time it corresponds to)
+    request_for: Callable  # i -> (raw request, user index)
+    early_birds: list = dataclasses.field(default_factory=list)  # bought the stock in setup
+    setup_answers: list = dataclasses.field(default_factory=list)  # their 201s (invariants.Answer)
+
+
+async def prepare(api: Api, the_plan: Plan, admin_token=None, admin_email=None, admin_password=None,
+                  grant_admin=False, flashsale_cmd=None, database_url=None, prepared_users=None,
+                  register_concurrency=DEFAULT_REGISTER_CONCURRENCY, log=None):
+    """The admin, users and sale the plan needs. admin_token/prepared_users let a
+    caller (bench.py) register once and run many times."""
+    log = log or (lambda *_: None)
+    kind, users, stock = the_plan.kind, the_plan.users, the_plan.stock
+    run_id = uuid.uuid4().hex[:10]
+    if admin_token is None:
+        log(f'admin: {"log in as " + admin_email if admin_email else "register and grant-admin"}')
+        admin_token = await api.admin_token(admin_email, admin_password, grant_admin, flashsale_cmd,
+                                            database_url, run_id)
+    if prepared_users:
+        if len(prepared_users) < users:
+            raise SetupError(f'{users} users wanted, {len(prepared_users)} prepared')
+        crowd = list(prepared_users[:users])
+    else:
+        log(f'registering {users} users ({register_concurrency} at a time) ...')
+        started = time.monotonic()
+        crowd = await api.register_users(users, f'lt-{run_id}', register_concurrency)
+        log(f'  {users} users in {time.monotonic() - started:.1f} s')
+    early_birds = []
+    if kind.buy_out_first:
+        early_birds = await api.register_users(stock, f'lt-{run_id}-early', register_concurrency,
+                                               first_index=users)
+    server_now, local_ref = await api.server_clock()
+    opening_at = None
+    if kind.opens_late:
+        # the run starts right after the sale is created: start the sale start_delay later
+        starts_at = server_now + timedelta(seconds=the_plan.start_delay + 0.25)
+        # whole milliseconds: the API prints times to the millisecond, and the check
+        # "no order before the start" compares printed times
+        starts_at = starts_at.replace(microsecond=starts_at.microsecond // 1000 * 1000)
+        opening_at = starts_at
+    else:
+        starts_at = server_now - timedelta(seconds=1)
+    length = timedelta(seconds=max(120.0, (the_plan.load.duration or 0) * 3 + the_plan.start_delay + 60))
+    sale = await api.create_sale(admin_token, stock, starts_at, length,
+                                 f'loadtest {the_plan.scenario} {run_id}')
+    log(f'sale {sale["id"]}: stock {stock}, starts {sale["startDate"]}')
+    setup_answers = []
+    for bird in early_birds:
+        status, body = await api.purchase(bird, sale['id'])
+        if status != 201:
+            raise SetupError(f'sold-out setup: buying the stock got {status} {body}')
+        setup_answers.append(invariants.Answer(bird.index, 'created', body['order']['id']))
+
+    raws = [build_request('POST', f'/api/flash-sales/{sale["id"]}/purchase', api.host_header, u.token)
+            for u in crowd]
+    rng = random.Random(the_plan.seed)
+
+    def request_for(i):
+        u = kind.pick(i, rng, users)
+        return raws[u], u
+
+    return Prepared(admin_token, crowd, sale, opening_at, (server_now, local_ref), request_for, early_birds,
+                    setup_answers)
+
+
+# --------------------------------------------------------------------------
+# 3. Run: the load, and its summary
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Ran:
+    run: LoadRun
+    summary: dict  # what summarize() returns
+    opening_offset: float | None  # where the sale's start fell, in seconds after the run's t0
+
+
+async def run_load(the_plan: Plan, prepared: Prepared, probe=None, log=None):
+    """The load itself. probe: a function called right before and right after
+    the load (not the setup or the read-back); the difference lands in
+    summary['probe_delta'] (bench.py: the server's CPU time)."""
+    log = log or (lambda *_: None)
+    load, model = the_plan.load, MODELS[the_plan.load.model]
+    run = LoadRun(the_plan.base_url, load)
+    probe_before = probe() if probe else None
+    log(f'running {the_plan.scenario}: {model.describe(load)}')
+    opening_loop_time = None
+    if prepared.opening_at is not None:
+        server_now, local_ref = prepared.clock
+        until_start = (prepared.opening_at - server_now).total_seconds() - (time.monotonic() - local_ref)
+        opening_loop_time = asyncio.get_running_loop().time() + until_start
+    await model.run(run, load, prepared.request_for)
+    summary = summarize(run, load.model, the_plan.bucket)
+    summary['probe_delta'] = probe() - probe_before if probe else None
+    return Ran(run, summary, None if opening_loop_time is None else opening_loop_time - run.t0)
 
 
 def percentile(sorted_values, p):
@@ -641,21 +590,16 @@ def latency_summary(latencies):
     }
 
 
-def is_answer(label):
-    return not (label == 'timeout' or label.startswith('error:'))
-
-
 def summarize(run: LoadRun, model, bucket=None):
     records = run.records
-    by_label = collections.Counter(r[3] for r in records)
-    by_status = collections.Counter(r[3].split(' ', 1)[0] for r in records if is_answer(r[3]))
-    errors = {label: n for label, n in by_label.items() if not is_answer(label)}
-    # open model: from the scheduled start (what a customer waits); closed: from the send
-    latencies = [r[2] - r[0] for r in records if is_answer(r[3])]
+    by_label = collections.Counter(r.label for r in records)
+    by_status = collections.Counter(r.label.split(' ', 1)[0] for r in records if r.answered)
+    errors = {label: n for label, n in by_label.items() if label == 'timeout' or label.startswith('error:')}
+    latencies = [r.latency for r in records if r.answered]
     answered = len(latencies)
     span = run.elapsed or 0.0
-    starts = [r[1] for r in records]
-    if model == 'open' and len(starts) > 1:
+    starts = [r.started for r in records]
+    if MODELS[model].scheduled and len(starts) > 1:
         # requests started per second, over the time it took to start them all
         start_span = max(starts) - min(starts)
         started_rate = round((len(starts) - 1) / start_span, 1) if start_span else None
@@ -697,318 +641,131 @@ def timeline(records, bucket):
     """Per bucket of scheduled start time: p50/p99 latency and counts per label."""
     buckets = collections.defaultdict(list)
     for rec in records:
-        buckets[int(rec[0] // bucket)].append(rec)
+        buckets[int(rec.scheduled // bucket)].append(rec)
     out = []
     for index in range(max(buckets) + 1 if buckets else 0):
         recs = buckets.get(index, [])
-        lat = sorted(r[2] - r[0] for r in recs if is_answer(r[3]))
+        lat = sorted(r.latency for r in recs if r.answered)
         out.append({
             't': round(index * bucket, 3),
             'width': bucket,
             'p50_ms': None if not lat else round(percentile(lat, 50) * 1000, 2),
             'p99_ms': None if not lat else round(percentile(lat, 99) * 1000, 2),
-            'counts': dict(collections.Counter(r[3] for r in recs)),
+            'counts': dict(collections.Counter(r.label for r in recs)),
         })
     return out
 
 
-def check(checks, name, ok, detail):
-    checks.append({'name': name, 'ok': ok, 'detail': detail})
+# --------------------------------------------------------------------------
+# 4. Check: the outcome read back, against what the client saw
+# --------------------------------------------------------------------------
 
 
-def check_invariants(records, sale, per_user, users_by_id, setup_orders=0, expected=None, database=None,
-                     opening_at=None):
-    """The outcome read back after the run against what the client saw.
-
-    ok is True/False, or None when unanswered requests make it undecidable.
-    """
-    checks = []
-    total = sale['totalStock']
-    remaining = sale['remainingStock']
-    with_order = [u for u in per_user if u['order'] is not None]
-    api_orders = sum(u['count'] for u in per_user)
-    created = sum(1 for r in records if r[3] == '201')
-    unanswered = sum(1 for r in records if not is_answer(r[3]))
-
-    check(checks, 'stock conserved: remaining + orders == total', remaining + api_orders == total,
-          f'{remaining} + {api_orders} = {remaining + api_orders}, total {total}')
-    check(checks, 'no oversell: 0 <= remaining, orders <= total', remaining >= 0 and api_orders <= total,
-          f'remaining {remaining}, orders {api_orders}, total {total}')
-    dupes = [u['user'] for u in per_user if u['count'] > 1]
-    check(checks, 'at most one order per user', not dupes,
-          f'{len(dupes)} users with several orders' if dupes else f'{len(with_order)} users with one order each')
-    mismatched = [u['user'] for u in per_user if (u['order'] is not None) != (u['count'] == 1)]
-    check(checks, 'GET /api/me/orders/{saleId} agrees with GET /api/me/orders', not mismatched,
-          f'{len(mismatched)} users disagree' if mismatched else 'agree for every user')
-
-    expected_orders = created + setup_orders
-    ok = api_orders == expected_orders
-    if not ok and unanswered and expected_orders <= api_orders <= expected_orders + unanswered:
-        ok = None  # the difference can be requests whose answer never arrived
-    check(checks, 'orders == 201 answers received', ok,
-          f'{api_orders} orders, {created} 201s' + (f' + {setup_orders} bought in setup' if setup_orders else '')
-          + (f', {unanswered} requests unanswered' if unanswered else ''))
-
-    buyers = collections.Counter(r[5] for r in records if r[3] == '201')
-    twice = [b for b, n in buyers.items() if n > 1]
-    strangers = [r for r in records if r[3] == '201' and users_by_id.get(r[5]) != r[4]]
-    check(checks, 'no user received two 201s, each 201 is the requester\'s order', not twice and not strangers,
-          f'{len(twice)} users got two 201s, {len(strangers)} orders for someone else' if twice or strangers
-          else f'{len(buyers)} distinct buyers')
-
+def check_outcome(records, sale, per_user, setup_answers=(), expected=None, database=None, opening_at=None):
+    """The invariants (scripts/invariants.py) on the sale and the orders read back
+    (per_user: UserOrders), and what only the API can show, the database when
+    read, the opening time and the scenario's Expected. A check's ok is None when
+    requests that got no answer make it undecidable."""
+    state = invariants.SaleState(sale['totalStock'], sale['remainingStock'], sum(len(u.orders) for u in per_user))
+    orders_by_user = {u.user: [o['id'] for o in u.orders] for u in per_user}
+    answers = [r.answer() for r in records] + list(setup_answers)
+    checks = invariants.check_sale(state, orders_by_user, answers)
+    mismatched = [u.user for u in per_user if (u.order is not None) != (len(u.orders) == 1)]
+    checks.append(invariants.Check('GET /api/me/orders/{saleId} agrees with GET /api/me/orders', not mismatched,
+                                   f'{len(mismatched)} users disagree' if mismatched else 'agree for every user'))
     if opening_at is not None:
-        early = [u for u in with_order if _parse_time(u['order']['createdAt']) < opening_at]
-        check(checks, 'no order created before the sale started', not early,
-              f'{len(early)} orders before {_iso(opening_at)}' if early else f'all after {_iso(opening_at)}')
-
+        early = [u for u in per_user if u.order is not None and parse_time(u.order['createdAt']) < opening_at]
+        checks.append(invariants.Check(
+            'no order created before the sale started', not early,
+            f'{len(early)} orders before {iso(opening_at)}' if early else f'all after {iso(opening_at)}'))
     if database is not None:
-        check(checks, 'database: remaining + orders == total',
-              database['remaining'] + database['orders'] == database['total'],
-              f'{database["remaining"]} + {database["orders"]}, total {database["total"]}')
-        check(checks, 'database agrees with the API',
-              database['orders'] == api_orders and database['remaining'] == remaining
-              and database['duplicates'] == 0,
-              f'database: {database["orders"]} orders, {database["remaining"]} remaining, '
-              f'{database["duplicates"]} duplicate users; API: {api_orders} orders, {remaining} remaining')
-
+        in_db = invariants.SaleState(database['total'], database['remaining'], database['orders'])
+        checks += invariants.stock_checks(in_db, prefix='database: ')
+        checks.append(invariants.Check(
+            'database agrees with the API',
+            in_db.orders == state.orders and in_db.remaining == state.remaining and database['duplicates'] == 0,
+            f'database: {in_db.orders} orders, {in_db.remaining} remaining, {database["duplicates"]} duplicate '
+            f'users; API: {state.orders} orders, {state.remaining} remaining'))
     if expected is not None:
-        name, ok, detail = expected
-        if not ok and unanswered:
-            ok = None
-        check(checks, name, ok, detail)
-
-    verdict = 'pass'
-    if any(c['ok'] is False for c in checks):
-        verdict = 'fail'
-    elif any(c['ok'] is None for c in checks):
-        verdict = 'inconclusive'
-    return {'verdict': verdict, 'checks': checks, 'orders': api_orders, 'remaining': remaining, 'total': total,
-            'created_201': created}
+        unanswered = any(not r.answered for r in records)
+        checks.append(invariants.Check(expected.name, None if not expected.ok and unanswered else expected.ok,
+                                       expected.detail))
+    return {'verdict': invariants.verdict(checks), 'checks': [c._asdict() for c in checks],
+            'orders': state.orders, 'remaining': state.remaining, 'total': state.total,
+            'created_201': sum(1 for r in records if r.label == '201')}
 
 
 def read_database(database_url, sale_id):
     try:
-        import psycopg
-    except ImportError as exc:  # the only non-stdlib import, and only for this option
+        import psycopg  # noqa: PLC0415 (the only non-stdlib import, and only for this option)
+    except ImportError as exc:
         raise SetupError('--database-url needs psycopg (pip install "psycopg[binary]")') from exc
     with psycopg.connect(database_url, autocommit=True) as conn:
-        total, remaining = conn.execute(
-            'SELECT total_stock, remaining_stock FROM flash_sales WHERE id = %s', (sale_id,)
-        ).fetchone()
-        orders, buyers = conn.execute(
-            'SELECT count(*), count(DISTINCT user_id) FROM orders WHERE flash_sale_id = %s', (sale_id,)
-        ).fetchone()
-    return {'total': total, 'remaining': remaining, 'orders': orders, 'duplicates': orders - buyers}
+        state, by_user = invariants.read_sale(conn, sale_id)
+    return {'total': state.total, 'remaining': state.remaining, 'orders': state.orders,
+            'duplicates': state.orders - len(by_user)}
 
 
-# --------------------------------------------------------------------------
-# Scenarios
-# --------------------------------------------------------------------------
-
-
-def expected_outcome(scenario, records, stock, sent_users, opening_offset=None):
-    """(check name, ok, detail) for what the scenario must produce, given who sent requests."""
-    labels = collections.Counter(r[3] for r in records)
-    created = labels.get('201', 0)
-    if scenario == 'single-user':
-        others = {k: v for k, v in labels.items() if k not in ('201', '409 already_purchased')}
-        return ('single user: exactly one 201, every other answer 409 already_purchased',
-                created == 1 and not others, f'{created} x 201, other answers {others or "none"}')
-    if scenario == 'sold-out':
-        others = {k: v for k, v in labels.items() if k != '409 sold_out'}
-        return ('sold out: every request refused 409 sold_out', not others,
-                f'{labels.get("409 sold_out", 0)} x 409 sold_out, others {others or "none"}')
-    if scenario == 'throughput':
-        # the stock covers every user: each user's first purchase must succeed
-        want = len(sent_users)
-        return ('throughput: one 201 per distinct user (the stock covers them all)', created == want,
-                f'{created} x 201 for {want} distinct users; {dict(labels)}')
-    if scenario == 'opening':
-        # requests scheduled more than 100 ms before the start (by our estimate of the server's clock)
-        # must all be sale_not_started; afterwards min(stock, buyers) orders
-        margin = 0.1
-        before = [r for r in records if r[0] < opening_offset - margin]
-        bad = collections.Counter(r[3] for r in before if r[3] != '409 sale_not_started')
-        after_users = {r[4] for r in records if r[0] >= opening_offset + margin}
-        want = min(stock, len(after_users))
-        ok = not bad and created == want
-        return ('opening: sale_not_started before the start, then min(stock, buyers) orders', ok,
-                f'{len(before)} requests before the start, unexpected answers {dict(bad) or "none"}; '
-                f'{created} x 201, expected {want}')
-    want = min(stock, len(sent_users))
-    return (f'{scenario}: orders == min(stock, users who sent requests)', created == want,
-            f'{created} x 201, stock {stock}, {len(sent_users)} users sent requests')
-
-
-async def run_scenario_async(scenario, base_url=DEFAULT_BASE_URL, users=None, stock=None, rate=None,
-                             duration=None, connections=None, max_connections=None, requests=None, model=None,
-                             start_delay=None, timeout=10.0, admin_email=None, admin_password=None,
-                             grant_admin=False, admin_token=None, flashsale_cmd=None, database_url=None,
-                             seed=None, register_concurrency=DEFAULT_REGISTER_CONCURRENCY, prepared_users=None,
-                             bucket=None, settle=1.0, probe=None, log=None):
-    """Prepare users and a sale through the API, run the load, read back and check.
-
-    prepared_users/admin_token let a caller (bench.py) register once and run many times.
-    settle: seconds to wait after the last answer before reading back: the server may
-    answer GET /api/flash-sales/{id} from its poll cache (POLL_CACHE_MS, 500 ms by default).
-    probe: a function called right before and right after the load (not the setup or the
-    read-back); the difference lands in result['probe_delta'] (bench.py: the server's CPU time).
-    """
-    if scenario not in SCENARIOS:
-        raise SetupError(f'unknown scenario {scenario!r}; one of {", ".join(SCENARIOS)}')
+async def check(api: Api, the_plan: Plan, prepared: Prepared, ran: Ran, database_url=None, log=None):
+    """Read the outcome back (after the_plan.settle seconds: the server may answer
+    GET /api/flash-sales/{id} from its poll cache, POLL_CACHE_MS) and check it.
+    Returns (the sale read back, the database's counts or None, the invariants)."""
     log = log or (lambda *_: None)
-    defaults = SCENARIOS[scenario]
-    users = users or (len(prepared_users) if prepared_users else defaults['users'])
-    if scenario == 'single-user':
-        users = 1
-    model = model or defaults['model']
-    rate = rate or defaults.get('rate', 1000)
-    duration = duration if duration is not None else defaults.get('duration')
-    connections = connections or defaults['connections']
-    max_connections = max_connections or max(DEFAULT_MAX_CONNECTIONS, connections)
-    start_delay = start_delay if start_delay is not None else defaults.get('start_delay', 0.0)
-    if model == 'open' and not duration:
-        duration = requests / rate if requests else 4.0
-    if model == 'closed' and requests is None and not duration:
-        requests = users
-    planned = requests if requests is not None else (round(rate * duration) if model == 'open' else None)
-    if stock is None:
-        stock = defaults['stock'] if defaults['stock'] is not None else (planned or users)
-        if scenario == 'throughput':
-            stock = max(stock, users)
-    rng = random.Random(seed)
-    run_id = uuid.uuid4().hex[:10]
+    log('reading the outcome back from the API ...')
+    await asyncio.sleep(the_plan.settle)
+    records, sale_id = ran.run.records, prepared.sale['id']
+    sent_users = {r.user for r in records}
+    checked = [prepared.crowd[i] for i in sorted(sent_users)] + prepared.early_birds
+    sale, per_user = await api.read_back(sale_id, checked, concurrency=READ_BACK_CONCURRENCY)
+    database = read_database(database_url, sale_id) if database_url else None
+    outcome = check_outcome(
+        records, sale, per_user, prepared.setup_answers,
+        expected=the_plan.kind.expect(the_plan, records, sent_users, ran.opening_offset),
+        database=database,
+        opening_at=None if prepared.opening_at is None else parse_time(sale['startDate']),
+    )
+    return sale, database, outcome
 
+
+# --------------------------------------------------------------------------
+# The four together
+# --------------------------------------------------------------------------
+
+
+async def run_scenario_async(scenario, base_url=DEFAULT_BASE_URL, *, admin_token=None, admin_email=None,
+                             admin_password=None, grant_admin=False, flashsale_cmd=None, database_url=None,
+                             register_concurrency=DEFAULT_REGISTER_CONCURRENCY, prepared_users=None, probe=None,
+                             log=None, **options):
+    """plan -> prepare -> run -> check; returns the result dict that --json writes.
+
+    options are plan()'s (users, stock, rate, duration, connections, ...);
+    the rest are prepare()'s, probe is run_load()'s.
+    """
+    the_plan = plan(scenario, base_url, prepared_users=prepared_users, **options)
     api = Api(base_url, connections=max(READ_BACK_CONCURRENCY, register_concurrency))
     try:
-        if admin_token is None:
-            log(f'admin: {"log in as " + admin_email if admin_email else "register and grant-admin"}')
-            admin_token = await api.admin_token(admin_email, admin_password, grant_admin, flashsale_cmd,
-                                                database_url, run_id)
-        if prepared_users:
-            if len(prepared_users) < users:
-                raise SetupError(f'{users} users wanted, {len(prepared_users)} prepared')
-            crowd = list(prepared_users[:users])
-        else:
-            log(f'registering {users} users ({register_concurrency} at a time) ...')
-            started = time.monotonic()
-            crowd = await api.register_users(users, f'lt-{run_id}', register_concurrency)
-            log(f'  {users} users in {time.monotonic() - started:.1f} s')
-        early_birds = []
-        if scenario == 'sold-out':
-            early_birds = await api.register_users(stock, f'lt-{run_id}-early', register_concurrency,
-                                                   first_index=users)
-        server_now, local_ref = await api.server_clock()
-        opening_at = None
-        opening_loop_time = None
-        if scenario == 'opening':
-            # the run starts right after the sale is created: start the sale start_delay later
-            starts_at = server_now + timedelta(seconds=start_delay + 0.25)
-            # whole milliseconds: the API prints times to the millisecond, and the check
-            # "no order before the start" compares printed times
-            starts_at = starts_at.replace(microsecond=starts_at.microsecond // 1000 * 1000)
-            opening_at = starts_at
-        else:
-            starts_at = server_now - timedelta(seconds=1)
-        length = timedelta(seconds=max(120.0, (duration or 0) * 3 + start_delay + 60))
-        sale = await api.create_sale(admin_token, stock, starts_at, length, f'loadtest {scenario} {run_id}')
-        sale_id = sale['id']
-        log(f'sale {sale_id}: stock {stock}, starts {sale["startDate"]}')
-        setup_orders = 0
-        for bird in early_birds:
-            status, body = await api.purchase(bird, sale_id)
-            if status != 201:
-                raise SetupError(f'sold-out setup: buying the stock got {status} {body}')
-            setup_orders += 1
-
-        raws = [build_request('POST', f'/api/flash-sales/{sale_id}/purchase', api.host_header, u.token)
-                for u in crowd]
-        if scenario == 'single-user':
-            def request_for(i):
-                return raws[0], 0
-        elif scenario == 'throughput':
-            def request_for(i):
-                return raws[i % users], i % users
-        else:
-            def request_for(i):
-                u = rng.randrange(users)
-                return raws[u], u
-
-        # waitress serves at most 100 connections (connection_limit) and leaves the rest unanswered in the
-        # listen backlog: do not hold the setup connections open through the run.
+        prepared = await prepare(api, the_plan, admin_token, admin_email, admin_password, grant_admin,
+                                 flashsale_cmd, database_url, prepared_users, register_concurrency, log)
+        # the run's connections are the only ones open during the load
         api.pool.close()
-        run = LoadRun(base_url, connections, max_connections if model == 'open' else connections, timeout)
-        probe_before = probe() if probe else None
-        if model == 'open':
-            log(f'running {scenario}: open model, {rate:g} req/s for {duration:g} s over {connections} '
-                f'connections (up to {max_connections})')
-            # where the sale's start falls on the run's clock (seconds after t0), for the opening check
-            if opening_at is not None:
-                loop_now = asyncio.get_running_loop().time()
-                until_start = (opening_at - server_now).total_seconds() - (time.monotonic() - local_ref)
-                opening_loop_time = loop_now + until_start
-            await run.run_open(request_for, rate, duration)
-        else:
-            log(f'running {scenario}: closed model, {connections} connections, '
-                + (f'{requests} requests' if requests is not None else '')
-                + (f' for at most {duration:g} s' if duration else ''))
-            await run.run_closed(request_for, connections, requests, duration)
-        result = summarize(run, model, bucket)
-        result['probe_delta'] = probe() - probe_before if probe else None
-        opening_offset = (opening_loop_time - run.t0) if opening_at is not None else None
-
-        log('reading the outcome back from the API ...')
-        await asyncio.sleep(settle)
-        sent_users = {r[4] for r in run.records}
-        checked = [crowd[i] for i in sorted(sent_users)] + early_birds
-        sale_after, per_user = await api.read_back(sale_id, checked, concurrency=READ_BACK_CONCURRENCY)
-        database = read_database(database_url, sale_id) if database_url else None
-        users_by_id = {u.id: u.index for u in crowd}
-        invariants = check_invariants(
-            run.records, sale_after, per_user, users_by_id, setup_orders=setup_orders,
-            expected=expected_outcome(scenario, run.records, stock, sent_users, opening_offset),
-            database=database,
-            opening_at=None if opening_at is None else _parse_time(sale_after['startDate']),
-        )
+        ran = await run_load(the_plan, prepared, probe, log)
+        sale, database, outcome = await check(api, the_plan, prepared, ran, database_url, log)
     finally:
         api.close()
-
+    result = dict(ran.summary)
     result.update({
         'scenario': scenario,
         'base_url': base_url,
-        'started_at': _iso(run.started_at),
-        'params': {'users': users, 'stock': stock, 'rate': rate if model == 'open' else None,
-                   'duration': duration, 'connections': connections,
-                   'max_connections': max_connections if model == 'open' else connections,
-                   'requests': planned, 'start_delay': start_delay if scenario == 'opening' else None,
-                   'timeout': timeout, 'seed': seed},
-        'sale': {'id': sale_id, 'totalStock': sale_after['totalStock'],
-                 'remainingStock': sale_after['remainingStock'], 'startDate': sale_after['startDate']},
-        'users_sent': len(sent_users),
-        'opening_offset_s': None if opening_offset is None else round(opening_offset, 3),
+        'started_at': iso(ran.run.started_at),
+        'params': the_plan.params(),
+        'sale': {'id': sale['id'], 'totalStock': sale['totalStock'],
+                 'remainingStock': sale['remainingStock'], 'startDate': sale['startDate']},
+        'users_sent': len({r.user for r in ran.run.records}),
+        'opening_offset_s': None if ran.opening_offset is None else round(ran.opening_offset, 3),
         'database': database,
-        'invariants': invariants,
-        'ok': invariants['verdict'] == 'pass',
+        'invariants': outcome,
+        'ok': outcome['verdict'] == 'pass',
     })
-    return result
-
-
-async def run_plain_async(base_url, path, method='GET', token=None, model='closed', connections=32,
-                          requests=None, duration=None, rate=None, max_connections=None, timeout=10.0,
-                          probe=None):
-    """The same request over and over, no setup and no checks (e.g. GET /health as a ceiling)."""
-    host, port, host_header = split_base_url(base_url)
-    raw = build_request(method, path, host_header, token)
-    run = LoadRun(base_url, connections, max_connections or (connections if model == 'closed'
-                                                               else max(DEFAULT_MAX_CONNECTIONS, connections)),
-                  timeout)
-    probe_before = probe() if probe else None
-    if model == 'open':
-        await run.run_open(lambda i: (raw, 0), rate, duration)
-    else:
-        await run.run_closed(lambda i: (raw, 0), connections, requests, duration)
-    result = summarize(run, model)
-    result['probe_delta'] = probe() - probe_before if probe else None
     return result
 
 
@@ -1017,187 +774,21 @@ def run_scenario(scenario, **options):
     return asyncio.run(run_scenario_async(scenario, **options))
 
 
-# --------------------------------------------------------------------------
-# Reports
-# --------------------------------------------------------------------------
-
-
-def format_report(result):
-    lines = []
-    p = result['params']
-    lines.append(f'scenario {result["scenario"]} against {result["base_url"]} ({result["model"]} model)')
-    if result['model'] == 'open':
-        lines.append(f'  offered {p["rate"]:g} req/s for {p["duration"]:g} s = {result["requests"]} requests, '
-                     f'{p["users"]} users, stock {p["stock"]}')
-    else:
-        lines.append(f'  {p["connections"]} connections, {result["requests"]} requests, {p["users"]} users, '
-                     f'stock {p["stock"]}')
-    lines.append(f'  achieved {result["achieved_rate"]} req/s started; {result["answered"]} answered in '
-                 f'{result["elapsed_s"]} s = {result["answered_rate"]} answers/s')
-    lines.append('answers:')
-    for label, n in result['by_code'].items():
-        lines.append(f'  {n:>8}  {label}')
-    lines.append('by status: ' + ', '.join(f'{k}: {v}' for k, v in result['by_status'].items()))
-    lat = result['latency_ms']
-    lines.append(f'latency ms: p50 {lat["p50"]}  p90 {lat["p90"]}  p99 {lat["p99"]}  max {lat["max"]}'
-                 + ('  (from the scheduled start)' if result['model'] == 'open' else ''))
-    lines.append(f'errors: {sum(result["errors"].values())} (timeouts {result["timeouts"]})'
-                 + (f' {result["errors"]}' if result['errors'] else ''))
-    c = result['connections']
-    lines.append(f'connections: {c["initial"]} opened up front, peak {c["peak_open"]} open '
-                 f'({c["opened_beyond_initial"]} beyond the initial ones, cap {c["max"]}), '
-                 f'{c["waited_for_connection"]} requests waited for a free one, '
-                 f'{c["discarded"]} closed after a timeout, an error or "Connection: close"')
-    cl = result['client']
-    lines.append(f'client: {cl["cpu_cores_used"]} CPU cores used, fell behind schedule by at most '
-                 f'{cl["max_schedule_lag_ms"]} ms')
-    if cl['cpu_cores_used'] and cl['cpu_cores_used'] > 0.9:
-        lines.append('  warning: the client used a whole core; it may be the bottleneck')
-    inv = result['invariants']
-    lines.append(f'sale {result["sale"]["id"]}: total {inv["total"]}, remaining {inv["remaining"]}, '
-                 f'orders {inv["orders"]}, 201s received {inv["created_201"]}')
-    for c in inv['checks']:
-        mark = {True: 'ok  ', False: 'FAIL', None: '??  '}[c['ok']]
-        lines.append(f'  {mark} {c["name"]}: {c["detail"]}')
-    lines.append(f'verdict: {inv["verdict"].upper()}')
-    return '\n'.join(lines)
-
-
-PALETTE = ['#2e7d32', '#1565c0', '#ef6c00', '#6a1b9a', '#c62828', '#00838f', '#9e9d24', '#5d4037', '#455a64']
-
-
-def _label_colour(label, order):
-    if label == '201':
-        return PALETTE[0]
-    if label == 'timeout' or label.startswith('error:') or label.startswith('5'):
-        return PALETTE[4] if label == 'timeout' else '#b71c1c'
-    return PALETTE[1 + order.index(label) % 7] if label in order else PALETTE[-1]
-
-
-def _svg_axes(width, height, pad, y_max, y_label, x_max, x_label):
-    parts = [f'<rect x="{pad}" y="10" width="{width - pad - 10}" height="{height - pad - 10}" '
-             'fill="none" stroke="#999"/>']
-    for k in range(5):
-        v = y_max * k / 4
-        y = height - pad - (height - pad - 10) * k / 4
-        parts.append(f'<line x1="{pad}" x2="{width - 10}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eee"/>')
-        parts.append(f'<text x="{pad - 4}" y="{y + 4:.1f}" text-anchor="end">'
-                     f'{f"{v:,.0f}" if y_max >= 100 else f"{v:.3g}"}</text>')
-    for k in range(6):
-        v = x_max * k / 5
-        x = pad + (width - pad - 10) * k / 5
-        parts.append(f'<text x="{x:.1f}" y="{height - pad + 16}" text-anchor="middle">{v:.3g}</text>')
-    parts.append(f'<text x="{(width + pad) / 2}" y="{height - 4}" text-anchor="middle">{x_label}</text>')
-    parts.append(f'<text x="12" y="{(height - pad) / 2}" transform="rotate(-90 12 {(height - pad) / 2})" '
-                 f'text-anchor="middle">{y_label}</text>')
-    return parts
-
-
-def latency_svg(points, width=760, height=260, pad=56):
-    if not points:
-        return '<p>no data</p>'
-    width_s = points[0]['width']
-    x_max = (len(points)) * width_s
-    y_max = max([p['p99_ms'] or 0 for p in points] + [1]) * 1.1
-    sx = lambda t: pad + (width - pad - 10) * t / x_max  # noqa: E731
-    sy = lambda v: height - pad - (height - pad - 10) * v / y_max  # noqa: E731
-    parts = _svg_axes(width, height, pad, y_max, 'latency ms', x_max, 'seconds into the run (scheduled start)')
-    for key, colour in (('p50_ms', '#1565c0'), ('p99_ms', '#c62828')):
-        pts = ' '.join(f'{sx(p["t"] + width_s / 2):.1f},{sy(p[key]):.1f}' for p in points if p[key] is not None)
-        parts.append(f'<polyline points="{pts}" fill="none" stroke="{colour}" stroke-width="2"/>')
-        for p in points:
-            if p[key] is not None:
-                parts.append(f'<circle cx="{sx(p["t"] + width_s / 2):.1f}" cy="{sy(p[key]):.1f}" r="2.5" '
-                             f'fill="{colour}"><title>{p["t"]:g} s: {key[:3]} {p[key]} ms</title></circle>')
-    parts.append(f'<text x="{width - 120}" y="28" fill="#1565c0">p50</text>'
-                 f'<text x="{width - 80}" y="28" fill="#c62828">p99</text>')
-    return f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" ' \
-           f'font-family="sans-serif" font-size="11">{"".join(parts)}</svg>'
-
-
-def counts_svg(points, labels, width=760, height=260, pad=56):
-    if not points:
-        return '<p>no data</p>'
-    width_s = points[0]['width']
-    x_max = len(points) * width_s
-    y_max = max([sum(p['counts'].values()) / width_s for p in points] + [1]) * 1.1
-    sx = lambda t: pad + (width - pad - 10) * t / x_max  # noqa: E731
-    sy = lambda v: (height - pad - 10) * v / y_max  # noqa: E731
-    parts = _svg_axes(width, height, pad, y_max, 'answers per second', x_max,
-                      'seconds into the run (scheduled start)')
-    bar_w = max(1.0, sx(width_s) - sx(0) - 1)
-    for p in points:
-        base = height - pad
-        for label in labels:
-            n = p['counts'].get(label, 0)
-            if not n:
-                continue
-            h = sy(n / width_s)
-            base -= h
-            parts.append(f'<rect x="{sx(p["t"]):.1f}" y="{base:.1f}" width="{bar_w:.1f}" height="{h:.1f}" '
-                         f'fill="{_label_colour(label, labels)}"><title>{p["t"]:g} s: {n} x {html.escape(label)}'
-                         '</title></rect>')
-    legend = ''.join(
-        f'<span style="color:{_label_colour(label, labels)}">&#9632; {html.escape(label)}</span> &nbsp; '
-        for label in labels
-    )
-    return f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" ' \
-           f'font-family="sans-serif" font-size="11">{"".join(parts)}</svg><p>{legend}</p>'
-
-
-def html_report(result):
-    labels = list(result['by_code'])
-    esc = html.escape
-    lat = result['latency_ms']
-    inv = result['invariants']
-    rows = ''.join(f'<tr><td>{esc(k)}</td><td class="n">{v}</td></tr>' for k, v in result['by_code'].items())
-    check_rows = ''.join(
-        f'<tr class="{ {True: "ok", False: "fail", None: "unk"}[c["ok"]] }"><td>'
-        f'{ {True: "ok", False: "FAIL", None: "??"}[c["ok"]] }</td><td>{esc(c["name"])}</td>'
-        f'<td>{esc(c["detail"])}</td></tr>'
-        for c in inv['checks']
-    )
-    width_s = result['timeline'][0]['width'] if result['timeline'] else 1
-    return f'''<!doctype html>
-<html><head><meta charset="utf-8"><title>flashsale load test: {esc(result["scenario"])}</title>
-<style>
-body {{ font-family: sans-serif; margin: 2em; color: #222; max-width: 820px; }}
-table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
-td, th {{ border: 1px solid #ddd; padding: 3px 8px; text-align: left; }}
-td.n {{ text-align: right; font-variant-numeric: tabular-nums; }}
-tr.ok td:first-child {{ color: #2e7d32; }} tr.fail td {{ color: #c62828; font-weight: bold; }}
-tr.unk td:first-child {{ color: #ef6c00; }}
-.verdict {{ font-size: 1.4em; font-weight: bold; }}
-</style></head><body>
-<h1>flashsale load test: {esc(result["scenario"])}</h1>
-<p>{esc(result["base_url"])}, started {esc(result["started_at"])}, {esc(result["model"])} model.
-Parameters: {esc(json.dumps(result["params"]))}</p>
-<p class="verdict">Verdict: {esc(inv["verdict"].upper())}</p>
-<h2>Summary</h2>
-<table>
-<tr><th>requests</th><td class="n">{result["requests"]}</td></tr>
-<tr><th>achieved rate (req/s started)</th><td class="n">{result["achieved_rate"]}</td></tr>
-<tr><th>answers/s</th><td class="n">{result["answered_rate"]}</td></tr>
-<tr><th>latency p50 / p90 / p99 / max (ms)</th>
-<td class="n">{lat["p50"]} / {lat["p90"]} / {lat["p99"]} / {lat["max"]}</td></tr>
-<tr><th>errors (timeouts)</th><td class="n">{sum(result["errors"].values())} ({result["timeouts"]})</td></tr>
-<tr><th>connections: initial / peak open / requests that waited for one</th>
-<td class="n">{result["connections"]["initial"]} / {result["connections"]["peak_open"]} /
-{result["connections"]["waited_for_connection"]}</td></tr>
-<tr><th>sale: total / remaining / orders</th><td class="n">{inv["total"]} / {inv["remaining"]} /
-{inv["orders"]}</td></tr>
-</table>
-<h2>Answers</h2><table>{rows}</table>
-<h2>Latency over time</h2>
-<p>Per {width_s:g} s of scheduled start: p50 and p99 in milliseconds.</p>
-{latency_svg(result["timeline"])}
-<h2>Answers over time</h2>
-<p>Per {width_s:g} s of scheduled start, as a rate per second, by status and code.</p>
-{counts_svg(result["timeline"], labels)}
-<h2>Invariants (read back after the run)</h2>
-<table><tr><th></th><th>check</th><th>detail</th></tr>{check_rows}</table>
-</body></html>
-'''
+async def run_plain_async(base_url, path, method='GET', token=None, model='closed', connections=32,
+                          requests=None, duration=None, rate=None, max_connections=None, timeout=10.0,
+                          probe=None):
+    """The same request over and over, no setup and no checks (e.g. GET /health as a ceiling)."""
+    host_header = split_base_url(base_url)[2]
+    raw = build_request(method, path, host_header, token)
+    if not max_connections:
+        max_connections = connections if model == 'closed' else max(DEFAULT_MAX_CONNECTIONS, connections)
+    load = Load(model, connections, max_connections, rate, duration, requests, timeout)
+    run = LoadRun(base_url, load)
+    probe_before = probe() if probe else None
+    await MODELS[model].run(run, load, lambda i: (raw, 0))
+    result = summarize(run, model)
+    result['probe_delta'] = probe() - probe_before if probe else None
+    return result
 
 
 # --------------------------------------------------------------------------
@@ -1221,8 +812,8 @@ def parse_args(argv=None):
     parser.add_argument('--connections', type=int, help='keep-alive connections (open: initial; closed: workers)')
     parser.add_argument('--max-connections', type=int,
                         help=f'open model: most connections opened when none is free (default '
-                             f'{DEFAULT_MAX_CONNECTIONS}: waitress serves at most 98 by default)')
-    parser.add_argument('--model', choices=['open', 'closed'], help='override the scenario\'s load model')
+                             f'{DEFAULT_MAX_CONNECTIONS})')
+    parser.add_argument('--model', choices=list(MODELS), help='override the scenario\'s load model')
     parser.add_argument('--start-delay', type=float, help='opening: seconds until the sale starts (default 2)')
     parser.add_argument('--timeout', type=float, default=10.0, help='per request, seconds (default 10)')
     parser.add_argument('--admin-email')
