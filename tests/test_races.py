@@ -18,24 +18,25 @@ def codes(results):
     return collections.Counter(code or status for status, code, _ in results)
 
 
-def assert_invariants_hold(db, sale_id, buyers, results):
-    """Every invariant of scripts/invariants.py: stock conserved, one order per
-    user, every 201 its user's order, no order without a 201. buyers[i] is the
-    user id behind results[i]."""
+def race_and_check(base_url, db, sale_id, users, tabs=1):
+    """Every user's purchase, `tabs` times each, all at once; then every
+    invariant of scripts/invariants.py (stock conserved, one order per user,
+    every 201 its user's order, no order without a 201). Returns the answers'
+    codes."""
+    buyers = [user for user in users for _ in range(tabs)]
+    results = race(base_url, [(sale_id, token) for _, token in buyers])
     state, orders = invariants.read_sale(db, sale_id)
     answers = [invariants.Answer(str(user), 'created' if status == 201 else code, (order or {}).get('id'))
-               for user, (status, code, order) in zip(buyers, results)]
+               for (user, _), (status, code, order) in zip(buyers, results)]
     checks = invariants.check_sale(state, orders, answers)
     assert not invariants.failures(checks), checks
+    return codes(results)
 
 
 def test_many_users_little_stock_sells_exactly_the_stock(live_server, make_users, make_sale, db):
     sale_id = make_sale(stock=50)
-    users = make_users(200)
-    results = race(live_server, [(sale_id, token) for _, token in users])
-    assert codes(results) == {201: 50, 'sold_out': 150}
+    assert race_and_check(live_server, db, sale_id, make_users(200)) == {201: 50, 'sold_out': 150}
     assert sale_state(db, sale_id) == (50, 0, 50)
-    assert_invariants_hold(db, sale_id, [user for user, _ in users], results)
 
 
 def test_one_user_many_tabs_gets_one_order_and_stock_drops_by_one(live_server, make_users, make_sale, db):
@@ -44,29 +45,20 @@ def test_one_user_many_tabs_gets_one_order_and_stock_drops_by_one(live_server, m
     drop its order, leaking a unit. Stock must drop by exactly the number of
     users."""
     sale_id = make_sale(stock=100)
-    users = make_users(8)
-    results = race(live_server, [(sale_id, token) for _, token in users for _ in range(10)])
-    assert codes(results) == {201: 8, 'already_purchased': 72}
+    assert race_and_check(live_server, db, sale_id, make_users(8), tabs=10) == {201: 8, 'already_purchased': 72}
     assert sale_state(db, sale_id) == (100, 92, 8)
-    assert_invariants_hold(db, sale_id, [user for user, _ in users for _ in range(10)], results)
 
 
 def test_one_user_twenty_five_tabs(live_server, make_users, make_sale, db):
     sale_id = make_sale(stock=10)
-    [(user, token)] = make_users(1)
-    results = race(live_server, [(sale_id, token)] * 25)
-    assert codes(results) == {201: 1, 'already_purchased': 24}
+    assert race_and_check(live_server, db, sale_id, make_users(1), tabs=25) == {201: 1, 'already_purchased': 24}
     assert sale_state(db, sale_id) == (10, 9, 1)
-    assert_invariants_hold(db, sale_id, [user] * 25, results)
 
 
 def test_the_last_item_goes_to_exactly_one_user(live_server, make_users, make_sale, db):
     sale_id = make_sale(stock=1)
-    users = make_users(30)
-    results = race(live_server, [(sale_id, token) for _, token in users])
-    assert codes(results) == {201: 1, 'sold_out': 29}
+    assert race_and_check(live_server, db, sale_id, make_users(30)) == {201: 1, 'sold_out': 29}
     assert sale_state(db, sale_id) == (1, 0, 1)
-    assert_invariants_hold(db, sale_id, [user for user, _ in users], results)
 
 
 def test_the_window_holds_under_a_stampede(live_server, make_users, make_sale, db):
