@@ -19,7 +19,8 @@ events given run at even intervals:
   app:term      SIGTERM to `flashsale serve` (it finishes what is in flight
                 and exits 0), then start it again
 
-Afterwards it prints the check of every invariant and exits 1 if one fails:
+Afterwards it prints the check of every invariant (scripts/invariants.py,
+the checker the load tool and the tests use too) and exits 1 if one fails:
 stock + orders = total, one order per user, exactly the stock sold, every 201
 has its order, no order without a 201 or an answer that admits not knowing
 (503 outcome_unknown, or no answer when the server was killed), every

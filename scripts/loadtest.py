@@ -136,6 +136,7 @@ class Record(NamedTuple):
     label: str
     user: int  # User.index
     order: str | None = None  # the order id a 201 carried
+    what: str = 'purchase'  # what the request was for; only purchases are checked
 
     @property
     def answered(self):
@@ -300,7 +301,7 @@ class LoadRun:
         self.cpu = _cpu_seconds() - self._cpu_before
         self.pool.close()
 
-    async def fire(self, raw, user, scheduled, send=None):
+    async def fire(self, raw, user, scheduled, send=None, what='purchase'):
         """One request, recorded. send(raw) -> Response defaults to the pool's
         (a model with connections of its own passes theirs)."""
         loop_time = asyncio.get_running_loop().time
@@ -323,7 +324,7 @@ class LoadRun:
                 code = body.get('code') if isinstance(body, dict) else None
                 label = f'{response.status} {code}' if code else str(response.status)
         t0 = self.t0
-        self.records.append(Record(scheduled - t0, start - t0, loop_time() - t0, label, user, order))
+        self.records.append(Record(scheduled - t0, start - t0, loop_time() - t0, label, user, order, what))
 
 
 class OpenModel:
@@ -336,7 +337,7 @@ class OpenModel:
         return (f'open model, {load.rate:g} req/s for {load.duration:g} s over {load.connections} '
                 f'connections (up to {load.max_connections})')
 
-    async def run(self, run: LoadRun, load: Load, request_for):
+    async def run(self, run: LoadRun, load: Load, visit):
         loop = asyncio.get_running_loop()
         rate = load.rate
         total = max(1, round(rate * load.duration))
@@ -350,8 +351,7 @@ class OpenModel:
                 if scheduled > now:
                     break
                 run.max_lag = max(run.max_lag, now - scheduled)
-                raw, user = request_for(i)
-                task = loop.create_task(run.fire(raw, user, scheduled))
+                task = loop.create_task(visit(i, scheduled))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
                 i += 1
@@ -372,7 +372,7 @@ class ClosedModel:
                 + (f'{load.requests} requests' if load.requests is not None else '')
                 + (f' for at most {load.duration:g} s' if load.duration else ''))
 
-    async def run(self, run: LoadRun, load: Load, request_for):
+    async def run(self, run: LoadRun, load: Load, visit):
         loop = asyncio.get_running_loop()
         await run.start(loop.time())
         deadline = run.t0 + load.duration if load.duration else math.inf
@@ -383,15 +383,17 @@ class ClosedModel:
                 now = loop.time()
                 if now >= deadline:
                     return
-                raw, user = request_for(i)
-                await run.fire(raw, user, now)
+                await visit(i, now)
 
         await asyncio.gather(*(worker() for _ in range(load.connections)))
         run.finish()
 
 
-# A new way for requests to arrive is a class with describe(load) and
-# run(run, load, request_for) (calling run.start, run.fire per request, run.finish).
+# A model is how arrivals come: describe(load), and run(run, load, visit) that
+# calls run.start(t0), then visit(i, scheduled) for arrival i, then run.finish().
+# A visit sends its requests with run.fire (one purchase by default; a
+# scenario whose users first register or log in sends those too, with
+# what='register', ...), through the pool or a connection of the model's own.
 MODELS = {'open': OpenModel(), 'closed': ClosedModel()}
 
 
@@ -564,7 +566,12 @@ async def run_load(the_plan: Plan, prepared: Prepared, probe=None, log=None):
         server_now, local_ref = prepared.clock
         until_start = (prepared.opening_at - server_now).total_seconds() - (time.monotonic() - local_ref)
         opening_loop_time = asyncio.get_running_loop().time() + until_start
-    await model.run(run, load, prepared.request_for)
+
+    async def visit(i, scheduled):
+        raw, user = prepared.request_for(i)
+        await run.fire(raw, user, scheduled)
+
+    await model.run(run, load, visit)
     summary = summarize(run, load.model, the_plan.bucket)
     summary['probe_delta'] = probe() - probe_before if probe else None
     return Ran(run, summary, None if opening_loop_time is None else opening_loop_time - run.t0)
@@ -668,6 +675,7 @@ def check_outcome(records, sale, per_user, setup_answers=(), expected=None, data
     requests that got no answer make it undecidable."""
     state = invariants.SaleState(sale['totalStock'], sale['remainingStock'], sum(len(u.orders) for u in per_user))
     orders_by_user = {u.user: [o['id'] for o in u.orders] for u in per_user}
+    records = [r for r in records if r.what == 'purchase']
     answers = [r.answer() for r in records] + list(setup_answers)
     checks = invariants.check_sale(state, orders_by_user, answers)
     mismatched = [u.user for u in per_user if (u.order is not None) != (len(u.orders) == 1)]
@@ -713,7 +721,8 @@ async def check(api: Api, the_plan: Plan, prepared: Prepared, ran: Ran, database
     log = log or (lambda *_: None)
     log('reading the outcome back from the API ...')
     await asyncio.sleep(the_plan.settle)
-    records, sale_id = ran.run.records, prepared.sale['id']
+    records = [r for r in ran.run.records if r.what == 'purchase']
+    sale_id = prepared.sale['id']
     sent_users = {r.user for r in records}
     checked = [prepared.crowd[i] for i in sorted(sent_users)] + prepared.early_birds
     sale, per_user = await api.read_back(sale_id, checked, concurrency=READ_BACK_CONCURRENCY)
@@ -785,7 +794,7 @@ async def run_plain_async(base_url, path, method='GET', token=None, model='close
     load = Load(model, connections, max_connections, rate, duration, requests, timeout)
     run = LoadRun(base_url, load)
     probe_before = probe() if probe else None
-    await MODELS[model].run(run, load, lambda i: (raw, 0))
+    await MODELS[model].run(run, load, lambda i, scheduled: run.fire(raw, 0, scheduled))
     result = summarize(run, model)
     result['probe_delta'] = probe() - probe_before if probe else None
     return result
