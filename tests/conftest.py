@@ -180,15 +180,6 @@ def hold_sale_row(url, sale_id):
     return locker
 
 
-def missing_in_ci(reason):
-    """Skip a test whose system tool is missing, except in CI (CI set, as
-    .ci/run sets it), where a skip would turn the run green without running
-    the test: there it fails."""
-    if os.environ.get('CI'):
-        pytest.fail(f'{reason}, and CI is set: .ci/run must install it')
-    pytest.skip(reason)
-
-
 def start_serve(env, log_path, timeout=60):
     """`flashsale serve` as a real process with `env`, its output in log_path
     (truncated first); returns the process once it says it is listening."""
