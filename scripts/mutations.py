@@ -14,6 +14,7 @@ the N runs (a race test that catches a bug by chance is not good enough).
 """
 
 import argparse
+import collections
 import os
 import re
 import shutil
@@ -129,6 +130,7 @@ def main(argv=None):
     parser.add_argument('names', nargs='*', metavar='MUTATION',
                         help=f'which bugs (default: all): {", ".join(MUTATIONS)}')
     parser.add_argument('--repeat', type=int, default=1, help='runs of each bug\'s tests (default 1)')
+    parser.add_argument('--tests', nargs='+', help='run these tests (paths or node ids) instead of each bug\'s own')
     args = parser.parse_args(argv)
     names = args.names or list(MUTATIONS)
     unknown = [n for n in names if n not in MUTATIONS]
@@ -144,8 +146,8 @@ def main(argv=None):
                                    capture_output=True, text=True).stdout.strip()
             if not where.startswith(str(copy)):
                 raise SystemExit(f'the copy imports resources from {where}, not from {copy}')
-            tests = MUTATIONS[name][3]
-            caught_in, catchers = 0, set()
+            tests = args.tests or MUTATIONS[name][3]
+            caught_in, catchers = 0, collections.Counter()
             for _ in range(args.repeat):
                 failed = failed_tests(copy, tests, sys.executable)
                 caught_in += bool(failed)
@@ -154,7 +156,8 @@ def main(argv=None):
             if caught_in == args.repeat:
                 print(f'{name}: caught{runs} by', flush=True)
                 for test in sorted(catchers):
-                    print(f'    {test}', flush=True)
+                    print(f'    {test}' + (f' ({catchers[test]} of {args.repeat})' if args.repeat > 1 else ''),
+                          flush=True)
             else:
                 survivors.append(name)
                 print(f'{name}: NOT CAUGHT' + (f' (caught only{runs})' if caught_in else '')
