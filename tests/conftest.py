@@ -145,6 +145,31 @@ def make_sale(db):
     return make
 
 
+def wait_for(predicate, timeout=10, message='condition'):
+    """Poll predicate() until it is true; fail after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    pytest.fail(f'timed out after {timeout} s waiting for {message}')
+
+
+def backends_waiting_on_a_lock(url):
+    """How many database sessions are waiting for a lock right now."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'").fetchone()[0]
+
+
+def hold_sale_row(url, sale_id):
+    """A connection holding the sale row's lock in an open transaction (the
+    purchase statement then waits for it): commit() or close() lets go."""
+    locker = psycopg.connect(url)
+    locker.execute('SELECT 1 FROM flash_sales WHERE id = %s FOR UPDATE', (sale_id,))
+    return locker
+
+
 def start_serve(env, log_path, timeout=60):
     """`flashsale serve` as a real process with `env`, its output in log_path
     (truncated first); returns the process once it says it is listening."""
@@ -209,3 +234,10 @@ def race(base_url, requests):
     for t in threads:
         t.join()
     return results
+
+
+def assert_orders_match_answers(conn, sale_id, results):
+    """Every order answered 201 (in race()'s results) exists; no other order does."""
+    answered = {r[2]['id'] for r in results if r[0] == 201}
+    stored = {str(row['id']) for row in conn.execute('SELECT id FROM orders WHERE flash_sale_id = %s', (sale_id,))}
+    assert answered == stored, f'answered 201 but not stored: {answered - stored}; stored but not answered: {stored - answered}'

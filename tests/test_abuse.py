@@ -24,6 +24,10 @@ def claims(user_id, **changes):
 
 TOKENS = {
     'alg-none': lambda uid: jwt.encode(claims(uid), None, algorithm='none'),
+    # The right secret with another HMAC than the service's HS256: accepting
+    # these would mean the header chooses the algorithm.
+    'hs384': lambda uid: jwt.encode(claims(uid), TEST_SECRET, algorithm='HS384'),
+    'hs512': lambda uid: jwt.encode(claims(uid), TEST_SECRET, algorithm='HS512'),
     'other-secret': lambda uid: jwt.encode(claims(uid), 'another-secret-' + 'y' * 40, algorithm='HS256'),
     'expired': lambda uid: jwt.encode(claims(uid, iat=int(time.time()) - 7200, exp=int(time.time()) - 3600),
                                       TEST_SECRET, algorithm='HS256'),

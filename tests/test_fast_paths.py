@@ -12,6 +12,7 @@ import webtest
 import flashsale
 from conftest import auth
 from conftest import sale_state
+from conftest import wait_for
 
 
 @pytest.fixture
@@ -43,17 +44,39 @@ def test_etag_changes_when_the_stock_does(client, make_sale, make_user):
     assert resp.json['flashSale']['remainingStock'] == 9
 
 
-def test_cache_serves_one_query_per_ttl_with_a_moving_server_clock(cached_client, make_sale, db):
+def test_cache_serves_one_query_per_ttl_with_a_moving_server_clock(settings, pool, make_sale, db):
+    """Within its lifetime a cached answer is served (with serverTime moved
+    on by the time since it was loaded); after it, the next request loads
+    anew. Decided by when each request ran, not by sleeps: the test polls
+    until the new stock shows."""
+    ttl = 1.0
+    client = webtest.TestApp(flashsale.create_app(dataclasses.replace(settings, poll_cache_ms=int(ttl * 1000)), pool))
     sale_id = make_sale(stock=10)
-    first = cached_client.get(f'/api/flash-sales/{sale_id}', status=200)
+    before_load = time.monotonic()  # the cache entry is younger than this
+    first = client.get(f'/api/flash-sales/{sale_id}', status=200)
+    loaded = time.monotonic()  # ... and older than this
     db.execute('UPDATE flash_sales SET remaining_stock = 3 WHERE id = %s', (sale_id,))
-    time.sleep(0.1)
-    cached = cached_client.get(f'/api/flash-sales/{sale_id}', status=200)
-    assert cached.json['flashSale']['remainingStock'] == 10  # from the cache
-    assert server_time(cached) > server_time(first)  # yet the clock moved on
-    time.sleep(0.3)
-    fresh = cached_client.get(f'/api/flash-sales/{sale_id}', status=200)
-    assert fresh.json['flashSale']['remainingStock'] == 3
+    answers = []  # (started, ended, remaining stock, serverTime)
+
+    def fresh():
+        started = time.monotonic()
+        resp = client.get(f'/api/flash-sales/{sale_id}', status=200)
+        answers.append((started, time.monotonic(), resp.json['flashSale']['remainingStock'], server_time(resp)))
+        return answers[-1][2] == 3
+
+    wait_for(fresh, timeout=10, message='the cached answer to expire')
+    surely_cached = [a for a in answers if a[1] < before_load + ttl]
+    surely_expired = [a for a in answers if a[0] > loaded + ttl]
+    assert surely_cached, (
+        f'no request ended within the cache lifetime ({ttl} s after the first): the first took '
+        f'{answers[0][1] - before_load:.3f} s, so the machine stalled for longer than the lifetime')
+    assert all(stock == 10 for _, _, stock, _ in surely_cached), (
+        f'answers within {ttl} s of the first load (the cache lifetime) were not served from the cache: '
+        f'{[(round(a[1] - before_load, 3), a[2]) for a in surely_cached]} (seconds after the load, stock)')
+    assert any(when > server_time(first) for *_, when in surely_cached), 'the cached serverTime never moved on'
+    assert all(stock == 3 for _, _, stock, _ in surely_expired), (
+        f'answers started more than {ttl} s after the first load (the cache lifetime) still came from the cache: '
+        f'{[(round(a[0] - loaded, 3), a[2]) for a in surely_expired]} (seconds after the load, stock)')
 
 
 def test_cache_keeps_no_sale_and_unknown_sale_answers_right(cached_client):
@@ -99,16 +122,23 @@ def test_logins_beyond_the_bcrypt_slots_are_refused_at_once(settings, pool, make
     def login():
         client = webtest.TestApp(app)
         barrier.wait()
-        started = time.monotonic()
         resp = client.post_json('/api/auth/login', {'email': 'x@example.com', 'password': 'password123'}, expect_errors=True)
-        results.append((resp.status_int, resp.json['code'], time.monotonic() - started, resp.headers.get('Retry-After')))
+        results.append((resp.status_int, resp.json['code'], time.monotonic(), resp.headers.get('Retry-After')))
 
     threads = [threading.Thread(target=login) for _ in range(4)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert len(results) == 4, results
     refused = [r for r in results if r[0] == 503]
-    assert [r[1] for r in results if r[0] == 401] == ['invalid_credentials']
-    assert len(refused) == 3
-    assert all(code == 'overloaded' and retry == '1' and took < 0.1 for _, code, took, retry in refused)
+    [(_, code, slot_freed, _)] = [r for r in results if r[0] == 401]
+    assert code == 'invalid_credentials'
+    assert len(refused) == 3, results
+    for _, code, answered, retry in refused:
+        assert (code, retry) == ('overloaded', '1')
+        # "At once": while the one login that had the slot was still hashing,
+        # not after waiting for the slot to come free.
+        assert answered < slot_freed, (
+            f'a refused login was answered {answered - slot_freed:.3f} s after the login holding the only '
+            'bcrypt slot finished: it waited for the slot instead of being refused at once')

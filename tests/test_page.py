@@ -10,6 +10,7 @@ Set SCREENSHOTS=docs to also save the page in each state as docs/page-*.png.
 import json
 import os
 import re
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -224,9 +225,11 @@ def test_polls_send_the_last_etag_and_a_304_keeps_what_the_page_shows(open_page,
     page.on('response', lambda response: polls.append((
         response.request.headers.get('if-none-match'), response.status, response.headers.get('etag'),
     )) if response.url.endswith('/current') else None)
-    page.goto('/')
-    expect(page.get_by_test_id('stock-remaining')).to_have_text('3')
-    page.wait_for_timeout(3500)
+    # Watched until the state under test: a poll answered 304 (at least the
+    # second, since the first has no ETag to send).
+    with page.expect_response(lambda r: r.url.endswith('/current') and r.status == 304, timeout=15_000):
+        page.goto('/')
+        expect(page.get_by_test_id('stock-remaining')).to_have_text('3')
 
     assert len(polls) >= 2
     assert {status for _, status, _ in polls} <= {200, 304}
@@ -290,25 +293,39 @@ def test_a_hidden_tab_stops_polling_and_a_late_click_hears_sold_out(open_page, m
     log_in(page, email)
     expect(page.get_by_test_id('buy')).to_be_enabled()
 
-    polls = []
-    page.on('request', lambda request: polls.append(request.url) if request.url.endswith('/current') else None)
+    polls, in_flight = [], set()
+
+    def sent(request):
+        if request.url.endswith('/current'):
+            polls.append(request.url)
+            in_flight.add(request)
+
+    page.on('request', sent)
+    page.on('requestfinished', lambda request: in_flight.discard(request))
+    page.on('requestfailed', lambda request: in_flight.discard(request))
     set_hidden(page, True)
-    page.wait_for_timeout(300)  # a poll already on its way may finish
+    # A poll already on its way may finish (and, the tab hidden, schedules no other).
+    deadline = time.monotonic() + 10
+    while in_flight:
+        assert time.monotonic() < deadline, 'a poll sent before the tab was hidden never finished'
+        page.wait_for_timeout(20)
     polls.clear()
 
-    # Someone else takes the last item while this tab is not looking.
+    # Someone else takes the last item while this tab is not looking. An
+    # absence can only be shown over time: longer than a poll interval.
     buy(live_server, sale_id, register(live_server)[1])
     page.wait_for_timeout(2000)
-    assert polls == []
+    assert polls == [], f'a hidden tab polled: {polls}'
 
     page.get_by_test_id('buy').click()
     expect(page.get_by_test_id('buy-message')).to_have_text('Sorry, this sale is sold out.')
     expect(page.get_by_test_id('stock-remaining')).to_have_text('0')
     expect(page.get_by_test_id('buy')).to_be_disabled()
 
-    set_hidden(page, False)
-    page.wait_for_timeout(500)
-    assert len(polls) >= 1
+    # Shown again, it polls (a hidden tab left no timer: only the
+    # visibilitychange handler can start polling again).
+    with page.expect_request(lambda request: request.url.endswith('/current'), timeout=10_000):
+        set_hidden(page, False)
 
 
 def test_an_ended_sale_cannot_be_bought(open_page, make_sale, live_server):

@@ -12,8 +12,11 @@ import pytest
 README = Path(__file__).resolve().parent.parent / 'README.md'
 
 
-@pytest.mark.skipif(shutil.which('curl') is None, reason='curl is not installed')
 def test_readme_curl_examples_work(live_server, database_url, make_sale, db, tmp_path):
+    if shutil.which('curl') is None:
+        if os.environ.get('CI'):
+            pytest.fail('curl is missing in CI (.ci/run installs it)')
+        pytest.skip('curl is not installed (apt-get install curl)')
     make_sale(name='Demo sale', stock=50)
     script = re.search(r'```bash\n(.*?)```', README.read_text(), re.S).group(1)
     script = script.replace('BASE=http://127.0.0.1:8000', f'BASE={live_server}')

@@ -1,11 +1,13 @@
 """The real server: waitress over HTTP, the `flashsale` command, the embedded database."""
 
+import collections
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -15,10 +17,12 @@ import webtest
 
 import flashsale
 from conftest import TEST_SECRET
+from conftest import assert_orders_match_answers
 from conftest import free_port
 from conftest import race
 from conftest import sale_state
 from conftest import start_serve
+from conftest import wait_for
 from resources import database
 
 
@@ -163,10 +167,22 @@ def test_workers_share_one_port_and_keep_the_invariants(database_url, make_users
     proc = start_serve(env, log_path)
     try:
         base_url = re.search(r'listening on (\S+) \(2 workers: \d+, \d+\)', log_path.read_text()).group(1)
+        # The parent prints "listening" once the workers are forked, not once
+        # they serve: a SIGTERM before a worker has set up its handler would
+        # kill it (status -15, and the parent exits 1). Both have answered a
+        # request, so both are in their serving loop, before anything else.
+        workers_seen = set()
+
+        def both_answer():
+            workers_seen.update(answering_workers(base_url))
+            return len(workers_seen) == 2
+
+        wait_for(both_answer, timeout=60, message='both workers to answer')
         sale_id = make_sale(stock=50)
         results = race(base_url, [(sale_id, token) for _, token in make_users(200)])
-        assert sorted(r[0] for r in results) == [201] * 50 + [409] * 150
+        assert collections.Counter(code or status for status, code, _ in results) == {201: 50, 'sold_out': 150}
         assert sale_state(db, sale_id) == (50, 0, 50)
+        assert_orders_match_answers(db, sale_id, results)
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
@@ -174,3 +190,20 @@ def test_workers_share_one_port_and_keep_the_invariants(database_url, make_users
     workers = {re.search(r'id=([0-9a-f]+)-', line).group(1) for line in purchase_lines}
     assert len(purchase_lines) == 200
     assert len(workers) == 2, workers
+
+
+def answering_workers(base_url):
+    """The process tags (the request id's prefix) of the workers that answer
+    eight GET /health sent at once, each on a new connection."""
+    tags = set()
+
+    def ask():
+        with urllib.request.urlopen(f'{base_url}/health', timeout=10) as resp:
+            tags.add(resp.headers['X-Request-ID'].split('-')[0])
+
+    askers = [threading.Thread(target=ask) for _ in range(8)]
+    for t in askers:
+        t.start()
+    for t in askers:
+        t.join()
+    return tags
