@@ -1,5 +1,6 @@
 """Connections to PostgreSQL: the pool the app uses, and applying schema.sql."""
 
+import contextlib
 import logging
 import select
 import socket
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import psycopg
+import psycopg.errors
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
@@ -43,12 +45,21 @@ def connection_options(settings):
 # A server that does not answer a connection attempt (a host that is down, a
 # dropped packet) would otherwise keep libpq waiting for minutes. TCP
 # keepalives find a peer that vanished while a connection sat open.
+#
+# target_session_attrs=read-write, whatever DATABASE_URL says: every
+# connection must be able to take a purchase. With several hosts in the URL
+# (a primary and its standbys) each attempt tries them in turn and keeps the
+# first that takes writes, so after a failover new connections find the
+# promoted standby by themselves; a standby, or an old primary rejoined as
+# one, is refused at connect (libpq reads the server's in_hot_standby and
+# default_transaction_read_only from its start-up reply: no extra round trip).
 CONNECT_KWARGS = {
     'connect_timeout': 3,
     'keepalives': 1,
     'keepalives_idle': 10,
     'keepalives_interval': 3,
     'keepalives_count': 3,
+    'target_session_attrs': 'read-write',
 }
 
 # How long a request waits for a connection while the latest attempt to open
@@ -96,6 +107,15 @@ def _hung_up(conn):
         return bool(poller.poll(0))
     except (psycopg.Error, OSError, ValueError):
         return True
+
+
+def _read_only(conn):
+    """True if the server has said (since this connection opened) that it
+    takes no writes now, e.g. default_transaction_read_only was switched on.
+    PostgreSQL reports both settings to the client whenever they change: no
+    round trip."""
+    status = conn.pgconn.parameter_status
+    return status(b'in_hot_standby') == b'on' or status(b'default_transaction_read_only') == b'on'
 
 
 def _cut_off(conn):
@@ -161,6 +181,19 @@ class Pool(ConnectionPool):
         self._stop_watching.set()
         super().close(timeout)
 
+    @contextlib.contextmanager
+    def connection(self, timeout=None):
+        with super().connection(timeout) as conn:
+            try:
+                yield conn
+            except psycopg.errors.ReadOnlySqlTransaction:
+                # The server refused a write: it has become read-only since
+                # this connection opened. Retrying on it would fail forever;
+                # closed, it is replaced by a connection to whichever host
+                # takes writes now (or by none, until one does).
+                conn.close()
+                raise
+
     def putconn(self, conn):
         with self._held_lock:
             self._held.pop(id(conn), None)
@@ -174,13 +207,14 @@ class Pool(ConnectionPool):
         deadline = time.monotonic() + timeout
         while True:
             conn = super().getconn(max(deadline - time.monotonic(), 0.001))
-            if not _hung_up(conn):
+            if not _hung_up(conn) and not _read_only(conn):
                 if self._hold_limit:
                     with self._held_lock:
                         self._held[id(conn)] = (conn, time.monotonic() + self._hold_limit)
                 return conn
             # After a database restart every idle connection is dead: the
-            # request would fail on the first. Drop it (the pool opens a
+            # request would fail on the first (and one on a server that
+            # turned read-only would fail on every write). Drop it (the pool opens a
             # replacement) and take the next, without the pool's own check
             # loop, which would sleep a second between two dead connections.
             # Until a new connection opens, take the database for down.

@@ -216,4 +216,7 @@ def add_handlers(app, pool):
     app.add_error_handler(psycopg.errors.LockNotAvailable, _overloaded)
     app.add_error_handler(psycopg.errors.UniqueViolation, _unique_violation)
     app.add_error_handler(psycopg.errors.ForeignKeyViolation, _foreign_key_violation)
+    # A server that refused a write (a standby, or one made read-only) wrote
+    # nothing; the pool drops that connection (database.Pool.connection).
+    app.add_error_handler(psycopg.errors.ReadOnlySqlTransaction, _database_unavailable)
     app.set_error_serializer(serialize)

@@ -8,6 +8,12 @@ so that a restarted server is at the same address and the service's pool can
 find it again. The binaries are pgserver's (already a dependency, for the
 embedded development database).
 
+A cluster can also get a streaming standby of its own (`add_standby`: a
+pg_basebackup of the running primary, synchronous or not), which can be paused
+(its walreceiver stopped), promoted, and an old primary rewound to follow the
+new one (`rejoin_as_standby_of`): what tests/test_failover.py and chaos.py's
+db:failover need to lose a primary on purpose.
+
 PostgreSQL refuses to run as root. As root, the cluster runs as the system user
 `pgserver`, the same one pgserver itself uses.
 """
@@ -70,20 +76,27 @@ class PrivatePostgres:
     exit. `url` stays the same across stop(), start() and crash().
     """
 
-    def __init__(self, directory, port=None):
+    def __init__(self, directory, port=None, initdb=True):
         self.directory = Path(directory).resolve()
         self.pgdata = self.directory / 'pgdata'
         self.log_file = self.directory / 'postgres.log'
         self.port = port or free_port()
+        self.name = None  # a standby's application_name
         self.url = f'postgresql://postgres@127.0.0.1:{self.port}/postgres'
         self._bin = _binaries()
         self._user = SYSTEM_USER if os.geteuid() == 0 else None
         self.directory.mkdir(parents=True, exist_ok=True)
         if self._user:
             self._let_system_user_in()
-        if not (self.pgdata / 'PG_VERSION').exists():
+        if initdb and not (self.pgdata / 'PG_VERSION').exists():
             self._run('initdb', '-D', self.pgdata, '-U', 'postgres', '--auth=trust', '--encoding=UTF8',
                       '--no-sync')
+            with open(self.pgdata / 'postgresql.conf', 'a') as conf:
+                # pg_rewind (an old primary rejoining as a standby) needs every
+                # page change logged, and the old primary's WAL back to the
+                # checkpoint before the two diverged; it reads the settings
+                # from this file, not from the command line.
+                conf.write('wal_log_hints = on\nwal_keep_size = 64MB\n')
 
     def _let_system_user_in(self):
         with warnings.catch_warnings():
@@ -101,11 +114,13 @@ class PrivatePostgres:
         os.chown(self.directory, entry.pw_uid, entry.pw_gid)
 
     def _run(self, program, *args, timeout=60):
-        subprocess.run(
+        done = subprocess.run(
             [str(self._bin / program), *map(str, args)],
-            check=True, user=self._user, timeout=timeout,
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            user=self._user, timeout=timeout,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )
+        if done.returncode:
+            raise subprocess.CalledProcessError(done.returncode, done.args, stderr=done.stderr)
 
     def start(self, timeout=30):
         """Start the server and return once it accepts connections."""
@@ -173,6 +188,126 @@ class PrivatePostgres:
         time.sleep(down_for)
         self.start()
 
+    # --- replication ---------------------------------------------------------
+
+    def connect(self):
+        import psycopg  # noqa: PLC0415 (test support; the module itself needs only the binaries)
+
+        return psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+
+    def query(self, statement, params=None):
+        """The first column of the first row of one statement (None if it
+        returns none), on a new connection."""
+        with self.connect() as conn:
+            cur = conn.execute(statement, params)
+            row = cur.fetchone() if cur.description else None
+        return None if row is None else row[0]
+
+    def add_standby(self, directory, synchronous=True, name='standby', timeout=30):
+        """A streaming standby of this (running) primary, started, and
+        returned once it streams: a pg_basebackup of this cluster into
+        `directory`, following it as `name`. Synchronous: this primary's
+        commits wait until the standby has the commit record on disk
+        (synchronous_commit=on, the default), so a commit it acknowledges
+        survives losing the primary. Asynchronous: commits do not wait."""
+        standby = PrivatePostgres(directory, initdb=False)
+        standby.name = name
+        # -R writes standby.signal and a primary_conninfo with the connection
+        # used, application_name included: the name synchronous_standby_names
+        # refers to.
+        self._run('pg_basebackup', '-D', standby.pgdata, '-R', '-X', 'stream', '-c', 'fast', '--no-sync',
+                  '-d', f'host=127.0.0.1 port={self.port} user=postgres application_name={name}',
+                  timeout=timeout)
+        standby.start()
+        self.set_synchronous(standby if synchronous else None, timeout=timeout)
+        return standby
+
+    def set_synchronous(self, standby, timeout=30):
+        """Make `standby` this primary's synchronous standby (None: every
+        standby asynchronous), and return once pg_stat_replication says so."""
+        names = standby.name if standby else ''
+        with self.connect() as conn:
+            conn.execute(f"ALTER SYSTEM SET synchronous_standby_names = '{names}'")
+            conn.execute('SELECT pg_reload_conf()')
+        wanted = 'sync' if standby else 'async'
+        self.wait_for(
+            "SELECT count(*) > 0 FROM pg_stat_replication WHERE state = 'streaming' AND sync_state = %s",
+            (wanted,), timeout=timeout, what=f'an {wanted} standby streaming')
+
+    def wait_for(self, statement, params=(), timeout=30, what='a state'):
+        """Poll a boolean query on this server until it is true."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.query(statement, params):
+                    return
+            except Exception:  # noqa: BLE001 (a server still starting up answers with errors)
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f'{self.directory}: timed out waiting for {what}')
+            time.sleep(0.02)
+
+    def in_recovery(self):
+        return self.query('SELECT pg_is_in_recovery()')
+
+    def promote(self, timeout=30):
+        """Make this standby a primary; return once it takes writes."""
+        self._run('pg_ctl', '-D', self.pgdata, '-w', '-t', timeout, 'promote', timeout=timeout + 5)
+        self.wait_for('SELECT NOT pg_is_in_recovery()', timeout=timeout, what='the promotion')
+
+    def walreceiver_pid(self):
+        return self.query('SELECT pid FROM pg_stat_wal_receiver')
+
+    def pause_replication(self):
+        """SIGSTOP this standby's walreceiver: it receives, writes and
+        acknowledges nothing more (a broken link), until resume_replication()."""
+        self._paused = self.walreceiver_pid()
+        if self._paused is None:
+            raise RuntimeError('no walreceiver: is this a streaming standby?')
+        os.kill(self._paused, signal.SIGSTOP)
+
+    def resume_replication(self):
+        pid = getattr(self, '_paused', None)
+        self._paused = None
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
+    def kill(self):
+        """SIGKILL every process of this cluster at once: the machine is gone,
+        nothing more is sent or written by any of them. (crash() kills only
+        the postmaster, whose children then quit by themselves.)"""
+        pid = self.pid()
+        if pid is None or not _alive(pid):
+            return
+        # Stopped first, all of them, so that none runs on (a walsender
+        # sending more WAL, the postmaster forking) while the others die.
+        family = [pid, *_children(pid)]
+        for signum in (signal.SIGSTOP, signal.SIGKILL):
+            for one in family:
+                try:
+                    os.kill(one, signum)
+                except ProcessLookupError:
+                    pass
+        self.crash()
+
+    def rejoin_as_standby_of(self, primary, name='old-primary', timeout=60):
+        """This stopped (or killed) old primary, rewound with pg_rewind to
+        where `primary` (its promoted standby) took over, started as that
+        one's standby: a read-only server, which must never take a write."""
+        self.name = name
+        self._run('pg_rewind', '-D', self.pgdata, '--no-sync',
+                  f'--source-server=host=127.0.0.1 port={primary.port} user=postgres', '-R', timeout=timeout)
+        with open(self.pgdata / 'postgresql.auto.conf', 'a') as conf:
+            # Appended: the last setting of a name wins. Its own name, for pg_stat_replication.
+            conf.write(f"primary_conninfo = 'host=127.0.0.1 port={primary.port} user=postgres "
+                       f"application_name={name}'\n")
+        self.start()
+        primary.wait_for("SELECT count(*) > 0 FROM pg_stat_replication WHERE application_name = %s "
+                         "AND state = 'streaming'", (name,), timeout=timeout, what=f'{name} streaming')
+
     def pid(self):
         try:
             return int((self.pgdata / 'postmaster.pid').read_text().split()[0])
@@ -186,6 +321,7 @@ class PrivatePostgres:
     def close(self):
         """Stop (if running) and delete the cluster."""
         self.thaw()
+        self.resume_replication()
         if self.running():
             try:
                 self.stop('immediate')
