@@ -10,7 +10,7 @@ embedded development database).
 
 A cluster can also get a streaming standby of its own (`add_standby`: a
 pg_basebackup of the running primary, synchronous or not), which can be paused
-(its walreceiver stopped), promoted, and an old primary rewound to follow the
+(its walsenders stopped), promoted, and an old primary rewound to follow the
 new one (`rejoin_as_standby_of`): what tests/test_failover.py and chaos.py's
 db:failover need to lose a primary on purpose.
 
@@ -255,25 +255,26 @@ class PrivatePostgres:
         self._run('pg_ctl', '-D', self.pgdata, '-w', '-t', timeout, 'promote', timeout=timeout + 5)
         self.wait_for('SELECT NOT pg_is_in_recovery()', timeout=timeout, what='the promotion')
 
-    def walreceiver_pid(self):
-        return self.query('SELECT pid FROM pg_stat_wal_receiver')
-
     def pause_replication(self):
-        """SIGSTOP this standby's walreceiver: it receives, writes and
-        acknowledges nothing more (a broken link), until resume_replication()."""
-        self._paused = self.walreceiver_pid()
-        if self._paused is None:
-            raise RuntimeError('no walreceiver: is this a streaming standby?')
-        os.kill(self._paused, signal.SIGSTOP)
+        """SIGSTOP this primary's walsenders: from now on its standbys
+        receive nothing (a broken link), until resume_replication(). (Not
+        the standby's walreceiver: what the walsender has already sent waits
+        in the receiver's socket buffer, and would still arrive after a
+        SIGCONT, even after this primary is killed.)"""
+        with self.connect() as conn:
+            self._paused = [row[0] for row in conn.execute('SELECT pid FROM pg_stat_replication')]
+        if not self._paused:
+            raise RuntimeError('no walsender: this server has no streaming standby')
+        for pid in self._paused:
+            os.kill(pid, signal.SIGSTOP)
 
     def resume_replication(self):
-        pid = getattr(self, '_paused', None)
-        self._paused = None
-        if pid is not None:
+        for pid in getattr(self, '_paused', None) or ():
             try:
                 os.kill(pid, signal.SIGCONT)
             except ProcessLookupError:
                 pass
+        self._paused = []
 
     def kill(self):
         """SIGKILL every process of this cluster at once: the machine is gone,
