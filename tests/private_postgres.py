@@ -38,6 +38,13 @@ def _binaries():
     return Path(next(iter(spec.submodule_search_locations))) / 'pginstall' / 'bin'
 
 
+class CommandFailed(subprocess.CalledProcessError):
+    """A PostgreSQL program failed; its message says why."""
+
+    def __str__(self):
+        return f'{super().__str__()}\n{(self.stderr or "")[-2000:]}'
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(('127.0.0.1', 0))
@@ -117,10 +124,10 @@ class PrivatePostgres:
         done = subprocess.run(
             [str(self._bin / program), *map(str, args)],
             user=self._user, timeout=timeout,
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         if done.returncode:
-            raise subprocess.CalledProcessError(done.returncode, done.args, stderr=done.stderr)
+            raise CommandFailed(done.returncode, done.args, stderr=done.stdout)
 
     def start(self, timeout=30):
         """Start the server and return once it accepts connections."""
@@ -149,6 +156,9 @@ class PrivatePostgres:
             return
         family = [pid, *_children(pid)]
         os.kill(pid, signal.SIGKILL)
+        self._wait_gone(pid, family)
+
+    def _wait_gone(self, pid, family):
         # The next start refuses to run while any backend still holds the
         # old shared memory: wait until they have all gone.
         deadline = time.monotonic() + 10
@@ -292,7 +302,7 @@ class PrivatePostgres:
                     os.kill(one, signum)
                 except ProcessLookupError:
                     pass
-        self.crash()
+        self._wait_gone(pid, family)
 
     def rejoin_as_standby_of(self, primary, name='old-primary', timeout=60):
         """This stopped (or killed) old primary, rewound with pg_rewind to
