@@ -25,6 +25,13 @@ It prints one table:
   5. the server's resident memory (VmRSS, and the peak VmHWM) after the runs
 
 It reuses loadtest.py's client, setup and checks (scripts/invariants.py); --json writes every figure.
+
+--standby-cost measures something else instead: what a synchronous standby
+costs each purchase. It makes a private primary with a streaming standby
+(tests/private_postgres.py) and runs the purchase statement straight through
+psycopg (as in 2.) with the standby asynchronous, then synchronous, in turns
+(--repeat rounds, same cluster, same load), and prints purchases/s for each
+and their ratio.
 The machine's cores are shared by this client, the server and PostgreSQL:
 the figures are for that whole machine, and vary run to run (take --repeat).
 """
@@ -249,6 +256,63 @@ def direct_purchases(database_url, sale_id, user_ids, concurrency):
     }
 
 
+# --- what a synchronous standby costs ------------------------------------------
+
+
+def standby_cost(args, log):
+    """Purchases/s with the standby asynchronous and synchronous, A/B in turns."""
+    import psycopg
+
+    sys.path.insert(0, str(ROOT / 'tests'))
+    from private_postgres import PrivatePostgres
+    from resources import database
+
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix='flashsale-standby-cost-') as tmp:
+        with PrivatePostgres(Path(tmp) / 'primary') as primary:
+            with psycopg.connect(primary.url, autocommit=True) as conn:
+                database.apply_schema(conn)
+            with primary.add_standby(Path(tmp) / 'standby', synchronous=False) as standby:
+                for round_ in range(args.repeat):
+                    for mode in ('async', 'sync'):
+                        primary.set_synchronous(standby if mode == 'sync' else None)
+                        for level in args.levels:
+                            with psycopg.connect(primary.url, autocommit=True) as conn:
+                                ids = [row[0] for row in conn.execute(
+                                    "INSERT INTO users (email, password_hash) SELECT 'cost-' || gen_random_uuid() "
+                                    "|| '@example.com', 'x' FROM generate_series(1, %s) RETURNING id",
+                                    (args.purchases,))]
+                                sale_id = conn.execute(
+                                    'INSERT INTO flash_sales (name, start_date, end_date, total_stock, '
+                                    "remaining_stock) VALUES ('cost', now() - interval '1 second', "
+                                    "now() + interval '1 hour', %s, %s) RETURNING id",
+                                    (len(ids), len(ids))).fetchone()[0]
+                            log(f'round {round_ + 1}: {mode} standby, concurrency {level} ...')
+                            run = direct_purchases(primary.url, sale_id, ids, level)
+                            if not run['invariant_ok']:
+                                raise SystemExit(f'bench: invariants failed: {run}')
+                            rows.setdefault((level, mode), []).append(run)
+    out = [f'purchases/s straight through psycopg, {args.purchases} per run, median of {args.repeat} '
+           '(async and sync in turns, one primary and one standby on this machine):', '']
+    out.append(f'{"concurrency":>11}  {"async standby":>24}  {"sync standby":>24}  sync/async')
+    results = []
+    for level in args.levels:
+        cells = {}
+        for mode in ('async', 'sync'):
+            best = median_by_rate(rows[(level, mode)], key=lambda r: r['rate'])
+            cells[mode] = best
+            results.append({'concurrency': level, 'standby': mode, 'rate': best['rate'],
+                            'latency_ms': best['latency_ms'], 'all_rates': [r['rate'] for r in rows[(level, mode)]]})
+        a, b = cells['async'], cells['sync']
+        out.append(f'{level:>11}  {a["rate"]:>9,.0f}/s p50 {a["latency_ms"]["p50"]:5.2f} ms  '
+                   f'{b["rate"]:>9,.0f}/s p50 {b["latency_ms"]["p50"]:5.2f} ms  {b["rate"] / a["rate"]:10.2f}')
+    print('\n'.join(out))
+    if args.json_file:
+        with open(args.json_file, 'w') as fh:
+            json.dump(results, fh, indent=2)
+    return 0
+
+
 # --- the runs -------------------------------------------------------------------
 
 
@@ -416,12 +480,16 @@ def parse_args(argv=None):
     parser.add_argument('--register-concurrency', type=int, default=loadtest.DEFAULT_REGISTER_CONCURRENCY)
     parser.add_argument('--timeout', type=float, default=30.0)
     parser.add_argument('--json', dest='json_file')
+    parser.add_argument('--standby-cost', action='store_true',
+                        help='instead: purchases/s with an asynchronous and a synchronous standby (see above)')
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if args.standby_cost:
+        return standby_cost(args, log)
     proc = None
     if args.start_server:
         if not args.database_url:
