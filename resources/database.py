@@ -13,6 +13,7 @@ import psycopg
 import psycopg.errors
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
+from psycopg_pool import PoolTimeout
 
 from resources import sql
 
@@ -76,6 +77,16 @@ UNREACHABLE_WAIT = 0.2
 # service would stay down up to a minute longer than its database.)
 RECONNECT_TIMEOUT = 0.5
 
+
+# The longest a request waits for a connection in one go before it asks the
+# pool again. psycopg_pool starts opening a connection for a request only
+# when the request begins to wait, so a request that was already waiting
+# when the database went away (every connection busy, e.g. commits waiting
+# for a standby that is gone) would wait out the whole POOL_TIMEOUT_MS even
+# after the pool gave up on the lost connections, or the database came back
+# (a failover). Asking again starts that attempt, and notices in time that
+# the database is known to be down.
+WAIT_SLICE = 0.1
 
 # How often the pool looks for connections held too long (see Pool).
 WATCHDOG_TICK = 0.25
@@ -202,11 +213,17 @@ class Pool(ConnectionPool):
     def getconn(self, timeout=None):
         if timeout is None:
             timeout = self.timeout
-        if self.database_unreachable:
-            timeout = min(timeout, UNREACHABLE_WAIT)
         deadline = time.monotonic() + timeout
         while True:
-            conn = super().getconn(max(deadline - time.monotonic(), 0.001))
+            if self.database_unreachable:
+                deadline = min(deadline, time.monotonic() + UNREACHABLE_WAIT)
+            left = deadline - time.monotonic()
+            try:
+                conn = super().getconn(max(min(left, WAIT_SLICE), 0.001))
+            except PoolTimeout:
+                if left <= WAIT_SLICE:
+                    raise
+                continue
             if not _hung_up(conn) and not _read_only(conn):
                 if self._hold_limit:
                     with self._held_lock:
@@ -214,9 +231,9 @@ class Pool(ConnectionPool):
                 return conn
             # After a database restart every idle connection is dead: the
             # request would fail on the first (and one on a server that
-            # turned read-only would fail on every write). Drop it (the pool opens a
-            # replacement) and take the next, without the pool's own check
-            # loop, which would sleep a second between two dead connections.
+            # turned read-only would fail on every write). Drop it (the pool
+            # opens a replacement) and take the next, without the pool's own
+            # check loop, which would sleep a second between two dead ones.
             # Until a new connection opens, take the database for down.
             self.database_unreachable = True
             deadline = min(deadline, time.monotonic() + UNREACHABLE_WAIT)

@@ -154,25 +154,38 @@ def test_a_purchase_the_standby_never_received_is_outcome_unknown_never_201_and_
     walsender stopped) when a purchase commits: the primary has the order,
     the standby has not, and the commit waits for the standby. Then the
     primary dies. The answer must be outcome_unknown (it was never 201),
-    and on the new primary the client's question and retry settle it."""
+    and on the new primary the client's question and retry settle it. A
+    request queued for the pool's only connection meanwhile is answered
+    503 as soon as the primary is gone, not at the end of POOL_TIMEOUT."""
     primary, standby = pair
-    client, pool = app_on(two_hosts(primary, standby))
+    client, pool = app_on(two_hosts(primary, standby), pool_size=1, pool_timeout=30.0)
     [(user_id, token)], sale_id = users_and_sale(primary)
     client.get('/health', status=200)
 
     primary.pause_replication()
-    answers = []
-    buyer = threading.Thread(target=lambda: answers.append(
-        client.post(f'/api/flash-sales/{sale_id}/purchase', headers=auth(token), expect_errors=True)))
+    answers = {}
+
+    def call(name, method, path):
+        started = time.monotonic()
+        resp = client.request(path, method=method, headers=auth(token), expect_errors=True)
+        answers[name] = (resp.status_int, resp.json.get('code'), time.monotonic() - started)
+
+    buyer = threading.Thread(target=call, args=('purchase', 'POST', f'/api/flash-sales/{sale_id}/purchase'))
     buyer.start()
     # Committed on the primary, waiting for the standby's acknowledgement
     # (statement_timeout does not end this wait: it is over before the commit).
     primary.wait_for("SELECT count(*) = 1 FROM pg_stat_activity WHERE wait_event = 'SyncRep'", timeout=10,
                      what='the purchase to wait for the standby')
+    queued = threading.Thread(target=call, args=('queued', 'GET', '/health'))
+    queued.start()
+    wait_for(lambda: pool.get_stats().get('requests_waiting', 0) == 1, 10, 'a request to wait for the connection')
     primary.kill()
+    killed = time.monotonic()
     buyer.join(10)
-    [resp] = answers
-    assert (resp.status_int, resp.json['code']) == (503, 'outcome_unknown'), resp.json
+    queued.join(10)
+    assert answers['purchase'][:2] == (503, 'outcome_unknown'), answers
+    assert answers['queued'][:2] == (503, 'database_unavailable'), answers
+    assert answers['queued'][2] < 30.0 and time.monotonic() - killed < 5.0, answers
     # No primary yet: refused, nothing sent anywhere.
     resp = client.post(f'/api/flash-sales/{sale_id}/purchase', headers=auth(token), status=503)
     assert resp.json['code'] == 'database_unavailable'
