@@ -214,23 +214,25 @@ def check(url, sale_id, tokens, stock, records, app_events):
 def failover(primary, standby, down_for, lag):
     """db:failover: (optionally) break the replication link `lag` seconds
     before, SIGKILL the primary, wait `down_for`, promote the standby.
-    Returns (monotonic time of the kill, of the promotion)."""
+    Returns monotonic times: the kill sent, the primary certainly dead, the
+    promotion done."""
     if lag:
         primary.pause_replication()
         time.sleep(lag)
+    killing = time.monotonic()
     primary.kill()
-    killed = time.monotonic()  # when it is certainly dead
+    killed = time.monotonic()
     time.sleep(down_for)
     standby.promote()
-    return killed, time.monotonic()
+    return killing, killed, time.monotonic()
 
 
-def unavailable_window(records, killed, promoted):
+def unavailable_window(records, killing, killed, promoted):
     """How the service answered across a failover (seconds): until its first
     purchase answered from the database again (201 or already_purchased:
     a sold_out may come from memory), and until the end of its last 503,
     from the kill and after the promotion."""
-    after = [r for r in records if r['at'] + r['took'] >= killed]
+    after = [r for r in records if r['at'] + r['took'] >= killing]
     refused = [r['at'] + r['took'] for r in after if r['status'] == 503 or r['kind'] == 'no_answer']
     answered = [r['at'] + r['took'] for r in after
                 if r['kind'] in ('created', 'already_purchased') and r['at'] >= killed]
@@ -304,8 +306,8 @@ def run(events=('db:fast', 'db:immediate'), users=400, stock=300, rate=150.0, sh
             at = time.monotonic() - started
             what, how = event.split(':')
             if event == 'db:failover':
-                killed, promoted = failover(pg, replica, down_for, lag)
-                failed_over = (killed - started, promoted - started)
+                killing, killed, promoted = failover(pg, replica, down_for, lag)
+                failed_over = (killing, killed, promoted)
                 pg = replica  # the primary from now on (a later db:* event restarts it)
                 detail = (f'primary SIGKILLed{f" {lag:g} s after replication to the standby stopped" if lag else ""}, '
                           f'{standby} standby promoted {promoted - killed:.2f} s later')
@@ -352,7 +354,7 @@ def run(events=('db:fast', 'db:immediate'), users=400, stock=300, rate=150.0, sh
     }
     if failed_over:
         result['failover'] = dict(
-            unavailable_window(records, started + failed_over[0], started + failed_over[1]),
+            unavailable_window(records, *failed_over),
             standby=standby, lag=lag, lost_201s=len(lost))
     log(f'{len(records)} requests in {elapsed:.1f} s; answers: '
         + ', '.join(f'{k} {n}' for k, n in answers.most_common()))
