@@ -17,6 +17,7 @@ import flashsale
 from conftest import TEST_SECRET
 from conftest import auth
 from conftest import sale_state
+from conftest import wait_for
 from resources import database
 from resources.credentials import Credentials
 from private_postgres import PrivatePostgres
@@ -99,15 +100,6 @@ def users_and_sale(pg, users=1, stock=5):
 def state_on(pg, sale_id):
     with psycopg.connect(pg.url, autocommit=True, row_factory=dict_row) as conn:
         return sale_state(conn, sale_id)
-
-
-def wait_for(predicate, timeout, message):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.02)
-    pytest.fail(f'timed out waiting for {message}')
 
 
 def client_backends(pg):
