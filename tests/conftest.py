@@ -5,9 +5,13 @@ TEST_DATABASE_URL names another server. Either way the run starts by dropping
 and re-creating the public schema: never point it at data you want to keep.
 """
 
+import collections
+import dataclasses
+import functools
 import http.client
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -18,13 +22,12 @@ from pathlib import Path
 
 import psycopg
 import pytest
-import waitress
 import webtest
-from psycopg.rows import dict_row
 
 import flashsale
 from resources import database
 from resources import embedded
+from resources import serving
 from resources.credentials import Credentials
 from private_postgres import free_port  # noqa: F401 (for the tests)
 from invariants import sale_state  # noqa: F401 (for the tests: scripts/invariants.py, one checker for all)
@@ -53,9 +56,9 @@ def settings(database_url):
         pool_size=8,
         pool_timeout=5.0,
         # Tests create and change sales between requests; each answer must be
-        # fresh (tests/test_cache.py covers the cache with an app of its own).
+        # fresh (tests/test_fast_paths.py covers the cache with an app of its own).
         poll_cache_ms=0,
-        # Tests race registrations; tests/test_cache.py covers the bcrypt slots.
+        # Tests race registrations; tests/test_fast_paths.py covers the bcrypt slots.
         bcrypt_slots=64,
     )
 
@@ -96,20 +99,33 @@ def auth(token):
     return {'Authorization': f'Bearer {token}'}
 
 
+def insert_user(conn, credentials, email=None, admin=False):
+    """(user_id, token): a user inserted straight into the database behind
+    conn (no bcrypt), with a valid token."""
+    email = email or f'user-{uuid.uuid4().hex[:12]}@example.com'
+    row = conn.execute(
+        'INSERT INTO users (email, password_hash, is_admin) VALUES (%s, %s, %s) RETURNING id',
+        (email, 'not-a-bcrypt-hash', admin),
+    ).fetchone()
+    return row['id'], credentials.issue(row['id'])
+
+
+def insert_sale(conn, stock=10, starts_in=-60, ends_in=3600, name='Test sale', remaining=None):
+    """A sale inserted into the database behind conn: its id. Offsets are
+    seconds from the database's now()."""
+    row = conn.execute(
+        'INSERT INTO flash_sales (name, start_date, end_date, total_stock, remaining_stock) '
+        "VALUES (%s, now() + make_interval(secs => %s), now() + make_interval(secs => %s), %s, %s) "
+        'RETURNING id',
+        (name, starts_in, ends_in, stock, stock if remaining is None else remaining),
+    ).fetchone()
+    return row['id']
+
+
 @pytest.fixture
 def make_user(db, credentials):
-    """make_user(admin=False) -> (user_id, token): a user inserted straight
-    into the database (no bcrypt), with a valid token."""
-
-    def make(email=None, admin=False):
-        email = email or f'user-{uuid.uuid4().hex[:12]}@example.com'
-        row = db.execute(
-            'INSERT INTO users (email, password_hash, is_admin) VALUES (%s, %s, %s) RETURNING id',
-            (email, 'not-a-bcrypt-hash', admin),
-        ).fetchone()
-        return row['id'], credentials.issue(row['id'])
-
-    return make
+    """make_user(email=None, admin=False) -> (user_id, token), in the session's database."""
+    return functools.partial(insert_user, db, credentials)
 
 
 @pytest.fixture
@@ -130,19 +146,39 @@ def make_users(db, credentials):
 
 @pytest.fixture
 def make_sale(db):
-    """make_sale(stock=10, starts_in=-60, ends_in=3600) -> sale id. Offsets are
-    seconds from the database's now()."""
+    """make_sale(stock=10, starts_in=-60, ends_in=3600, name=..., remaining=None)
+    -> sale id, in the session's database."""
+    return functools.partial(insert_sale, db)
 
-    def make(stock=10, starts_in=-60, ends_in=3600, name='Test sale', remaining=None):
-        row = db.execute(
-            'INSERT INTO flash_sales (name, start_date, end_date, total_stock, remaining_stock) '
-            "VALUES (%s, now() + make_interval(secs => %s), now() + make_interval(secs => %s), %s, %s) "
-            'RETURNING id',
-            (name, starts_in, ends_in, stock, stock if remaining is None else remaining),
-        ).fetchone()
-        return row['id']
 
-    return make
+# The settings open_pool() reads: an app with one of them changed needs a pool
+# of its own (lock and statement timeouts are set per connection).
+POOL_SETTINGS = {'database_url', 'pool_size', 'pool_timeout', 'statement_timeout_ms', 'lock_timeout_ms'}
+
+AppUnderTest = collections.namedtuple('AppUnderTest', 'wsgi client settings pool')
+
+
+@pytest.fixture
+def make_app(settings, pool):
+    """make_app(**changes) -> AppUnderTest(wsgi, client, settings, pool): the
+    app with these settings changed. On the session's pool, unless a change
+    is one of POOL_SETTINGS: then on a pool of its own, filled before it is
+    returned and closed at the end of the test."""
+    pools = []
+
+    def make(**changes):
+        changed = dataclasses.replace(settings, **changes)
+        own = pool
+        if POOL_SETTINGS & changes.keys():
+            own = database.open_pool(changed, changed.database_url)
+            pools.append(own)
+            own.wait()
+        app = flashsale.create_app(changed, own)
+        return AppUnderTest(app, webtest.TestApp(app), changed, own)
+
+    yield make
+    for own in pools:
+        own.close(timeout=1)
 
 
 def wait_for(predicate, timeout=10, message='condition'):
@@ -153,6 +189,33 @@ def wait_for(predicate, timeout=10, message='condition'):
             return
         time.sleep(0.02)
     pytest.fail(f'timed out after {timeout} s waiting for {message}')
+
+
+def wait_for_health(client, timeout, message='GET /health to answer 200'):
+    """Poll GET /health through a WebTest client until it is 200 (503 while
+    the database is unreachable, and nothing else)."""
+    wait_for(lambda: client.get('/health', status=[200, 503]).status_int == 200, timeout=timeout, message=message)
+
+
+def timed(call):
+    """(call's result, seconds it took)."""
+    started = time.monotonic()
+    result = call()
+    return result, time.monotonic() - started
+
+
+def run_together(targets, timeout=60):
+    """Run every callable in a thread of its own, all started at once; return
+    once all have ended, or fail after timeout seconds."""
+    threads = [threading.Thread(target=target) for target in targets]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0, deadline - time.monotonic()))
+    running = sum(t.is_alive() for t in threads)
+    if running:
+        pytest.fail(f'{running} of {len(threads)} threads still running after {timeout} s')
 
 
 def backends_waiting_on_a_lock(url):
@@ -168,6 +231,19 @@ def hold_sale_row(url, sale_id):
     locker = psycopg.connect(url)
     locker.execute('SELECT 1 FROM flash_sales WHERE id = %s FOR UPDATE', (sale_id,))
     return locker
+
+
+def clean_env(**extra):
+    """This process' environment without the database and secret settings,
+    plus extra: for a `flashsale` command that must not inherit them."""
+    env = {k: v for k, v in os.environ.items() if k not in ('DATABASE_URL', 'JWT_SECRET', 'TEST_DATABASE_URL')}
+    env.update(extra)
+    return env
+
+
+def serve_env(database_url, **extra):
+    """The environment of a `flashsale serve` on the tests' database and secret."""
+    return clean_env(DATABASE_URL=database_url, JWT_SECRET=TEST_SECRET, BCRYPT_ROUNDS='4', **extra)
 
 
 def start_serve(env, log_path, timeout=60):
@@ -186,53 +262,129 @@ def start_serve(env, log_path, timeout=60):
     return proc
 
 
+def _serve_in_thread(app, settings):
+    """The server `flashsale serve` builds (resources/serving.py: its
+    connection limit, poll loop, body limit, JSON errors, proxy headers)
+    for app, on a free loopback port, serving in a thread; and its base URL."""
+    server = serving.create_server(app, dataclasses.replace(settings, host='127.0.0.1', port=0))
+    threading.Thread(target=server.run, daemon=True).start()
+    return server, f'http://127.0.0.1:{server.effective_port}'
+
+
 @pytest.fixture(scope='session')
 def live_server(wsgi_app, settings):
-    """The real waitress server on a free port, in a thread. Yields its base URL."""
-    server = waitress.create_server(
-        wsgi_app, host='127.0.0.1', port=0, threads=settings.threads, ident='flashsale'
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    yield f'http://127.0.0.1:{server.effective_port}'
+    """The session's app in the real server, in a thread. Yields its base URL."""
+    server, base_url = _serve_in_thread(wsgi_app, settings)
+    yield base_url
     server.close()
 
 
-@pytest.fixture(scope='session')
-def raw_connect(database_url):
-    def connect():
-        return psycopg.connect(database_url, autocommit=True, row_factory=dict_row)
+@pytest.fixture
+def serve_in_thread():
+    """serve_in_thread(make_app(...)) -> base URL of that app in the real
+    server with its settings, closed at the end of the test."""
+    servers = []
 
-    return connect
+    def serve(app):
+        server, base_url = _serve_in_thread(app.wsgi, app.settings)
+        servers.append(server)
+        return base_url
+
+    yield serve
+    for server in servers:
+        server.close()
+
+
+# --- HTTP over a socket -----------------------------------------------------------
+
+Answer = collections.namedtuple('Answer', 'status headers json')
+
+
+def connect(base_url, timeout=30):
+    """An open HTTP/1.1 connection to the server at base_url."""
+    address = urllib.parse.urlsplit(base_url)
+    conn = http.client.HTTPConnection(address.hostname, address.port, timeout=timeout)
+    conn.connect()
+    return conn
+
+
+def send(conn, method, path, body=None, token=None, headers=None):
+    """Send one request on conn: body as JSON, token as Bearer."""
+    headers = dict(headers or {})
+    if token:
+        headers['Authorization'] = f'Bearer {token}'
+    data = None
+    if body is not None:
+        data = json.dumps(body).encode()
+        headers['Content-Type'] = 'application/json'
+    conn.request(method, path, body=data, headers=headers)
+
+
+def answer(conn):
+    """The answer to the request sent on conn: Answer(status, headers, JSON body or None)."""
+    resp = conn.getresponse()
+    data = resp.read()
+    return Answer(resp.status, resp.headers, json.loads(data) if data else None)
+
+
+def call(base_url, method, path, body=None, token=None, headers=None, timeout=30):
+    """One request on a new connection: Answer(status, headers, JSON body or None)."""
+    conn = connect(base_url, timeout)
+    try:
+        send(conn, method, path, body, token, headers)
+        return answer(conn)
+    finally:
+        conn.close()
+
+
+def raw_http(base_url, data):
+    """Send raw bytes to the server; return (status, headers, body bytes) of its answer."""
+    address = urllib.parse.urlsplit(base_url)
+    with socket.create_connection((address.hostname, address.port), timeout=5) as sock:
+        try:
+            sock.sendall(data)
+        except OSError:
+            pass  # the server may answer and close before reading it all
+        received = b''
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except OSError:
+            pass
+    head, _, body = received.partition(b'\r\n\r\n')
+    lines = head.decode('latin-1').split('\r\n')
+    headers = dict(line.split(': ', 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, body
+
+
+def raw_post(path, body, headers=b''):
+    """The bytes of a JSON POST with these extra header lines (each ending in CRLF)."""
+    return (b'POST ' + path.encode() + b' HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n'
+            + headers + b'\r\n' + body)
 
 
 def race(base_url, requests):
     """Fire every (sale_id, token) purchase at once, one thread and one
     connection each, released together by a barrier. Returns
     [(status, code or None, order or None)] in the order given."""
-    address = urllib.parse.urlsplit(base_url)
     results = [None] * len(requests)
     barrier = threading.Barrier(len(requests))
 
     def fire(index, sale_id, token):
-        conn = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
         try:
-            conn.connect()
+            conn = connect(base_url)
         except OSError:
             barrier.abort()  # the others must not wait for this one forever
             raise
-        barrier.wait(timeout=60)
-        conn.request('POST', f'/api/flash-sales/{sale_id}/purchase', headers={'Authorization': f'Bearer {token}'})
-        resp = conn.getresponse()
-        body = json.loads(resp.read())
-        conn.close()
-        results[index] = (resp.status, body.get('code'), body.get('order'))
+        try:
+            barrier.wait(timeout=60)
+            send(conn, 'POST', f'/api/flash-sales/{sale_id}/purchase', token=token)
+            resp = answer(conn)
+        finally:
+            conn.close()
+        results[index] = (resp.status, resp.json.get('code'), resp.json.get('order'))
 
-    threads = [threading.Thread(target=fire, args=(i, *r)) for i, r in enumerate(requests)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_together([functools.partial(fire, i, *r) for i, r in enumerate(requests)], timeout=120)
     return results
 
 

@@ -1,7 +1,6 @@
 """Hostile tokens on every route that takes one; what the logs hold and what
 they must never hold; what errors reveal."""
 
-import dataclasses
 import logging
 import re
 import time
@@ -9,12 +8,10 @@ import uuid
 
 import jwt
 import pytest
-import webtest
 
 import flashsale
 from conftest import TEST_SECRET
 from conftest import auth
-from resources import database
 
 
 def claims(user_id, **changes):
@@ -175,7 +172,7 @@ def test_a_real_5xx_is_logged_with_its_traceback_and_answered_without_one(client
     assert ' 500 ' in access_lines(caplog)[0]
 
 
-def test_database_errors_reach_no_response(client, settings, db):
+def test_database_errors_reach_no_response(client, make_app, db):
     """Statements that fail in the database answer with our code and message
     only: no SQL, no driver message, no constraint name."""
     client.post_json('/api/auth/register', {'email': 'dup@example.com', 'password': 'password123'}, status=201)
@@ -183,15 +180,10 @@ def test_database_errors_reach_no_response(client, settings, db):
                              status=409)
     assert taken.json == {'code': 'email_taken', 'message': 'An account with this email already exists.'}
     # A statement cut off by statement_timeout (this test holds the table's lock).
-    impatient = dataclasses.replace(settings, statement_timeout_ms=200, pool_size=1)
-    impatient_pool = database.open_pool(impatient, settings.database_url)
-    try:
-        with db.transaction():
-            db.execute('LOCK TABLE flash_sales IN ACCESS EXCLUSIVE MODE')
-            timeout = webtest.TestApp(flashsale.create_app(impatient, impatient_pool)).get('/api/flash-sales',
-                                                                                             status=503)
-    finally:
-        impatient_pool.close()
+    impatient = make_app(statement_timeout_ms=200, pool_size=1).client
+    with db.transaction():
+        db.execute('LOCK TABLE flash_sales IN ACCESS EXCLUSIVE MODE')
+        timeout = impatient.get('/api/flash-sales', status=503)
     assert timeout.json['code'] == 'overloaded'
     for resp in (taken, timeout):
         for leak in ('users_email_key', 'duplicate key', 'INSERT', 'SELECT', 'DETAIL', 'canceling statement',

@@ -1,23 +1,16 @@
 """The fast paths: the poll cache with ETags, the sold-out short-circuit,
 and the bcrypt slots that keep a login burst from taking every thread."""
 
-import dataclasses
 import threading
 import time
 from datetime import datetime
 
-import pytest
 import webtest
 
-import flashsale
 from conftest import auth
+from conftest import run_together
 from conftest import sale_state
 from conftest import wait_for
-
-
-@pytest.fixture
-def cached_client(settings, pool):
-    return webtest.TestApp(flashsale.create_app(dataclasses.replace(settings, poll_cache_ms=300), pool))
 
 
 def server_time(resp):
@@ -44,13 +37,13 @@ def test_etag_changes_when_the_stock_does(client, make_sale, make_user):
     assert resp.json['flashSale']['remainingStock'] == 9
 
 
-def test_cache_serves_one_query_per_ttl_with_a_moving_server_clock(settings, pool, make_sale, db):
+def test_cache_serves_one_query_per_ttl_with_a_moving_server_clock(make_app, make_sale, db):
     """Within its lifetime a cached answer is served (with serverTime moved
     on by the time since it was loaded); after it, the next request loads
     anew. Decided by when each request ran, not by sleeps: the test polls
     until the new stock shows."""
     ttl = 1.0
-    client = webtest.TestApp(flashsale.create_app(dataclasses.replace(settings, poll_cache_ms=int(ttl * 1000)), pool))
+    client = make_app(poll_cache_ms=int(ttl * 1000)).client
     sale_id = make_sale(stock=10)
     before_load = time.monotonic()  # the cache entry is younger than this
     first = client.get(f'/api/flash-sales/{sale_id}', status=200)
@@ -79,7 +72,8 @@ def test_cache_serves_one_query_per_ttl_with_a_moving_server_clock(settings, poo
         f'{[(round(a[0] - loaded, 3), a[2]) for a in surely_expired]} (seconds after the load, stock)')
 
 
-def test_cache_keeps_no_sale_and_unknown_sale_answers_right(cached_client):
+def test_cache_keeps_no_sale_and_unknown_sale_answers_right(make_app):
+    cached_client = make_app(poll_cache_ms=300).client
     assert cached_client.get('/api/flash-sales/current', status=404).json['code'] == 'no_sale'
     unknown = '00000000-0000-0000-0000-000000000001'
     assert cached_client.get(f'/api/flash-sales/{unknown}', status=404).json['code'] == 'sale_not_found'
@@ -111,25 +105,22 @@ def test_sold_out_from_memory_still_needs_a_valid_token(client, make_sale, make_
     assert client.post(f'/api/flash-sales/{sale_id}/purchase', status=401).json['code'] == 'unauthorized'
 
 
-def test_logins_beyond_the_bcrypt_slots_are_refused_at_once(settings, pool, make_user):
+def test_logins_beyond_the_bcrypt_slots_are_refused_at_once(make_app):
     """One slot, bcrypt cost 12 (~0.2 s): of logins arriving together, those
     that find the slot taken get 503 overloaded immediately instead of
     holding a server thread while they wait."""
-    app = flashsale.create_app(dataclasses.replace(settings, bcrypt_rounds=12, bcrypt_slots=1), pool)
+    app = make_app(bcrypt_rounds=12, bcrypt_slots=1).wsgi
     results = []
     barrier = threading.Barrier(4)
 
     def login():
         client = webtest.TestApp(app)
         barrier.wait()
-        resp = client.post_json('/api/auth/login', {'email': 'x@example.com', 'password': 'password123'}, expect_errors=True)
+        resp = client.post_json('/api/auth/login', {'email': 'x@example.com', 'password': 'password123'},
+                                status=[401, 503])
         results.append((resp.status_int, resp.json['code'], time.monotonic(), resp.headers.get('Retry-After')))
 
-    threads = [threading.Thread(target=login) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_together([login] * 4)
     assert len(results) == 4, results
     refused = [r for r in results if r[0] == 503]
     [(_, code, slot_freed, _)] = [r for r in results if r[0] == 401]

@@ -2,10 +2,9 @@
 crash and start (never the session's database), the real waitress server and
 `flashsale serve` processes killed and stopped mid-request."""
 
-import dataclasses
+import functools
 import http.client
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -16,22 +15,27 @@ from pathlib import Path
 
 import psycopg
 import pytest
-import webtest
 from psycopg.rows import dict_row
 
-import flashsale
 import invariants
-from conftest import TEST_SECRET
+from conftest import answer
 from conftest import auth
 from conftest import backends_waiting_on_a_lock
+from conftest import call
+from conftest import connect
 from conftest import free_port
 from conftest import hold_sale_row
+from conftest import insert_sale
+from conftest import insert_user
+from conftest import run_together
 from conftest import sale_state
+from conftest import send
+from conftest import serve_env
 from conftest import start_serve
+from conftest import timed
 from conftest import wait_for
+from conftest import wait_for_health
 from resources import database
-from resources import serving
-from resources.credentials import Credentials
 from private_postgres import PrivatePostgres
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,36 +63,22 @@ def private_db(private_pg):
 
 
 @pytest.fixture
-def private_app(private_pg, private_db):
-    """private_app(**settings) -> (WebTest client, pool, settings) on the private database."""
-    pools = []
+def private_app(private_pg, private_db, make_app):
+    """private_app(**settings) -> (WebTest client, pool, settings): the app on
+    a pool of its own on the private database."""
 
-    def make(**overrides):
-        settings = dataclasses.replace(
-            flashsale.Settings(database_url=private_pg.url, jwt_secret=TEST_SECRET, bcrypt_rounds=4,
-                               poll_cache_ms=0, bcrypt_slots=64, pool_size=4, pool_timeout=1.0),
-            **overrides,
-        )
-        pool = database.open_pool(settings, private_pg.url)
-        pool.wait()
-        pools.append(pool)
-        return webtest.TestApp(flashsale.create_app(settings, pool)), pool, settings
+    def make(**changes):
+        app = make_app(database_url=private_pg.url, pool_size=4, pool_timeout=1.0, **changes)
+        return app.client, app.pool, app.settings
 
-    yield make
-    for pool in pools:
-        pool.close(timeout=1)
+    return make
 
 
-def user_and_sale(conn, stock=5):
-    user_id = conn.execute(
-        "INSERT INTO users (email, password_hash) VALUES ('buyer@example.com', 'x') RETURNING id").fetchone()['id']
-    sale_id = conn.execute(
-        'INSERT INTO flash_sales (name, start_date, end_date, total_stock, remaining_stock) '
-        "VALUES ('Faulty sale', now() - interval '1 minute', now() + interval '1 hour', %s, %s) RETURNING id",
-        (stock, stock),
-    ).fetchone()['id']
-    token = Credentials(TEST_SECRET, 3600, 4, 1).issue(user_id)
-    return user_id, token, sale_id
+@pytest.fixture
+def user_and_sale(private_db, credentials):
+    """(user_id, token, sale_id): a buyer and a sale of 5 in the private database."""
+    user_id, token = insert_user(private_db, credentials)
+    return user_id, token, insert_sale(private_db, stock=5)
 
 
 def state_after_restart(pg, sale_id):
@@ -97,19 +87,13 @@ def state_after_restart(pg, sale_id):
         return sale_state(conn, sale_id)
 
 
-def timed(call):
-    started = time.monotonic()
-    result = call()
-    return result, time.monotonic() - started
-
-
 # --- the database goes away --------------------------------------------------
 
 
 def test_database_down_is_503_database_unavailable_at_once_and_the_service_recovers_without_restart(
-        private_pg, private_db, private_app):
+        private_pg, private_app, user_and_sale):
     client, pool, settings = private_app()
-    user_id, token, sale_id = user_and_sale(private_db)
+    user_id, token, sale_id = user_and_sale
     client.get('/health', status=200)
 
     private_pg.stop('fast')
@@ -131,7 +115,7 @@ def test_database_down_is_503_database_unavailable_at_once_and_the_service_recov
 
     # Back without restarting anything: the next requests reconnect the pool.
     recovered_in = time.monotonic()
-    wait_for(lambda: client.get('/health', expect_errors=True).status_int == 200, timeout=5, message='recovery')
+    wait_for_health(client, timeout=5, message='recovery')
     recovered_in = time.monotonic() - recovered_in
     assert recovered_in < 1.5, (
         f'/health took {recovered_in:.3f} s after the database came back to answer 200 again (bound: 1.5 s)')
@@ -148,22 +132,22 @@ def test_after_a_database_restart_no_dead_connection_is_handed_out(private_pg, p
     client, pool, settings = private_app()
     assert pool.get_stats()['pool_available'] == settings.pool_size
     private_pg.restart(how)
-    statuses = [client.get('/api/flash-sales', expect_errors=True).status_int for _ in range(3 * settings.pool_size)]
+    statuses = [client.get('/api/flash-sales', status=200).status_int for _ in range(3 * settings.pool_size)]
     assert statuses == [200] * (3 * settings.pool_size)
 
 
 def test_purchase_cut_off_by_a_database_shutdown_is_503_outcome_unknown_and_settles_on_retry(
-        private_pg, private_db, private_app):
+        private_pg, private_app, user_and_sale):
     """The purchase statement is running (waiting for the sale row) when the
     database shuts down: the connection breaks mid-statement, so the service
     cannot know whether it committed, and says exactly that. The client then
     asks, or buys again; either settles it."""
     client, pool, settings = private_app()
-    user_id, token, sale_id = user_and_sale(private_db)
+    user_id, token, sale_id = user_and_sale
     locker = hold_sale_row(private_pg.url, sale_id)
     answers = []
     buyer = threading.Thread(target=lambda: answers.append(
-        client.post(f'/api/flash-sales/{sale_id}/purchase', headers=auth(token), expect_errors=True)))
+        client.post(f'/api/flash-sales/{sale_id}/purchase', headers=auth(token), status=503)))
     buyer.start()
     try:
         wait_for(lambda: backends_waiting_on_a_lock(private_pg.url) == 1, message='the purchase to wait on the row')
@@ -184,8 +168,8 @@ def test_purchase_cut_off_by_a_database_shutdown_is_503_outcome_unknown_and_sett
     assert int(resp.headers['Retry-After']) >= 1
 
     # What the README tells the client to do: ask.
-    wait_for(lambda: client.get('/health', expect_errors=True).status_int == 200, timeout=5, message='recovery')
-    resp = client.get(f'/api/me/orders/{sale_id}', headers=auth(token), expect_errors=True)
+    wait_for_health(client, timeout=5, message='recovery')
+    resp = client.get(f'/api/me/orders/{sale_id}', headers=auth(token), status=404)
     assert resp.status_int == 404, resp.json
     assert resp.json['code'] == 'order_not_found'
     # Or buy again: safe, one order per person whatever happened.
@@ -194,7 +178,7 @@ def test_purchase_cut_off_by_a_database_shutdown_is_503_outcome_unknown_and_sett
     assert state_after_restart(private_pg, sale_id) == (5, 4, 1)
 
 
-def test_a_database_that_stops_answering_holds_no_request_past_the_hold_limit(private_pg, private_db, private_app):
+def test_a_database_that_stops_answering_holds_no_request_past_the_hold_limit(private_pg, private_app, user_and_sale):
     """SIGSTOP every process of the database: its connections stay open (its
     kernel still answers TCP), so no timeout of its own fires and nothing
     reaches the client. The pool cuts off any connection held longer than a
@@ -204,23 +188,18 @@ def test_a_database_that_stops_answering_holds_no_request_past_the_hold_limit(pr
     settles the purchase either way."""
     client, pool, settings = private_app(statement_timeout_ms=500)
     limit = database.hold_limit(settings)
-    user_id, token, sale_id = user_and_sale(private_db)
+    user_id, token, sale_id = user_and_sale
     answers = {}
 
-    def call(name, method, path):
-        started = time.monotonic()
-        resp = client.request(path, method=method, headers=auth(token), expect_errors=True)
-        answers[name] = (resp.status_int, resp.json['code'], resp.headers.get('Retry-After'),
-                         time.monotonic() - started)
+    def ask(name, method, path):
+        resp, took = timed(lambda: client.request(path, method=method, headers=auth(token), status=503))
+        answers[name] = (resp.status_int, resp.json['code'], resp.headers.get('Retry-After'), took)
 
     private_pg.freeze()
     try:
-        calls = [threading.Thread(target=call, args=('health', 'GET', '/health')),
-                 threading.Thread(target=call, args=('purchase', 'POST', f'/api/flash-sales/{sale_id}/purchase'))]
-        for c in calls:
-            c.start()
-        for c in calls:
-            c.join(limit + 5)
+        run_together([functools.partial(ask, 'health', 'GET', '/health'),
+                      functools.partial(ask, 'purchase', 'POST', f'/api/flash-sales/{sale_id}/purchase')],
+                     timeout=limit + 5)
     finally:
         private_pg.thaw()
     assert answers['health'][:2] == (503, 'database_unavailable')
@@ -231,10 +210,10 @@ def test_a_database_that_stops_answering_holds_no_request_past_the_hold_limit(pr
             f'a request to the frozen database took {took:.3f} s to be cut off; the hold limit is {limit} s '
             f'(bound: {limit - 0.1:.1f} to {limit + 1:.1f} s)')
 
-    wait_for(lambda: client.get('/health', expect_errors=True).status_int == 200, timeout=10, message='recovery')
+    wait_for_health(client, timeout=10, message='recovery')
     # The frozen server may still have run the purchase it had received when
     # it thawed: the client cannot know, and need not. Buying again settles it.
-    again = client.post(f'/api/flash-sales/{sale_id}/purchase', headers=auth(token), expect_errors=True)
+    again = client.post(f'/api/flash-sales/{sale_id}/purchase', headers=auth(token), status=[201, 409])
     assert (again.status_int, again.json.get('code')) in {(201, None), (409, 'already_purchased')}
     assert state_after_restart(private_pg, sale_id) == (5, 4, 1)
 
@@ -330,33 +309,32 @@ def test_sigterm_stops_accepting_and_answers_every_request_in_flight_then_exits_
     user_id, token = make_user()
     sale_id = make_sale(stock=5)
     port = free_port()
-    env = dict(os.environ, DATABASE_URL=database_url, JWT_SECRET=TEST_SECRET, PORT=str(port), THREADS='1',
-               BCRYPT_ROUNDS='4', LOCK_TIMEOUT_MS='10000', STATEMENT_TIMEOUT_MS='10000')
+    base_url = f'http://127.0.0.1:{port}'
+    env = serve_env(database_url, PORT=str(port), THREADS='1', LOCK_TIMEOUT_MS='10000', STATEMENT_TIMEOUT_MS='10000')
     log_path = tmp_path / 'serve.log'
     proc = start_serve(env, log_path)
     answers = {}
 
-    def call(name, method, path, headers=None, conn=None, sent=None):
-        conn = conn or http.client.HTTPConnection('127.0.0.1', port, timeout=30)
+    def ask(name, method, path, token=None, conn=None, sent=None):
         try:
-            conn.request(method, path, headers=headers or {})
+            conn = conn or connect(base_url)
+            send(conn, method, path, token=token)
             if sent is not None:
                 sent.set()
-            resp = conn.getresponse()
-            answers[name] = (resp.status, json.loads(resp.read()))
+            resp = answer(conn)
+            answers[name] = (resp.status, resp.json)
         except (OSError, http.client.HTTPException) as exc:
             answers[name] = (None, repr(exc))
 
     try:
         idle = socket.create_connection(('127.0.0.1', port))  # a keep-alive client between requests
         locker = hold_sale_row(database_url, sale_id)
-        clients = [threading.Thread(target=call, args=('purchase', 'POST', f'/api/flash-sales/{sale_id}/purchase',
-                                                       auth(token)))]
+        clients = [threading.Thread(target=ask, args=('purchase', 'POST', f'/api/flash-sales/{sale_id}/purchase',
+                                                      token))]
         clients[0].start()
         wait_for(lambda: backends_waiting_on_a_lock(database_url) == 1, message='the purchase to be running')
-        queued, sent = http.client.HTTPConnection('127.0.0.1', port, timeout=30), threading.Event()
-        queued.connect()
-        clients.append(threading.Thread(target=call, args=('queued', 'GET', '/api/flash-sales'),
+        queued, sent = connect(base_url), threading.Event()
+        clients.append(threading.Thread(target=ask, args=('queued', 'GET', '/api/flash-sales'),
                                         kwargs={'conn': queued, 'sent': sent}))
         clients[1].start()
         # Received by the server (read off its socket), waiting for its only thread.
@@ -390,76 +368,38 @@ def test_sigterm_stops_accepting_and_answers_every_request_in_flight_then_exits_
 # --- more requests than connections ---------------------------------------------
 
 
-@pytest.fixture
-def serve_in_thread():
-    """serve_in_thread(app, settings) -> base URL of the real server (as
-    `flashsale serve` builds it) on a free port."""
-    servers = []
-
-    def start(app, settings):
-        server = serving.create_server(app, dataclasses.replace(settings, port=0))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        servers.append(server)
-        return f'http://127.0.0.1:{server.effective_port}'
-
-    yield start
-    for server in servers:
-        server.close()
-
-
-def request(base_url, method, path, headers=None, body=None):
-    """(status, headers, body bytes, seconds) over a new HTTP connection."""
-    host, port = base_url.removeprefix('http://').split(':')
-    started = time.monotonic()
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    conn.request(method, path, body=body, headers=headers or {})
-    resp = conn.getresponse()
-    data = resp.read()
-    conn.close()
-    return resp.status, resp.headers, data, time.monotonic() - started
-
-
 def test_pool_exhausted_answers_503_overloaded_within_the_pool_timeout_never_500(
-        settings, raw_connect, make_users, make_sale, serve_in_thread, database_url):
+        make_app, make_users, make_sale, serve_in_thread, database_url):
     """Eight server threads, two connections, both held by purchases stuck on
     the sale row: everyone else waits at most POOL_TIMEOUT for a connection,
     then gets 503 overloaded with Retry-After; the stuck purchases end at
     LOCK_TIMEOUT, also 503 overloaded. Nothing waits unboundedly, nothing is a 500."""
-    tight = dataclasses.replace(settings, threads=8, pool_size=2, pool_timeout=0.3, lock_timeout_ms=1500)
-    pool = database.open_pool(tight, database_url)
-    try:
-        base = serve_in_thread(flashsale.create_app(tight, pool), tight)
-        sale_id = make_sale(stock=5)
-        users = make_users(2)
-        locker = hold_sale_row(database_url, sale_id)
-        stuck = []
-        buyers = [threading.Thread(target=lambda token=token: stuck.append(request(
-            base, 'POST', f'/api/flash-sales/{sale_id}/purchase', auth(token)))) for _, token in users]
-        for b in buyers:
-            b.start()
-        wait_for(lambda: backends_waiting_on_a_lock(database_url) == 2, message='both connections to be stuck')
+    app = make_app(threads=8, pool_size=2, pool_timeout=0.3, lock_timeout_ms=1500)
+    tight = app.settings
+    base = serve_in_thread(app)
+    sale_id = make_sale(stock=5)
+    users = make_users(2)
+    locker = hold_sale_row(database_url, sale_id)
+    stuck = []
+    buyers = [threading.Thread(target=lambda token=token: stuck.append(timed(lambda: call(
+        base, 'POST', f'/api/flash-sales/{sale_id}/purchase', token=token)))) for _, token in users]
+    for b in buyers:
+        b.start()
+    wait_for(lambda: backends_waiting_on_a_lock(database_url) == 2, message='both connections to be stuck')
 
-        others = []
-        readers = [threading.Thread(target=lambda: others.append(request(base, 'GET', '/api/flash-sales')))
-                   for _ in range(12)]
-        for r in readers:
-            r.start()
-        for r in readers:
-            r.join()
-        for b in buyers:
-            b.join()
-        locker.rollback()
-    finally:
-        pool.close(timeout=1)
+    others = []
+    run_together([lambda: others.append(timed(lambda: call(base, 'GET', '/api/flash-sales'))) for _ in range(12)])
+    for b in buyers:
+        b.join()
+    locker.rollback()
 
     assert (len(others), len(stuck)) == (12, 2), f'{len(others)} of 12 readers and {len(stuck)} of 2 buyers answered'
-    for status, headers, body, took in others + stuck:
-        assert status == 503, body
-        assert json.loads(body)['code'] == 'overloaded'
-        assert int(headers['Retry-After']) >= 1
+    for resp, took in others + stuck:
+        assert resp.status == 503, resp.json
+        assert resp.json['code'] == 'overloaded'
+        assert int(resp.headers['Retry-After']) >= 1
     # Six free threads for twelve readers: two rounds of the pool timeout at most.
-    slowest = max(took for *_, took in others)
+    slowest = max(took for _, took in others)
     assert slowest < 2 * tight.pool_timeout + 0.5, (
         f'the slowest reader waited {slowest:.3f} s for its 503 overloaded; POOL_TIMEOUT is {tight.pool_timeout} s '
         f'(bound: two rounds of it + 0.5 s = {2 * tight.pool_timeout + 0.5} s)')
@@ -468,7 +408,7 @@ def test_pool_exhausted_answers_503_overloaded_within_the_pool_timeout_never_500
     # holder's transaction), so the whole wait is bounded by twice that, and
     # always by STATEMENT_TIMEOUT.
     lock_timeout = tight.lock_timeout_ms / 1000
-    for *_, took in stuck:
+    for _, took in stuck:
         assert lock_timeout - 0.1 < took < 2 * lock_timeout + 0.5, (
             f'a purchase stuck on the sale row took {took:.3f} s to be answered; LOCK_TIMEOUT is {lock_timeout} s '
             f'(bound: {lock_timeout - 0.1:.1f} to {2 * lock_timeout + 0.5:.1f} s)')

@@ -1,9 +1,6 @@
 """Request limits and rate limits: what a hostile or broken client gets."""
 
-import dataclasses
 import json
-import socket
-import threading
 import time
 
 import pytest
@@ -11,50 +8,10 @@ import webtest
 
 import flashsale
 from conftest import auth
+from conftest import raw_http
+from conftest import raw_post
 from resources import parsing
-from resources import serving
 from resources.ratelimit import TokenBuckets
-
-
-@pytest.fixture
-def real_server(pool):
-    """real_server(settings) -> port of the server `flashsale serve` builds
-    (resources/serving.py), on the session database."""
-    servers = []
-
-    def start(settings):
-        server = serving.create_server(flashsale.create_app(settings, pool), dataclasses.replace(settings, port=0))
-        threading.Thread(target=server.run, daemon=True).start()
-        servers.append(server)
-        return server.effective_port
-
-    yield start
-    for server in servers:
-        server.close()
-
-
-def raw_http(port, data):
-    """Send raw bytes; return (status, headers, body) of the answer."""
-    with socket.create_connection(('127.0.0.1', port), timeout=5) as sock:
-        try:
-            sock.sendall(data)
-        except OSError:
-            pass  # the server may answer and close before reading it all
-        answer = b''
-        try:
-            while chunk := sock.recv(65536):
-                answer += chunk
-        except OSError:
-            pass
-    head, _, body = answer.partition(b'\r\n\r\n')
-    lines = head.decode('latin-1').split('\r\n')
-    headers = dict(line.split(': ', 1) for line in lines[1:])
-    return int(lines[0].split()[1]), headers, body
-
-
-def post(path, body, headers=b''):
-    return (b'POST ' + path.encode() + b' HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n'
-            + headers + b'\r\n' + body)
 
 
 # --- request limits ------------------------------------------------------------
@@ -64,32 +21,31 @@ def post(path, body, headers=b''):
     ('name', 'request_bytes', 'status', 'code'),
     [
         ('content-length over the limit',
-         post('/api/auth/login', b'x' * 2000, b'Content-Length: 2000\r\n'), 413, 'payload_too_large'),
+         raw_post('/api/auth/login', b'x' * 2000, b'Content-Length: 2000\r\n'), 413, 'payload_too_large'),
         # No Content-Length to refuse up front: waitress counts as it reads.
         ('chunked body over the limit',
-         post('/api/auth/login', b'400\r\n' + b'x' * 1024 + b'\r\n400\r\n' + b'x' * 1024 + b'\r\n0\r\n\r\n',
+         raw_post('/api/auth/login', b'400\r\n' + b'x' * 1024 + b'\r\n400\r\n' + b'x' * 1024 + b'\r\n0\r\n\r\n',
               b'Transfer-Encoding: chunked\r\n'), 413, 'payload_too_large'),
         ('not HTTP at all', b'GARBAGE\r\n\r\n', 400, 'bad_request'),
         ('header line without a colon', b'GET /health HTTP/1.1\r\nHost: test\r\nNoColon\r\n\r\n', 400, 'bad_request'),
-        ('content-length not a number', post('/api/auth/login', b'', b'Content-Length: ten\r\n'), 400, 'bad_request'),
+        ('content-length not a number', raw_post('/api/auth/login', b'', b'Content-Length: ten\r\n'), 400, 'bad_request'),
         ('headers too large', b'GET /health HTTP/1.1\r\nHost: test\r\nX-Big: ' + b'a' * 300_000 + b'\r\n\r\n',
          431, 'headers_too_large'),
-        ('unsupported transfer encoding', post('/api/auth/login', b'', b'Transfer-Encoding: gzip\r\n'),
+        ('unsupported transfer encoding', raw_post('/api/auth/login', b'', b'Transfer-Encoding: gzip\r\n'),
          501, 'not_implemented'),
     ],
 )
-def test_what_waitress_refuses_itself_is_json_too(settings, real_server, name, request_bytes, status, code):
-    port = real_server(dataclasses.replace(settings, max_body_bytes=1024))
-    got, headers, body = raw_http(port, request_bytes)
+def test_what_waitress_refuses_itself_is_json_too(make_app, serve_in_thread, name, request_bytes, status, code):
+    got, headers, body = raw_http(serve_in_thread(make_app(max_body_bytes=1024)), request_bytes)
     assert got == status, (name, body)
     assert headers['Content-Type'] == 'application/json'
     assert json.loads(body)['code'] == code
 
 
-def test_a_chunked_body_within_the_limit_is_read(settings, real_server, db):
-    port = real_server(dataclasses.replace(settings, max_body_bytes=1024))
+def test_a_chunked_body_within_the_limit_is_read(make_app, serve_in_thread, db):
+    base_url = serve_in_thread(make_app(max_body_bytes=1024))
     body = b'{"email": "chunks@example.com", "password": "password123"}'
-    status, _, answer = raw_http(port, post(
+    status, _, answer = raw_http(base_url, raw_post(
         '/api/auth/register', b'%x\r\n%s\r\n0\r\n\r\n' % (len(body), body),
         b'Transfer-Encoding: chunked\r\nConnection: close\r\n'))
     assert status == 201, answer
@@ -162,15 +118,14 @@ def test_wrong_method_is_405_json_with_allow(client, method, path, allowed):
 # --- rate limits ---------------------------------------------------------------
 
 
-def limited_client(settings, pool, address='203.0.113.7', **limits):
+def limited_client(make_app, address='203.0.113.7', **limits):
     """A WebTest client of an app with these limits, calling from `address`
     (not loopback, which is exempt by default)."""
-    app = flashsale.create_app(dataclasses.replace(settings, **limits), pool)
-    return webtest.TestApp(app, extra_environ={'REMOTE_ADDR': address})
+    return webtest.TestApp(make_app(**limits).wsgi, extra_environ={'REMOTE_ADDR': address})
 
 
-def test_register_and_login_share_a_per_address_limit(settings, pool, db):
-    client = limited_client(settings, pool, auth_rate_per_minute=3)
+def test_register_and_login_share_a_per_address_limit(make_app, db):
+    client = limited_client(make_app, auth_rate_per_minute=3)
     credentials = {'email': 'limited@example.com', 'password': 'password123'}
     client.post_json('/api/auth/register', credentials, status=201)
     client.post_json('/api/auth/login', credentials, status=200)
@@ -194,8 +149,8 @@ def test_loopback_is_exempt_by_default(client):
         client.post_json('/api/auth/login', {'email': 'nobody@example.com', 'password': 'password123'}, status=401)
 
 
-def test_purchases_are_limited_per_user_not_per_address(settings, pool, make_user, make_sale):
-    client = limited_client(settings, pool, purchase_rate_per_second=1)  # two at once, then one a second
+def test_purchases_are_limited_per_user_not_per_address(make_app, make_user, make_sale):
+    client = limited_client(make_app, purchase_rate_per_second=1)  # two at once, then one a second
     _, alice = make_user()
     _, bob = make_user()
     sale_id = make_sale()
@@ -212,15 +167,14 @@ def test_purchases_are_limited_per_user_not_per_address(settings, pool, make_use
     client.post(buy, headers=auth(alice), status=409)
 
 
-def test_limits_behind_a_proxy_key_on_the_client_the_proxy_names(settings, real_server, make_user, make_sale):
+def test_limits_behind_a_proxy_key_on_the_client_the_proxy_names(make_app, serve_in_thread):
     """With TRUSTED_PROXY, the address limited is the one the proxy appends to
     X-Forwarded-For; whatever a client writes there itself does not help."""
-    port = real_server(dataclasses.replace(settings, trusted_proxy='127.0.0.1', rate_limit_exempt=(),
-                                           auth_rate_per_minute=2))
+    base_url = serve_in_thread(make_app(trusted_proxy='127.0.0.1', rate_limit_exempt=(), auth_rate_per_minute=2))
     body = b'{"email": "nobody@example.com", "password": "password123"}'
 
     def login(forwarded_for):
-        return raw_http(port, post('/api/auth/login', body, b'Content-Length: %d\r\nConnection: close\r\n'
+        return raw_http(base_url, raw_post('/api/auth/login', body, b'Content-Length: %d\r\nConnection: close\r\n'
                                    b'X-Forwarded-For: %s\r\n' % (len(body), forwarded_for)))[0]
 
     assert [login(b'198.51.100.1') for _ in range(2)] == [401, 401]

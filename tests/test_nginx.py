@@ -5,33 +5,30 @@ import collections
 import os
 import shutil
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import TEST_SECRET
+from conftest import assert_orders_match_answers
+from conftest import call
 from conftest import free_port
 from conftest import race
 from conftest import sale_state
+from conftest import serve_env
 from conftest import start_serve
+from conftest import wait_for
 
 NGINX_CONF = Path(__file__).resolve().parent.parent / 'scripts' / 'nginx.conf'
 
 
-def wait_until_up(url, proc, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f'{proc.args} exited with {proc.returncode}')
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    pytest.fail(f'{url} never answered')
+def answers_health(base_url, proc):
+    """True once GET /health through nginx is 200; fails if nginx exited."""
+    if proc.poll() is not None:
+        pytest.fail(f'{proc.args} exited with {proc.returncode}')
+    try:
+        return call(base_url, 'GET', '/health', timeout=2).status == 200
+    except OSError:
+        return False
 
 
 @pytest.fixture
@@ -45,10 +42,7 @@ def behind_nginx(database_url, tmp_path):
     front_port = free_port()
     apps = []
     for port in app_ports:
-        env = dict(
-            os.environ, DATABASE_URL=database_url, JWT_SECRET=TEST_SECRET, PORT=str(port),
-            TRUSTED_PROXY='127.0.0.1', BCRYPT_ROUNDS='4', THREADS='4',
-        )
+        env = serve_env(database_url, PORT=str(port), TRUSTED_PROXY='127.0.0.1', THREADS='4')
         log_path = tmp_path / f'app-{port}.log'
         apps.append((start_serve(env, log_path), log_path))
     conf = (
@@ -60,9 +54,10 @@ def behind_nginx(database_url, tmp_path):
     (tmp_path / 'nginx.conf').write_text(conf)
     (tmp_path / 'nginx-tmp').mkdir()
     front = subprocess.Popen([nginx, '-p', str(tmp_path), '-c', 'nginx.conf', '-g', 'daemon off;'])
+    base_url = f'http://127.0.0.1:{front_port}'
     try:
-        wait_until_up(f'http://127.0.0.1:{front_port}/health', front)
-        yield f'http://127.0.0.1:{front_port}', [log_path for _, log_path in apps]
+        wait_for(lambda: answers_health(base_url, front), timeout=30, message='nginx to answer GET /health')
+        yield base_url, [log_path for _, log_path in apps]
     finally:
         front.terminate()
         for proc, _ in apps:
@@ -78,8 +73,7 @@ def test_two_processes_behind_nginx_sell_exactly_the_stock(behind_nginx, make_us
     counts = collections.Counter(code or status for status, code, _ in results)
     assert counts == {201: 50, 'sold_out': 150}
     assert sale_state(db, sale_id) == (50, 0, 50)
-    answered = {r[2]['id'] for r in results if r[0] == 201}
-    assert answered == {str(r['id']) for r in db.execute('SELECT id FROM orders')}
+    assert_orders_match_answers(db, sale_id, results)
     # Both processes took purchases, and nginx replayed none.
     served = [log_path.read_text().count('/purchase ') for log_path in logs]
     assert all(n > 0 for n in served), served

@@ -7,12 +7,9 @@ so the module takes well under a minute.
 Set SCREENSHOTS=docs to also save the page in each state as docs/page-*.png.
 """
 
-import json
 import os
 import re
 import time
-import urllib.error
-import urllib.request
 import uuid
 from datetime import datetime
 from datetime import timedelta
@@ -20,6 +17,8 @@ from datetime import timezone
 from pathlib import Path
 
 import pytest
+
+from conftest import call
 
 try:
     from playwright.sync_api import expect
@@ -42,36 +41,21 @@ SCREENSHOTS = os.environ.get('SCREENSHOTS')
 
 
 # --- the app and its users ------------------------------------------------------
-# The app (live_server), the emptied database (db) and make_sale come from
-# conftest.py.
-
-
-def call(server, method, path, body=None, token=None):
-    """One API request: (status, JSON body)."""
-    request = urllib.request.Request(server + path, method=method)
-    if body is not None:
-        request.data = json.dumps(body).encode()
-        request.add_header('Content-Type', 'application/json')
-    if token:
-        request.add_header('Authorization', f'Bearer {token}')
-    try:
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+# The app (live_server), the emptied database (db), make_sale and call (one
+# API request) come from conftest.py.
 
 
 def register(server, email=None):
     """A user registered through the API, so the page can log in with PASSWORD:
     (email, token)."""
     email = email or f'shopper-{uuid.uuid4().hex[:8]}@example.com'
-    status, body = call(server, 'POST', '/api/auth/register', {'email': email, 'password': PASSWORD})
+    status, _, body = call(server, 'POST', '/api/auth/register', {'email': email, 'password': PASSWORD})
     assert status == 201, body
     return email, body['token']
 
 
 def buy(server, sale_id, token):
-    status, body = call(server, 'POST', f'/api/flash-sales/{sale_id}/purchase', token=token)
+    status, _, body = call(server, 'POST', f'/api/flash-sales/{sale_id}/purchase', token=token)
     assert status == 201, body
 
 
@@ -126,6 +110,19 @@ def open_page(browser, live_server):
     for context in contexts:
         context.close()
     assert problems == []
+
+
+@pytest.fixture
+def shopper_page(open_page, live_server):
+    """shopper_page() -> the front page, logged in as a shopper registered just now."""
+
+    def open_():
+        email, _ = register(live_server)
+        page = open_page()
+        log_in(page, email)
+        return page
+
+    return open_
 
 
 def log_in(page, email):
@@ -263,13 +260,11 @@ def test_a_shopper_can_log_in_and_buy_with_the_keyboard_alone(open_page, make_sa
     expect(page.get_by_test_id('order')).to_be_visible()
 
 
-def test_a_sold_out_sale_says_so_and_cannot_be_bought(open_page, make_sale, live_server):
+def test_a_sold_out_sale_says_so_and_cannot_be_bought(shopper_page, make_sale, live_server):
     sale_id = make_sale(stock=1)
     buy(live_server, sale_id, register(live_server)[1])
-    email, _ = register(live_server)
 
-    page = open_page()
-    log_in(page, email)
+    page = shopper_page()
     expect(page.get_by_test_id('sale-status')).to_have_text('Sold out')
     expect(page.get_by_test_id('stock-remaining')).to_have_text('0')
     expect(page.get_by_test_id('buy')).to_be_disabled()
@@ -286,11 +281,9 @@ def set_hidden(page, hidden):
     }''', hidden)
 
 
-def test_a_hidden_tab_stops_polling_and_a_late_click_hears_sold_out(open_page, make_sale, live_server):
+def test_a_hidden_tab_stops_polling_and_a_late_click_hears_sold_out(shopper_page, make_sale, live_server):
     sale_id = make_sale(stock=1)
-    email, _ = register(live_server)
-    page = open_page()
-    log_in(page, email)
+    page = shopper_page()
     expect(page.get_by_test_id('buy')).to_be_enabled()
 
     polls, in_flight = [], set()
@@ -328,22 +321,18 @@ def test_a_hidden_tab_stops_polling_and_a_late_click_hears_sold_out(open_page, m
         set_hidden(page, False)
 
 
-def test_an_ended_sale_cannot_be_bought(open_page, make_sale, live_server):
+def test_an_ended_sale_cannot_be_bought(shopper_page, make_sale):
     make_sale(starts_in=-120, ends_in=-60)
-    email, _ = register(live_server)
-    page = open_page()
-    log_in(page, email)
+    page = shopper_page()
     expect(page.get_by_test_id('sale-status')).to_have_text('Ended')
     expect(page.get_by_test_id('countdown-label')).to_have_text('This sale has ended.')
     expect(page.get_by_test_id('buy')).to_be_disabled()
     expect(page.get_by_test_id('buy')).to_have_text('Sale ended')
 
 
-def test_a_busy_server_says_when_to_try_again(open_page, make_sale, live_server, db):
+def test_a_busy_server_says_when_to_try_again(shopper_page, make_sale, db):
     sale_id = make_sale()
-    email, _ = register(live_server)
-    page = open_page()
-    log_in(page, email)
+    page = shopper_page()
     expect(page.get_by_test_id('buy')).to_be_enabled()
 
     # Hold the sale row: the purchase waits out the server's lock_timeout and
@@ -359,17 +348,15 @@ def test_a_busy_server_says_when_to_try_again(open_page, make_sale, live_server,
     expect(page.get_by_test_id('order')).to_be_visible()
 
 
-def test_shoppers_do_not_see_the_admin_panel_and_the_api_refuses_them(open_page, make_sale, live_server):
+def test_shoppers_do_not_see_the_admin_panel_and_the_api_refuses_them(shopper_page, make_sale, live_server):
     make_sale(starts_in=60)
-    email, _ = register(live_server)
-    page = open_page()
-    log_in(page, email)
+    page = shopper_page()
     expect(page.get_by_test_id('sale-status')).to_have_text('Upcoming')
     expect(page.get_by_test_id('admin')).to_be_hidden()
 
     token = page.evaluate("localStorage.getItem('flashsale.token')")
     now = datetime.now(timezone.utc)
-    status, body = call(live_server, 'POST', '/api/flash-sales', {
+    status, _, body = call(live_server, 'POST', '/api/flash-sales', {
         'startDate': now.isoformat(), 'endDate': (now + timedelta(hours=1)).isoformat(), 'totalStock': 1,
     }, token=token)
     assert (status, body['code']) == (403, 'forbidden')
@@ -399,7 +386,7 @@ def test_an_admin_creates_a_sale_from_the_page_in_local_time(open_page, admin_em
     expect(page.get_by_test_id('sale-name')).to_have_text('Winter boots')
     snap(page, 'admin', full_page=True)
 
-    status, body = call(live_server, 'GET', '/api/flash-sales')
+    status, _, body = call(live_server, 'GET', '/api/flash-sales')
     assert status == 200
     [sale] = body['flashSales']
     assert datetime.fromisoformat(sale['startDate']) == datetime(2030, 1, 2, 4, 0, tzinfo=timezone.utc)
@@ -449,11 +436,9 @@ def test_form_errors_are_shown_in_words_next_to_the_field(open_page, live_server
     expect(page.get_by_test_id('register-email-error')).to_contain_text('already exists')
 
 
-def test_an_invalid_session_sends_the_shopper_back_to_the_login_form(open_page, make_sale, live_server):
+def test_an_invalid_session_sends_the_shopper_back_to_the_login_form(shopper_page, make_sale):
     make_sale()
-    email, _ = register(live_server)
-    page = open_page()
-    log_in(page, email)
+    page = shopper_page()
     expect(page.get_by_test_id('buy')).to_be_enabled()
 
     page.evaluate("localStorage.setItem('flashsale.token', 'not.a.token')")
@@ -471,11 +456,9 @@ def test_an_invalid_session_sends_the_shopper_back_to_the_login_form(open_page, 
     assert page.evaluate("localStorage.getItem('flashsale.token')") is None
 
 
-def test_a_network_failure_shows_a_retry_hint(open_page, make_sale, live_server):
+def test_a_network_failure_shows_a_retry_hint(shopper_page, make_sale):
     make_sale()
-    email, _ = register(live_server)
-    page = open_page()
-    log_in(page, email)
+    page = shopper_page()
     expect(page.get_by_test_id('buy')).to_be_enabled()
 
     page.context.set_offline(True)

@@ -3,26 +3,22 @@ the real waitress server and PostgreSQL at once, then the invariants checked
 in the database."""
 
 import collections
-import dataclasses
-import http.client
-import json
 import threading
 import time
-import urllib.parse
 
 import invariants
-import pytest
 import webtest
 
-import flashsale
+from conftest import answer
 from conftest import assert_orders_match_answers
 from conftest import auth
 from conftest import backends_waiting_on_a_lock
+from conftest import connect
 from conftest import hold_sale_row
 from conftest import race
 from conftest import sale_state
+from conftest import send
 from conftest import wait_for
-from resources import database
 
 
 def codes(results):
@@ -44,32 +40,14 @@ def race_and_check(base_url, db, sale_id, users, tabs=1):
     return codes(results)
 
 
-@pytest.fixture(scope='module')
-def app_with(settings):
-    """app_with(**settings) -> the app on a pool of its own with those
-    settings (lock and statement timeouts are set per connection)."""
-    pools = []
-
-    def make(**overrides):
-        changed = dataclasses.replace(settings, pool_size=4, **overrides)
-        pool = database.open_pool(changed, changed.database_url)
-        pool.wait()
-        pools.append(pool)
-        return flashsale.create_app(changed, pool)
-
-    yield make
-    for pool in pools:
-        pool.close(timeout=1)
-
-
-def purchases_in_threads(app, sale_id, tokens):
+def purchases_in_threads(app, sale_id, tokens, status):
     """Start one purchase per token, each in its own thread through the WSGI
-    app; returns (threads, answers) with answers[i] = (status, code, order)."""
+    app, answered with one of `status`; returns (threads, answers) with
+    answers[i] = (status, code, order)."""
     answers = [None] * len(tokens)
 
     def buy(index, token):
-        resp = webtest.TestApp(app).post(f'/api/flash-sales/{sale_id}/purchase', headers=auth(token),
-                                         expect_errors=True)
+        resp = webtest.TestApp(app).post(f'/api/flash-sales/{sale_id}/purchase', headers=auth(token), status=status)
         answers[index] = (resp.status_int, resp.json.get('code'), resp.json.get('order'))
 
     threads = [threading.Thread(target=buy, args=(i, token)) for i, token in enumerate(tokens)]
@@ -79,7 +57,7 @@ def purchases_in_threads(app, sale_id, tokens):
 
 
 def test_two_tabs_queued_on_the_sale_row_get_one_order_and_stock_drops_by_one(
-        app_with, database_url, make_users, make_sale, db):
+        make_app, database_url, make_users, make_sale, db):
     """The race that matters most, made to happen every time: the sale row is
     held, the same user's two purchases both start (so both read a snapshot
     without the other's order) and queue on the row, then the row is let go.
@@ -87,12 +65,12 @@ def test_two_tabs_queued_on_the_sale_row_get_one_order_and_stock_drops_by_one(
     already_purchased with its decrement rolled back. (ON CONFLICT DO NOTHING
     would keep the decrement and drop the order; without the constraint it
     would be a second order.)"""
-    app = app_with(lock_timeout_ms=30_000, statement_timeout_ms=30_000)
+    app = make_app(pool_size=4, lock_timeout_ms=30_000, statement_timeout_ms=30_000).wsgi
     sale_id = make_sale(stock=10)
     [(_, token)] = make_users(1)
     locker = hold_sale_row(database_url, sale_id)
     try:
-        threads, answers = purchases_in_threads(app, sale_id, [token, token])
+        threads, answers = purchases_in_threads(app, sale_id, [token, token], status=[201, 409])
         wait_for(lambda: backends_waiting_on_a_lock(database_url) == 2, timeout=20,
                  message='both purchases to wait on the sale row')
     finally:
@@ -107,18 +85,17 @@ def test_two_tabs_queued_on_the_sale_row_get_one_order_and_stock_drops_by_one(
 
 
 def test_a_lock_timeout_is_503_and_poisons_nothing_the_same_app_then_sells(
-        app_with, database_url, make_users, make_sale, db):
+        make_app, database_url, make_users, make_sale, db):
     """A purchase that waits longer than LOCK_TIMEOUT for the sale row is
     503 overloaded and rolled back. The error must not be taken for sold out
     (the sold-out memory is set only by a real sold_out outcome): once the
     row is free, the same app sells to the same user and to another."""
-    app = app_with(lock_timeout_ms=300)
-    client = webtest.TestApp(app)
+    client = make_app(pool_size=4, lock_timeout_ms=300).client
     sale_id = make_sale(stock=5)
     (_, first), (_, second) = make_users(2)
     locker = hold_sale_row(database_url, sale_id)
     try:
-        resp = client.post(f'/api/flash-sales/{sale_id}/purchase', headers=auth(first), expect_errors=True)
+        resp = client.post(f'/api/flash-sales/{sale_id}/purchase', headers=auth(first), status=503)
     finally:
         locker.close()
     assert (resp.status_int, resp.json['code']) == (503, 'overloaded'), resp.json
@@ -183,17 +160,15 @@ def test_the_window_holds_under_a_stampede(live_server, make_users, make_sale, d
     order count could only be bounded, not known."""
     sale_id = make_sale(stock=1000, starts_in=3600, ends_in=7200)
     users = make_users(40)
-    address = urllib.parse.urlsplit(live_server)
     results = {user_id: [] for user_id, _ in users}
     give_up = time.monotonic() + 120
 
     def keep_buying(user_id, token):
-        conn = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
+        conn = connect(live_server)  # one keep-alive connection per user
         while time.monotonic() < give_up:
-            conn.request('POST', f'/api/flash-sales/{sale_id}/purchase', headers={'Authorization': f'Bearer {token}'})
-            resp = conn.getresponse()
-            body = json.loads(resp.read())
-            results[user_id].append(body.get('code') or resp.status)
+            send(conn, 'POST', f'/api/flash-sales/{sale_id}/purchase', token=token)
+            resp = answer(conn)
+            results[user_id].append(resp.json.get('code') or resp.status)
             if results[user_id][-1] == 'sale_ended':
                 break
             time.sleep(0.02)

@@ -1,43 +1,33 @@
 """The real server: waitress over HTTP, the `flashsale` command, the embedded database."""
 
 import collections
-import json
+import dataclasses
 import os
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 import webtest
 
 import flashsale
-from conftest import TEST_SECRET
 from conftest import assert_orders_match_answers
+from conftest import call
+from conftest import clean_env
 from conftest import free_port
 from conftest import race
+from conftest import run_together
 from conftest import sale_state
+from conftest import serve_env
 from conftest import start_serve
 from conftest import wait_for
 from resources import database
 
 
-def get(url, headers=None):
-    """(status, headers, parsed JSON body) over real HTTP."""
-    request = urllib.request.Request(url, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as resp:
-            return resp.status, resp.headers, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, err.headers, json.loads(err.read())
-
-
 def test_waitress_serves_health_with_security_headers(live_server):
-    status, headers, body = get(f'{live_server}/health')
+    status, headers, body = call(live_server, 'GET', '/health')
     assert status == 200
     assert body['status'] == 'ok' and body['database'] == 'ok'
     assert headers['Server'] == 'flashsale'
@@ -48,14 +38,13 @@ def test_waitress_serves_health_with_security_headers(live_server):
 
 
 def test_waitress_answers_unknown_routes_with_json(live_server):
-    status, headers, body = get(f'{live_server}/api/nothing-here')
+    status, headers, body = call(live_server, 'GET', '/api/nothing-here')
     assert (status, body['code']) == (404, 'not_found')
     assert headers['Content-Type'] == 'application/json'
 
 
 def test_health_is_503_when_the_database_is_unreachable(settings):
-    import dataclasses
-
+    # (Not make_app: this pool can never fill.)
     unreachable = dataclasses.replace(
         settings, database_url='postgresql://postgres@127.0.0.1:1/none', pool_size=1, pool_timeout=0.5
     )
@@ -75,12 +64,6 @@ def run_cli(*args, env):
     return subprocess.run(
         [sys.executable, '-m', 'flashsale', *args], env=env, capture_output=True, text=True, timeout=60
     )
-
-
-def clean_env(**extra):
-    env = {k: v for k, v in os.environ.items() if k not in ('DATABASE_URL', 'JWT_SECRET', 'TEST_DATABASE_URL')}
-    env.update(extra)
-    return env
 
 
 @pytest.mark.parametrize('secret', [None, 'too-short'])
@@ -132,19 +115,16 @@ def test_embedded_serve_seeds_a_demo_survives_sigkill_and_stops_cleanly(tmp_path
     PostgreSQL running; the next start adopts it, and a SIGTERM then stops
     both (exit 0) instead of leaving the database running forever."""
     port = free_port()
+    base_url = f'http://127.0.0.1:{port}'
     proc, output = start_embedded_serve(tmp_path, port)
     try:
         password = re.search(r'admin@example\.com / (\S+)', output).group(1)
-        status, _, body = get(f'http://127.0.0.1:{port}/api/flash-sales/current')
+        status, _, body = call(base_url, 'GET', '/api/flash-sales/current')
         assert status == 200
         assert (body['flashSale']['name'], body['status'], body['flashSale']['remainingStock']) == ('Demo sale', 'active', 50)
-        login = urllib.request.Request(
-            f'http://127.0.0.1:{port}/api/auth/login',
-            data=json.dumps({'email': 'admin@example.com', 'password': password}).encode(),
-            headers={'Content-Type': 'application/json'},
-        )
-        with urllib.request.urlopen(login, timeout=10) as resp:
-            assert json.loads(resp.read())['user']['isAdmin'] is True
+        status, _, body = call(base_url, 'POST', '/api/auth/login', {'email': 'admin@example.com', 'password': password})
+        assert status == 200, body
+        assert body['user']['isAdmin'] is True
     finally:
         proc.kill()
         proc.wait()
@@ -152,7 +132,7 @@ def test_embedded_serve_seeds_a_demo_survives_sigkill_and_stops_cleanly(tmp_path
 
     proc, output = start_embedded_serve(tmp_path, port)
     assert 'Demo data created' not in output
-    assert get(f'http://127.0.0.1:{port}/health')[0] == 200
+    assert call(base_url, 'GET', '/health').status == 200
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
     assert not postgres_running(tmp_path)
@@ -162,7 +142,7 @@ def test_workers_share_one_port_and_keep_the_invariants(database_url, make_users
     """WORKERS=2: two processes accept on one socket; 200 buyers racing for
     50 items get exactly 50 orders, both workers answer, and SIGTERM stops
     them all with exit status 0."""
-    env = clean_env(DATABASE_URL=database_url, JWT_SECRET=TEST_SECRET, PORT='0', WORKERS='2', THREADS='4')
+    env = serve_env(database_url, PORT='0', WORKERS='2', THREADS='4')
     log_path = tmp_path / 'serve.log'
     proc = start_serve(env, log_path)
     try:
@@ -198,12 +178,9 @@ def answering_workers(base_url):
     tags = set()
 
     def ask():
-        with urllib.request.urlopen(f'{base_url}/health', timeout=10) as resp:
-            tags.add(resp.headers['X-Request-ID'].split('-')[0])
+        resp = call(base_url, 'GET', '/health')
+        assert resp.status == 200, resp.json
+        tags.add(resp.headers['X-Request-ID'].split('-')[0])
 
-    askers = [threading.Thread(target=ask) for _ in range(8)]
-    for t in askers:
-        t.start()
-    for t in askers:
-        t.join()
+    run_together([ask] * 8)
     return tags
