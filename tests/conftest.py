@@ -25,6 +25,7 @@ import pytest
 import webtest
 
 import flashsale
+import invariants
 from resources import database
 from resources import embedded
 from resources import serving
@@ -204,9 +205,18 @@ def timed(call):
     return result, time.monotonic() - started
 
 
-def run_together(targets, timeout=60):
-    """Run every callable in a thread of its own, all started at once; return
+def run_together(targets, timeout=60, released_together=False):
+    """Run every callable in a thread of its own, all started at once (with
+    released_together, called only once every thread is running); return
     once all have ended, or fail after timeout seconds."""
+    if released_together:
+        barrier = threading.Barrier(len(targets))
+
+        def released(target):
+            barrier.wait(timeout)
+            target()
+
+        targets = [functools.partial(released, target) for target in targets]
     threads = [threading.Thread(target=target) for target in targets]
     for t in threads:
         t.start()
@@ -386,6 +396,21 @@ def race(base_url, requests):
 
     run_together([functools.partial(fire, i, *r) for i, r in enumerate(requests)], timeout=120)
     return results
+
+
+def race_and_check(base_url, db, sale_id, users, tabs=1):
+    """Every (user_id, token)'s purchase, `tabs` times each, raced at once;
+    then every invariant of scripts/invariants.py (stock conserved, one
+    order per user, every 201 its user's order, no order without a 201).
+    Returns the answers counted by code (by status for a 201)."""
+    buyers = [user for user in users for _ in range(tabs)]
+    results = race(base_url, [(sale_id, token) for _, token in buyers])
+    state, orders = invariants.read_sale(db, sale_id)
+    answers = [invariants.Answer(str(user), 'created' if status == 201 else code, (order or {}).get('id'))
+               for (user, _), (status, code, order) in zip(buyers, results)]
+    checks = invariants.check_sale(state, orders, answers)
+    assert not invariants.failures(checks), checks
+    return collections.Counter(code or status for status, code, _ in results)
 
 
 def assert_orders_match_answers(conn, sale_id, results):

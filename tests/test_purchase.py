@@ -8,6 +8,13 @@ def buy(client, sale_id, token, status, **kwargs):
     return client.post(f'/api/flash-sales/{sale_id}/purchase', headers=auth(token), status=status, **kwargs)
 
 
+def assert_refused(client, db, sale_id, token, status, code, state):
+    """The purchase is answered `status` with `code`, and the sale then
+    stands at `state` (total, remaining, orders)."""
+    assert buy(client, sale_id, token, status).json['code'] == code
+    assert sale_state(db, sale_id) == state
+
+
 def test_purchase_creates_the_order_and_takes_one_unit(client, make_user, make_sale, db):
     user_id, token = make_user()
     sale_id = make_sale(stock=3)
@@ -46,8 +53,7 @@ def test_purchase_of_unknown_or_malformed_sale_is_404(client, make_user, sale_id
 def test_purchase_outside_the_window_is_refused_with_stock_left(client, make_user, make_sale, db, starts_in, ends_in, code):
     _, token = make_user()
     sale_id = make_sale(stock=5, starts_in=starts_in, ends_in=ends_in)
-    assert buy(client, sale_id, token, 409).json['code'] == code
-    assert sale_state(db, sale_id) == (5, 5, 0)
+    assert_refused(client, db, sale_id, token, 409, code, (5, 5, 0))
 
 
 def test_purchase_at_the_exact_end_is_refused(client, make_user, make_sale, db):
@@ -57,8 +63,7 @@ def test_purchase_at_the_exact_end_is_refused(client, make_user, make_sale, db):
     # Move end_date to "now" as the purchase statement will see it: a sale that
     # ends before the purchase's transaction starts.
     db.execute('UPDATE flash_sales SET end_date = now() WHERE id = %s', (sale_id,))
-    assert buy(client, sale_id, token, 409).json['code'] == 'sale_ended'
-    assert sale_state(db, sale_id) == (5, 5, 0)
+    assert_refused(client, db, sale_id, token, 409, 'sale_ended', (5, 5, 0))
 
 
 def test_sold_out_is_409(client, make_user, make_sale, db):
@@ -71,16 +76,14 @@ def test_sold_out_is_409(client, make_user, make_sale, db):
         "INSERT INTO orders (flash_sale_id, user_id) SELECT %s, id FROM users WHERE email IN ('a@x.io', 'b@x.io')",
         (sale_id,),
     )
-    assert buy(client, sale_id, token, 409).json['code'] == 'sold_out'
-    assert sale_state(db, sale_id) == (2, 0, 2)
+    assert_refused(client, db, sale_id, token, 409, 'sold_out', (2, 0, 2))
 
 
 def test_second_purchase_by_the_same_user_is_409_already_purchased(client, make_user, make_sale, db):
     _, token = make_user()
     sale_id = make_sale(stock=5)
     buy(client, sale_id, token, 201)
-    assert buy(client, sale_id, token, 409).json['code'] == 'already_purchased'
-    assert sale_state(db, sale_id) == (5, 4, 1)
+    assert_refused(client, db, sale_id, token, 409, 'already_purchased', (5, 4, 1))
 
 
 def test_already_purchased_wins_over_sold_out(client, make_user, make_sale, db):
@@ -94,8 +97,7 @@ def test_purchase_by_a_deleted_user_is_401_and_takes_nothing(client, make_user, 
     user_id, token = make_user()
     sale_id = make_sale(stock=5)
     db.execute('DELETE FROM users WHERE id = %s', (user_id,))
-    assert buy(client, sale_id, token, 401).json['code'] == 'invalid_token'
-    assert sale_state(db, sale_id) == (5, 5, 0)
+    assert_refused(client, db, sale_id, token, 401, 'invalid_token', (5, 5, 0))
 
 
 def test_my_order_for_a_sale(client, make_user, make_sale):

@@ -6,7 +6,6 @@ import collections
 import threading
 import time
 
-import invariants
 import webtest
 
 from conftest import answer
@@ -15,29 +14,10 @@ from conftest import auth
 from conftest import backends_waiting_on_a_lock
 from conftest import connect
 from conftest import hold_sale_row
-from conftest import race
+from conftest import race_and_check
 from conftest import sale_state
 from conftest import send
 from conftest import wait_for
-
-
-def codes(results):
-    return collections.Counter(code or status for status, code, _ in results)
-
-
-def race_and_check(base_url, db, sale_id, users, tabs=1):
-    """Every user's purchase, `tabs` times each, all at once; then every
-    invariant of scripts/invariants.py (stock conserved, one order per user,
-    every 201 its user's order, no order without a 201). Returns the answers'
-    codes."""
-    buyers = [user for user in users for _ in range(tabs)]
-    results = race(base_url, [(sale_id, token) for _, token in buyers])
-    state, orders = invariants.read_sale(db, sale_id)
-    answers = [invariants.Answer(str(user), 'created' if status == 201 else code, (order or {}).get('id'))
-               for (user, _), (status, code, order) in zip(buyers, results)]
-    checks = invariants.check_sale(state, orders, answers)
-    assert not invariants.failures(checks), checks
-    return codes(results)
 
 
 def purchases_in_threads(app, sale_id, tokens, status):
