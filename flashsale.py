@@ -26,6 +26,7 @@ from datetime import timezone
 import falcon
 
 from resources import accounts
+from resources import batching
 from resources import database
 from resources import errors
 from resources import health
@@ -75,6 +76,7 @@ class Settings:
     purchase_rate_per_second: int = 5  # purchases per user, twice that at once (0: off)
     rate_limit_exempt: tuple = ('127.0.0.1', '::1')  # client addresses no limit applies to
     shutdown_timeout: float = 10.0  # seconds SIGTERM waits for requests in flight
+    purchase_batch_max: int = 64  # purchases of one sale in one statement, at most
     workers: int = 1  # server processes sharing the listening socket
 
     @classmethod
@@ -120,6 +122,7 @@ class Settings:
                 if a.strip()
             ),
             shutdown_timeout=integer('SHUTDOWN_TIMEOUT_MS', int(cls.shutdown_timeout * 1000), 0, 600_000) / 1000,
+            purchase_batch_max=integer('PURCHASE_BATCH_MAX', cls.purchase_batch_max, 1, 1000),
         )
         if settings.jwt_secret and len(settings.jwt_secret.encode()) < MIN_JWT_SECRET_BYTES:
             raise ConfigError(f'JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes long')
@@ -134,9 +137,18 @@ def _json_default(value):
     raise TypeError(f'{type(value).__name__} is not JSON serializable')
 
 
-def create_app(settings, pool):
+def purchase_batches(settings, pool):
+    """The queues that batch each sale's concurrent purchases. A purchase
+    waits in one as long as it would wait for a connection; once in a
+    statement, as long as the pool lets that statement hold a connection."""
+    return batching.Batches(pool, settings.purchase_batch_max, settings.pool_timeout,
+                            settings.pool_timeout + database.hold_limit(settings))
+
+
+def create_app(settings, pool, batches=None):
     """The WSGI app. `pool` is an open psycopg_pool.ConnectionPool; the
-    settings must carry the JWT secret."""
+    settings must carry the JWT secret. `batches`: purchase_batches(), by
+    default made here (the server passes its own, to stop it on SIGTERM)."""
     credentials = Credentials(
         settings.jwt_secret, settings.jwt_ttl_seconds, settings.bcrypt_rounds, settings.bcrypt_slots
     )
@@ -165,7 +177,8 @@ def create_app(settings, pool):
     app.add_route('/api/flash-sales', sales.Collection(pool, settings))
     app.add_route('/api/flash-sales/current', sales.Current(pool, poll_cache))
     app.add_route('/api/flash-sales/{sale_id}', sales.Item(pool, poll_cache))
-    app.add_route('/api/flash-sales/{sale_id}/purchase', orders.Purchase(pool))
+    batches = batches or purchase_batches(settings, pool)
+    app.add_route('/api/flash-sales/{sale_id}/purchase', orders.Purchase(batches))
     app.add_route('/openapi.json', openapi.Document())
     page.add_routes(app)
     return app
@@ -241,14 +254,18 @@ def _serve_process(settings, url, sock):
     from resources import serving  # noqa: PLC0415
 
     pool = database.open_pool(settings, url)
+    batches = purchase_batches(settings, pool)
     try:
-        server = serving.create_server(create_app(settings, pool), settings, sock)
+        server = serving.create_server(create_app(settings, pool, batches), settings, sock)
         if sock is None:
             print(f'flashsale listening on http://{settings.host}:{server.effective_port}', flush=True)
         # SIGTERM (docker stop, systemd, kill) and Ctrl-C: stop accepting,
         # finish and send the answers in flight, then close the pool (and stop
         # the embedded database) on the way out, exit status 0.
-        serving.run(server, settings.shutdown_timeout)
+        # Purchases still queued for a statement get their answer within
+        # half the grace, so it is sent before the server stops.
+        serving.run(server, settings.shutdown_timeout,
+                    on_stop=lambda: batches.stop(settings.shutdown_timeout / 2))
     finally:
         pool.close()
         log.info('database pool closed')

@@ -368,9 +368,9 @@ def one(conn, statement, params=None, *, prepare=None):
     return conn.execute(statement, params, prepare=prepare).fetchone()
 
 
-def many(conn, statement, params=None):
+def many(conn, statement, params=None, *, prepare=None):
     """Every row, as a list of dicts."""
-    return conn.execute(statement, params).fetchall()
+    return conn.execute(statement, params, prepare=prepare).fetchall()
 
 
 def value(conn, statement, params=None):
