@@ -430,12 +430,16 @@ def test_pool_exhausted_answers_503_overloaded_within_the_pool_timeout_never_500
     pool = database.open_pool(tight, database_url)
     try:
         base = serve_in_thread(flashsale.create_app(tight, pool), tight)
-        sale_id = make_sale(stock=5)
+        # Two sales: a process runs one statement per sale at a time (the
+        # others queue for it, resources/batching.py), so two stuck
+        # connections need two stuck sales.
+        sale_ids = [make_sale(stock=5), make_sale(stock=5)]
         users = make_users(2)
-        locker = hold_sale_row(database_url, sale_id)
+        lockers = [hold_sale_row(database_url, sale_id) for sale_id in sale_ids]
         stuck = []
-        buyers = [threading.Thread(target=lambda token=token: stuck.append(request(
-            base, 'POST', f'/api/flash-sales/{sale_id}/purchase', auth(token)))) for _, token in users]
+        buyers = [threading.Thread(target=lambda token=token, sale_id=sale_id: stuck.append(request(
+            base, 'POST', f'/api/flash-sales/{sale_id}/purchase', auth(token))))
+            for (_, token), sale_id in zip(users, sale_ids)]
         for b in buyers:
             b.start()
         wait_for(lambda: backends_waiting_on_a_lock(database_url) == 2, message='both connections to be stuck')
@@ -449,7 +453,8 @@ def test_pool_exhausted_answers_503_overloaded_within_the_pool_timeout_never_500
             r.join()
         for b in buyers:
             b.join()
-        locker.rollback()
+        for locker in lockers:
+            locker.rollback()
     finally:
         pool.close(timeout=1)
 
