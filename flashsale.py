@@ -58,8 +58,8 @@ class Settings:
     jwt_secret: str | None = None  # required whenever database_url is set
     host: str = '127.0.0.1'
     port: int = 8000
-    threads: int = 8
-    pool_size: int = 8
+    threads: int = 64  # a purchase waiting for its sale's next statement holds one (resources/batching.py)
+    pool_size: int = 8  # not THREADS: queued purchases hold no connection
     pool_timeout: float = 5.0  # seconds a request waits for a connection, then 503
     statement_timeout_ms: int = 5000
     lock_timeout_ms: int = 2000
@@ -68,7 +68,7 @@ class Settings:
     jwt_ttl_seconds: int = 3600
     max_body_bytes: int = 16 * 1024
     poll_cache_ms: int = 500  # how long GET /api/flash-sales/current and /{id} answers are reused
-    bcrypt_slots: int = 4  # bcrypt calls at once; more logins than that get 503 (THREADS // 2)
+    bcrypt_slots: int = 4  # bcrypt calls at once; more logins than that get 503 (at most THREADS // 2)
     data_dir: str = '.flashsale'  # the embedded database and its secret
     trusted_proxy: str | None = None  # e.g. 127.0.0.1 when behind nginx
     connection_limit: int = 1000  # open client connections waitress accepts
@@ -101,7 +101,7 @@ class Settings:
             host=environ.get('HOST') or cls.host,
             port=integer('PORT', cls.port, 0, 65535),
             threads=threads,
-            pool_size=integer('POOL_SIZE', threads, 1, 256),
+            pool_size=integer('POOL_SIZE', min(threads, cls.pool_size), 1, 256),
             pool_timeout=integer('POOL_TIMEOUT_MS', int(cls.pool_timeout * 1000), 1, 600_000) / 1000,
             statement_timeout_ms=integer('STATEMENT_TIMEOUT_MS', cls.statement_timeout_ms, 1, 600_000),
             lock_timeout_ms=integer('LOCK_TIMEOUT_MS', cls.lock_timeout_ms, 1, 600_000),
@@ -110,7 +110,7 @@ class Settings:
             jwt_ttl_seconds=integer('JWT_TTL_SECONDS', cls.jwt_ttl_seconds, 30, 7 * 24 * 3600),
             max_body_bytes=integer('MAX_BODY_BYTES', cls.max_body_bytes, 256, 1024 * 1024),
             poll_cache_ms=integer('POLL_CACHE_MS', cls.poll_cache_ms, 0, 10_000),
-            bcrypt_slots=integer('BCRYPT_SLOTS', max(1, threads // 2), 1, 256),
+            bcrypt_slots=integer('BCRYPT_SLOTS', max(1, min(threads // 2, cls.bcrypt_slots)), 1, 256),
             data_dir=environ.get('FLASHSALE_DATA_DIR') or cls.data_dir,
             trusted_proxy=environ.get('TRUSTED_PROXY') or None,
             connection_limit=integer('CONNECTION_LIMIT', cls.connection_limit, 10, 100_000),

@@ -82,6 +82,8 @@ class Batches:
         # Batches run again because another process's racing order aborted
         # them (sql.PURCHASE_BATCH, 3): rare, and counted for the tests.
         self.reruns = 0
+        # Statements sent (scripts/race_demo.py prints it).
+        self.statements = 0
 
     def stop(self, within):
         """Shutdown: from now on no purchase waits in a queue longer than
@@ -148,6 +150,7 @@ class Batches:
         while True:
             retry = self._run(sale_id, batch)
             with self._lock:
+                self.statements += 1
                 for member in batch:
                     if member not in retry:
                         member.state = 'done'
