@@ -193,7 +193,7 @@ class Batches:
             with self._pool.connection() as conn:
                 try:
                     if len(batch) == 1:
-                        # Alone: exactly today's single purchase, and its
+                        # Alone: exactly the single purchase, and its
                         # unique violation is its answer (already_purchased).
                         batch[0].row = sql.one(conn, sql.PURCHASE,
                                                {'sale_id': sale_id, 'user_id': batch[0].user_id}, prepare=True)
@@ -236,16 +236,16 @@ class Batches:
                             member.error = refusal('outcome_unknown')
                         return []
                     raise
+            retry = []
+            for member, row in zip(batch, rows, strict=True):
+                del row['request']  # the rows come in the batch's order
+                if row['outcome'] == 'retry':
+                    retry.append(member)
+                else:
+                    member.row = row
+            return retry
         except Exception as exc:  # noqa: BLE001 (every member gets what the single purchase would have raised)
             for member in batch:
                 if member.row is None and member.error is None:
                     member.error = exc
             return []
-        retry = []
-        for member, row in zip(batch, rows, strict=True):
-            del row['request']  # the rows come in the batch's order
-            if row['outcome'] == 'retry':
-                retry.append(member)
-            else:
-                member.row = row
-        return retry
