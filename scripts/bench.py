@@ -198,6 +198,19 @@ def memory_of(pid):
 # --- the purchase straight through psycopg -------------------------------------
 
 
+def run_released(worker, concurrency, barrier):
+    """worker(k) in `concurrency` threads, timed from when they are all at
+    `barrier` (a Barrier of concurrency + 1) until the last one ends: seconds."""
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - started
+
+
 def direct_purchases(database_url, sale_id, user_ids, concurrency):
     """sql.PURCHASE for every user once, from `concurrency` threads with a connection each."""
     import psycopg
@@ -224,14 +237,7 @@ def direct_purchases(database_url, sale_id, user_ids, concurrency):
                 latencies[k].append(time.perf_counter() - started)
                 outcomes[k][outcome] = outcomes[k].get(outcome, 0) + 1
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - started
+    elapsed = run_released(worker, concurrency, barrier)
     merged = {}
     for part in outcomes:
         for key, n in part.items():
@@ -277,14 +283,7 @@ def direct_batches(database_url, sale_id, user_ids, concurrency, batch):
                     counts[k] += sum(1 for r in rows if r['outcome'] == 'created')
                     chunk = [u for u, r in zip(chunk, rows) if r['outcome'] == 'retry']
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - started
+    elapsed = run_released(worker, concurrency, barrier)
     return {'concurrency': concurrency, 'batch': batch, 'rate': round(len(user_ids) / elapsed, 1),
             'created': sum(counts), 'invariant_ok': sum(counts) == len(user_ids)}
 
@@ -602,7 +601,7 @@ def parse_args(argv=None):
     parser.add_argument('--compare-with', metavar='CHECKOUT',
                         help='slow-commit mode: also run the HTTP figures against `flashsale serve` from this '
                              'other checkout (e.g. an export of main), interleaved, same settings')
-    parser.add_argument('--direct-batch', type=int, default=32, help='users per batched statement, direct')
+    parser.add_argument('--direct-batch', type=int, default=64, help='users per batched statement, direct')
     return parser.parse_args(argv)
 
 

@@ -121,6 +121,16 @@ def start_first_then_queue(buyers, batches, db, first, queued):
         wait_for(lambda i=i: batches.queued(buyers.sale_id) == i, message=f'{i} purchases queued')
 
 
+def batch_behind_held_row(base, batches, db, database_url, sale_id, tokens):
+    """Hold the sale row; the first of `tokens` runs its statement alone
+    (waiting on the row), the rest queue for the next one, in order. Returns
+    (holder, buyers), keyed by index."""
+    holder = hold_sale_row(database_url, sale_id)
+    buyers = Buyers(base, sale_id)
+    start_first_then_queue(buyers, batches, db, (0, tokens[0]), list(enumerate(tokens))[1:])
+    return holder, buyers
+
+
 def statements(db, sale_id):
     """The size of every statement that placed orders, in commit order."""
     rows = db.execute(
@@ -147,9 +157,7 @@ def test_purchases_arriving_during_a_statement_go_in_the_next_one_and_the_earlie
     base, batches = server()
     sale_id = make_sale(stock=5)
     users = make_users(12)
-    holder = hold_sale_row(database_url, sale_id)
-    buyers = Buyers(base, sale_id)
-    start_first_then_queue(buyers, batches, db, (0, users[0][1]), [(i, users[i][1]) for i in range(1, 12)])
+    holder, buyers = batch_behind_held_row(base, batches, db, database_url, sale_id, [t for _, t in users])
     holder.rollback()
     results = buyers.join()
     # The first alone; then one statement for the eleven queued, whose first
@@ -368,9 +376,7 @@ def test_a_sale_that_ends_while_a_batch_waits_refuses_the_batch_sale_ended(
     base, batches = server(lock_timeout_ms=30_000)
     sale_id = make_sale(stock=10, ends_in=2.0)
     users = make_users(5)
-    holder = hold_sale_row(database_url, sale_id)
-    buyers = Buyers(base, sale_id)
-    start_first_then_queue(buyers, batches, db, (0, users[0][1]), [(i, users[i][1]) for i in range(1, 5)])
+    holder, buyers = batch_behind_held_row(base, batches, db, database_url, sale_id, [t for _, t in users])
     wait_for(lambda: db.execute('SELECT now() >= end_date AS ended FROM flash_sales WHERE id = %s',
                                 (sale_id,)).fetchone()['ended'], message='the sale to end')
     holder.rollback()
@@ -392,9 +398,7 @@ def test_a_batch_that_times_out_on_the_row_answers_every_member_overloaded(
     base, batches = server(lock_timeout_ms=400)
     sale_id = make_sale(stock=10)
     users = make_users(4)
-    holder = hold_sale_row(database_url, sale_id)
-    buyers = Buyers(base, sale_id)
-    start_first_then_queue(buyers, batches, db, (0, users[0][1]), [(i, users[i][1]) for i in range(1, 4)])
+    holder, buyers = batch_behind_held_row(base, batches, db, database_url, sale_id, [t for _, t in users])
     results = buyers.join()  # the row is still held: the lone statement and then the batch time out
     holder.rollback()
     assert [results[i][:2] for i in range(4)] == [(503, 'overloaded')] * 4
@@ -406,9 +410,7 @@ def test_a_batch_whose_connection_is_lost_answers_every_member_outcome_unknown(
     base, batches = server()
     sale_id = make_sale(stock=10)
     users = make_users(4)
-    holder = hold_sale_row(database_url, sale_id)
-    buyers = Buyers(base, sale_id)
-    start_first_then_queue(buyers, batches, db, (0, users[0][1]), [(i, users[i][1]) for i in range(1, 4)])
+    holder, buyers = batch_behind_held_row(base, batches, db, database_url, sale_id, [t for _, t in users])
 
     def cut(like):
         wait_for(lambda: lock_waiters(db, like) == 1, message=f'a statement like {like} waiting')
@@ -424,18 +426,23 @@ def test_a_batch_whose_connection_is_lost_answers_every_member_outcome_unknown(
 
 
 def test_a_queued_purchase_waits_no_longer_than_the_pool_timeout(server, make_users, make_sale, db, database_url):
-    base, batches = server(pool_timeout=0.4, lock_timeout_ms=20_000)
+    base, batches = server(pool_timeout=1.0, lock_timeout_ms=20_000)
     sale_id = make_sale(stock=10)
     users = make_users(4)
     holder = hold_sale_row(database_url, sale_id)
     buyers = Buyers(base, sale_id)
+    buyers.start(0, users[0][1])
+    wait_for(lambda: lock_waiters(db) == 1, message='the first purchase to wait on the row')
     started = time.monotonic()
-    start_first_then_queue(buyers, batches, db, (0, users[0][1]), [(i, users[i][1]) for i in range(1, 4)])
+    for i in range(1, 4):
+        buyers.start(i, users[i][1])
     for thread in buyers.threads[1:]:
         thread.join(30)
     took = time.monotonic() - started
+    # Queued behind a statement that cannot finish: 503 after the pool
+    # timeout, while the row is still held (nothing was bought).
     assert [buyers.results[i][:2] for i in range(1, 4)] == [(503, 'overloaded')] * 3
-    assert took < 0.4 * 3 + 2  # each queued at most its pool timeout after it arrived
+    assert 1.0 <= took < 1.0 + 2
     holder.rollback()
     results = buyers.join()
     assert results[0][0] == 201

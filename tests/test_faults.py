@@ -468,10 +468,10 @@ def test_pool_exhausted_answers_503_overloaded_within_the_pool_timeout_never_500
     assert slowest < 2 * tight.pool_timeout + 0.5, (
         f'the slowest reader waited {slowest:.3f} s for its 503 overloaded; POOL_TIMEOUT is {tight.pool_timeout} s '
         f'(bound: two rounds of it + 0.5 s = {2 * tight.pool_timeout + 0.5} s)')
-    # LOCK_TIMEOUT bounds each wait for a lock. The second purchase in the
-    # queue waits twice (for the first one's tuple lock, then for the
-    # holder's transaction), so the whole wait is bounded by twice that, and
-    # always by STATEMENT_TIMEOUT.
+    # LOCK_TIMEOUT bounds each wait for a lock (a purchase queued behind
+    # another's in the lock manager waits twice: for its tuple lock, then for
+    # the holder's transaction), so the whole wait is bounded by twice that,
+    # and always by STATEMENT_TIMEOUT.
     lock_timeout = tight.lock_timeout_ms / 1000
     for *_, took in stuck:
         assert lock_timeout - 0.1 < took < 2 * lock_timeout + 0.5, (
