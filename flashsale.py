@@ -26,6 +26,7 @@ from datetime import timezone
 import falcon
 
 from resources import accounts
+from resources import batching
 from resources import database
 from resources import errors
 from resources import health
@@ -57,8 +58,8 @@ class Settings:
     jwt_secret: str | None = None  # required whenever database_url is set
     host: str = '127.0.0.1'
     port: int = 8000
-    threads: int = 8
-    pool_size: int = 8
+    threads: int = 64  # a purchase waiting for its sale's next statement holds one (resources/batching.py)
+    pool_size: int = 8  # not THREADS: queued purchases hold no connection
     pool_timeout: float = 5.0  # seconds a request waits for a connection, then 503
     statement_timeout_ms: int = 5000
     lock_timeout_ms: int = 2000
@@ -67,7 +68,7 @@ class Settings:
     jwt_ttl_seconds: int = 3600
     max_body_bytes: int = 16 * 1024
     poll_cache_ms: int = 500  # how long GET /api/flash-sales/current and /{id} answers are reused
-    bcrypt_slots: int = 4  # bcrypt calls at once; more logins than that get 503 (THREADS // 2)
+    bcrypt_slots: int = 4  # bcrypt calls at once; more logins than that get 503 (at most THREADS // 2)
     data_dir: str = '.flashsale'  # the embedded database and its secret
     trusted_proxy: str | None = None  # e.g. 127.0.0.1 when behind nginx
     connection_limit: int = 1000  # open client connections waitress accepts
@@ -75,6 +76,7 @@ class Settings:
     purchase_rate_per_second: int = 5  # purchases per user, twice that at once (0: off)
     rate_limit_exempt: tuple = ('127.0.0.1', '::1')  # client addresses no limit applies to
     shutdown_timeout: float = 10.0  # seconds SIGTERM waits for requests in flight
+    purchase_batch_max: int = 64  # purchases of one sale in one statement, at most
     workers: int = 1  # server processes sharing the listening socket
 
     @classmethod
@@ -99,7 +101,7 @@ class Settings:
             host=environ.get('HOST') or cls.host,
             port=integer('PORT', cls.port, 0, 65535),
             threads=threads,
-            pool_size=integer('POOL_SIZE', threads, 1, 256),
+            pool_size=integer('POOL_SIZE', min(threads, cls.pool_size), 1, 256),
             pool_timeout=integer('POOL_TIMEOUT_MS', int(cls.pool_timeout * 1000), 1, 600_000) / 1000,
             statement_timeout_ms=integer('STATEMENT_TIMEOUT_MS', cls.statement_timeout_ms, 1, 600_000),
             lock_timeout_ms=integer('LOCK_TIMEOUT_MS', cls.lock_timeout_ms, 1, 600_000),
@@ -108,7 +110,7 @@ class Settings:
             jwt_ttl_seconds=integer('JWT_TTL_SECONDS', cls.jwt_ttl_seconds, 30, 7 * 24 * 3600),
             max_body_bytes=integer('MAX_BODY_BYTES', cls.max_body_bytes, 256, 1024 * 1024),
             poll_cache_ms=integer('POLL_CACHE_MS', cls.poll_cache_ms, 0, 10_000),
-            bcrypt_slots=integer('BCRYPT_SLOTS', max(1, threads // 2), 1, 256),
+            bcrypt_slots=integer('BCRYPT_SLOTS', max(1, min(threads // 2, cls.bcrypt_slots)), 1, 256),
             data_dir=environ.get('FLASHSALE_DATA_DIR') or cls.data_dir,
             trusted_proxy=environ.get('TRUSTED_PROXY') or None,
             connection_limit=integer('CONNECTION_LIMIT', cls.connection_limit, 10, 100_000),
@@ -120,6 +122,7 @@ class Settings:
                 if a.strip()
             ),
             shutdown_timeout=integer('SHUTDOWN_TIMEOUT_MS', int(cls.shutdown_timeout * 1000), 0, 600_000) / 1000,
+            purchase_batch_max=integer('PURCHASE_BATCH_MAX', cls.purchase_batch_max, 1, 1000),
         )
         if settings.jwt_secret and len(settings.jwt_secret.encode()) < MIN_JWT_SECRET_BYTES:
             raise ConfigError(f'JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes long')
@@ -134,9 +137,18 @@ def _json_default(value):
     raise TypeError(f'{type(value).__name__} is not JSON serializable')
 
 
-def create_app(settings, pool):
+def purchase_batches(settings, pool):
+    """The queues that batch each sale's concurrent purchases. A purchase
+    waits in one as long as it would wait for a connection; once in a
+    statement, as long as the pool lets that statement hold a connection."""
+    return batching.Batches(pool, settings.purchase_batch_max, settings.pool_timeout,
+                            settings.pool_timeout + database.hold_limit(settings))
+
+
+def create_app(settings, pool, batches=None):
     """The WSGI app. `pool` is an open psycopg_pool.ConnectionPool; the
-    settings must carry the JWT secret."""
+    settings must carry the JWT secret. `batches`: purchase_batches(), by
+    default made here (the server passes its own, to stop it on SIGTERM)."""
     credentials = Credentials(
         settings.jwt_secret, settings.jwt_ttl_seconds, settings.bcrypt_rounds, settings.bcrypt_slots
     )
@@ -165,7 +177,8 @@ def create_app(settings, pool):
     app.add_route('/api/flash-sales', sales.Collection(pool, settings))
     app.add_route('/api/flash-sales/current', sales.Current(pool, poll_cache))
     app.add_route('/api/flash-sales/{sale_id}', sales.Item(pool, poll_cache))
-    app.add_route('/api/flash-sales/{sale_id}/purchase', orders.Purchase(pool))
+    batches = batches or purchase_batches(settings, pool)
+    app.add_route('/api/flash-sales/{sale_id}/purchase', orders.Purchase(batches))
     app.add_route('/openapi.json', openapi.Document())
     page.add_routes(app)
     return app
@@ -241,14 +254,18 @@ def _serve_process(settings, url, sock):
     from resources import serving  # noqa: PLC0415
 
     pool = database.open_pool(settings, url)
+    batches = purchase_batches(settings, pool)
     try:
-        server = serving.create_server(create_app(settings, pool), settings, sock)
+        server = serving.create_server(create_app(settings, pool, batches), settings, sock)
         if sock is None:
             print(f'flashsale listening on http://{settings.host}:{server.effective_port}', flush=True)
         # SIGTERM (docker stop, systemd, kill) and Ctrl-C: stop accepting,
         # finish and send the answers in flight, then close the pool (and stop
         # the embedded database) on the way out, exit status 0.
-        serving.run(server, settings.shutdown_timeout)
+        # Purchases still queued for a statement get their answer within
+        # half the grace, so it is sent before the server stops.
+        serving.run(server, settings.shutdown_timeout,
+                    on_stop=lambda: batches.stop(settings.shutdown_timeout / 2))
     finally:
         pool.close()
         log.info('database pool closed')

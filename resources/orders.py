@@ -1,7 +1,6 @@
 """Buying, and reading one's own orders."""
 
 import falcon
-import psycopg
 
 from resources import sql
 from resources.credentials import current_user
@@ -15,8 +14,8 @@ class Purchase:
 
     login_required = frozenset({'POST'})
 
-    def __init__(self, pool):
-        self._pool = pool
+    def __init__(self, batches):
+        self._batches = batches
         # Sales the database has answered sold_out for. Stock never comes
         # back (there is no restock), so from then on every purchase of them
         # is refused from memory, without a round trip: after the first few
@@ -29,21 +28,11 @@ class Purchase:
         sale_id = path_uuid(sale_id, 'sale_not_found')
         if sale_id in self._sold_out:
             raise refusal('sold_out')
-        with self._pool.connection() as conn:
-            # A racing duplicate raises UniqueViolation here; resources/errors.py
-            # maps it to 409 already_purchased (see sql.PURCHASE).
-            try:
-                row = sql.one(conn, sql.PURCHASE, {'sale_id': sale_id, 'user_id': req.context.user_id}, prepare=True)
-            except psycopg.OperationalError as exc:
-                # An error the server reports for the statement (a statement or
-                # lock timeout) leaves the connection working and means the
-                # statement rolled back. A connection that broke instead (the
-                # database shut down or crashed, the network went) may have
-                # lost only the answer to a commit that happened: say so,
-                # rather than "failed" (README.md: "When things go wrong").
-                if conn.broken:
-                    raise refusal('outcome_unknown') from exc
-                raise
+        # One statement per batch of this sale's concurrent purchases
+        # (resources/batching.py). A racing duplicate raises UniqueViolation
+        # here, which resources/errors.py maps to 409 already_purchased (see
+        # sql.PURCHASE); a connection lost mid-statement is outcome_unknown.
+        row = self._batches.buy(sale_id, req.context.user_id)
         outcome = row.pop('outcome')
         if outcome == 'sold_out' and len(self._sold_out) < 100_000:
             self._sold_out.add(sale_id)

@@ -127,11 +127,11 @@ def _listeners(server):
     return [d for d in list(_socket_map(server).values()) if isinstance(d, BaseWSGIServer)]
 
 
-def run(server, grace_seconds):
+def run(server, grace_seconds, on_stop=None):
     """Serve until SIGTERM or SIGINT, then stop gracefully: no new
     connections, requests in flight (received, queued or running) finish and
     their answers are sent, for up to grace_seconds; a second signal stops
-    waiting. Returns when done."""
+    waiting. `on_stop()` is called when the stop begins. Returns when done."""
     signals = []
     previous = {sig: signal.signal(sig, lambda signum, frame: signals.append(signum))
                 for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -141,6 +141,8 @@ def run(server, grace_seconds):
         while not signals:
             wasyncore.loop(timeout=_TICK, map=socket_map, use_poll=use_poll, count=1)
         log.info('%s: stopping; finishing the requests in flight', signal.Signals(signals[0]).name)
+        if on_stop is not None:
+            on_stop()
         for listener in _listeners(server):
             # Closes the listening socket only. (listener.close() would also
             # close the wake-up pipe the worker threads still use.)

@@ -86,14 +86,15 @@ def flashsale_command():
     return [found]
 
 
-def start_server(database_url, log_path):
-    """`flashsale serve` on a free port with BCRYPT_ROUNDS=4 and a fresh JWT_SECRET."""
+def start_server(database_url, log_path, secret=None, checkout=ROOT):
+    """`flashsale serve` on a free port with BCRYPT_ROUNDS=4 and a fresh JWT_SECRET
+    (or `secret`), from `checkout` (default: this one)."""
     port = free_port()
-    env = dict(os.environ, DATABASE_URL=database_url, JWT_SECRET=secrets.token_urlsafe(48),
+    env = dict(os.environ, DATABASE_URL=database_url, JWT_SECRET=secret or secrets.token_urlsafe(48),
                BCRYPT_ROUNDS='4', HOST='127.0.0.1', PORT=str(port))
     log = open(log_path, 'w')
-    proc = subprocess.Popen(flashsale_command() + ['serve'], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            cwd=ROOT)
+    command = flashsale_command() if checkout == ROOT else [sys.executable, str(Path(checkout) / 'flashsale.py')]
+    proc = subprocess.Popen(command + ['serve'], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=checkout)
     base_url = f'http://127.0.0.1:{port}'
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -204,6 +205,19 @@ def memory_of(pid):
 # --- the purchase straight through psycopg -------------------------------------
 
 
+def run_released(worker, concurrency, barrier):
+    """worker(k) in `concurrency` threads, timed from when they are all at
+    `barrier` (a Barrier of concurrency + 1) until the last one ends: seconds."""
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - started
+
+
 def direct_purchases(database_url, sale_id, user_ids, concurrency):
     """sql.PURCHASE for every user once, from `concurrency` threads with a connection each."""
     import psycopg
@@ -230,14 +244,7 @@ def direct_purchases(database_url, sale_id, user_ids, concurrency):
                 latencies[k].append(time.perf_counter() - started)
                 outcomes[k][outcome] = outcomes[k].get(outcome, 0) + 1
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - started
+    elapsed = run_released(worker, concurrency, barrier)
     merged = {}
     for part in outcomes:
         for key, n in part.items():
@@ -311,6 +318,178 @@ def standby_cost(args, log):
         with open(args.json_file, 'w') as fh:
             json.dump(results, fh, indent=2)
     return 0
+
+
+# --- slow commits ----------------------------------------------------------------
+
+
+def direct_batches(database_url, sale_id, user_ids, concurrency, batch):
+    """sql.PURCHASE_BATCH over every user once, `batch` users per statement, from
+    `concurrency` threads with a connection each."""
+    import psycopg
+    from psycopg.rows import dict_row
+
+    from resources import sql as flashsale_sql
+
+    barrier = threading.Barrier(concurrency + 1)
+    counts = [0] * concurrency
+
+    def worker(k):
+        with psycopg.connect(database_url, autocommit=True, row_factory=dict_row,
+                             options='-c TimeZone=UTC') as conn:
+            mine = user_ids[k::concurrency]
+            barrier.wait()
+            for i in range(0, len(mine), batch):
+                chunk = mine[i:i + batch]
+                while chunk:
+                    rows = conn.execute(flashsale_sql.PURCHASE_BATCH,
+                                        {'sale_id': sale_id, 'user_ids': chunk}).fetchall()
+                    counts[k] += sum(1 for r in rows if r['outcome'] == 'created')
+                    chunk = [u for u, r in zip(chunk, rows) if r['outcome'] == 'retry']
+
+    elapsed = run_released(worker, concurrency, barrier)
+    return {'concurrency': concurrency, 'batch': batch, 'rate': round(len(user_ids) / elapsed, 1),
+            'created': sum(counts), 'invariant_ok': sum(counts) == len(user_ids)}
+
+
+def statement_sizes(database_url, sale_id):
+    """(statements, mean orders per statement, largest): the orders one
+    transaction wrote share its id, xmin."""
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        sizes = [n for (n,) in conn.execute(
+            'SELECT count(*) FROM orders WHERE flash_sale_id = %s GROUP BY xmin::text', (sale_id,))]
+    if not sizes:
+        return {'statements': 0, 'mean': None, 'max': None}
+    return {'statements': len(sizes), 'mean': round(sum(sizes) / len(sizes), 1), 'max': max(sizes)}
+
+
+def set_commit_delay(database_url, delay_ms):
+    import psycopg
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(f'ALTER SYSTEM SET commit_delay = {int(delay_ms * 1000)}')
+        conn.execute('SELECT pg_reload_conf()')
+
+
+async def slow_commit_bench(args, servers, database_url, log):
+    """At 0 ms and at --commit-delay-ms: HTTP purchases at each level for every
+    server (interleaved), then the single and the batched statement direct."""
+    api = loadtest.Api(servers[0][1])
+    run_id = uuid.uuid4().hex[:8]
+    results = {'delays': [], 'servers': [name for name, _ in servers]}
+    try:
+        admin = await api.admin_token(None, None, True, shlex.join(flashsale_command()), database_url, run_id)
+        log(f'registering {args.purchases} users ...')
+        users = await api.register_users(args.purchases, f'bench-{run_id}', args.register_concurrency)
+        api.pool.close()
+        for name, base in servers:
+            await loadtest.run_plain_async(base, '/health', connections=8, requests=300)  # warm-up
+        for delay in (0, args.commit_delay_ms):
+            set_commit_delay(database_url, delay)
+            row = {'delay_ms': delay, 'http': [], 'direct': []}
+            for level in [1] + args.levels:
+                for name, base in servers:
+                    log(f'commit {delay} ms: HTTP purchases at {level} connections, {name} ...')
+                    count = min(len(users), 400) if level == 1 else len(users)
+                    run = await loadtest.run_scenario_async(
+                        'throughput', base_url=base, prepared_users=users[:count], admin_token=admin,
+                        users=count, requests=count, connections=level, timeout=args.timeout)
+                    row['http'].append({
+                        'server': name, 'concurrency': level, 'rate': run['answered_rate'],
+                        'latency_ms': run['latency_ms'], 'verdict': run['invariants']['verdict'],
+                        'statements': statement_sizes(database_url, run['sale']['id'])})
+            user_ids = [u.id for u in users]
+            for label, runner in (('single', lambda sale: direct_purchases(database_url, sale, user_ids, 8)),
+                                  ('batched', lambda sale: direct_batches(database_url, sale, user_ids, 8,
+                                                                          args.direct_batch))):
+                log(f'commit {delay} ms: direct, {label} statement ...')
+                now, _ = await api.server_clock()
+                sale = await api.create_sale(admin, len(user_ids), now - timedelta(seconds=1),
+                                             timedelta(minutes=10), f'bench direct {run_id}')
+                api.pool.close()
+                out = await asyncio.to_thread(runner, sale['id'])
+                out['statement'] = label
+                out['statements'] = statement_sizes(database_url, sale['id'])
+                row['direct'].append(out)
+            results['delays'].append(row)
+    finally:
+        set_commit_delay(database_url, 0)
+        api.close()
+    return results
+
+
+def format_slow_commit(results, delay):
+    out = [f'slow commits: a private PostgreSQL (in /dev/shm, fsync on, commit_siblings=0), commit_delay 0 or {delay} ms '
+           f'(every commit waits that long before its flush, the sale row locked), {os.cpu_count()} cores shared '
+           'by client, server and PostgreSQL', '']
+    out.append('  commit | server  conn |  HTTP req/s  p50 ms  p99 ms | statements  mean batch  max | checks')
+    for row in results['delays']:
+        for h in row['http']:
+            st = h['statements']
+            out.append(f'  {row["delay_ms"]:>3g} ms | {h["server"]:<7} {h["concurrency"]:>4} | {h["rate"]:>11,.0f} '
+                       f'{h["latency_ms"]["p50"]:>7.2f} {h["latency_ms"]["p99"]:>7.1f} | {st["statements"]:>10} '
+                       f'{st["mean"] or 0:>10} {st["max"] or 0:>4} | {h["verdict"]}')
+        for d in row['direct']:
+            st = d['statements']
+            out.append(f'  {row["delay_ms"]:>3g} ms | direct {d["statement"]:<8} x{d["concurrency"]} sessions: '
+                       f'{d["rate"]:>9,.0f} purchases/s, {st["statements"]} statements '
+                       f'(mean {st["mean"]}, max {st["max"]}), {"ok" if d["invariant_ok"] else "FAIL"}')
+    out.append('')
+    by = {(r['delay_ms'], h['server'], h['concurrency']): h['rate'] for r in results['delays'] for h in r['http']}
+    direct = {(r['delay_ms'], d['statement']): d['rate'] for r in results['delays'] for d in r['direct']}
+    top = max(h['concurrency'] for r in results['delays'] for h in r['http'])
+    name = results['servers'][0]
+    ratios = [
+        (f'HTTP at {top} conn, {delay} ms / direct single at {delay} ms', by[(delay, name, top)] / direct[(delay, 'single')]),
+        (f'HTTP at {top} conn, {delay} ms / HTTP at {top} conn, 0 ms', by[(delay, name, top)] / by[(0, name, top)]),
+        (f'direct batched / direct single, {delay} ms', direct[(delay, 'batched')] / direct[(delay, 'single')]),
+    ]
+    if len(results['servers']) > 1:
+        other = results['servers'][1]
+        for lv in sorted({h['concurrency'] for r in results['delays'] for h in r['http']}):
+            ratios.append((f'{name} / {other}, 0 ms, {lv} conn', by[(0, name, lv)] / by[(0, other, lv)]))
+    for label, value in ratios:
+        out.append(f'  {label}: {value:.2f}')
+    return '\n'.join(out)
+
+
+def slow_commit_main(args, log):
+    sys.path.insert(0, str(ROOT / 'tests'))
+    from private_postgres import PrivatePostgres
+
+    # In memory (tmpfs) where there is one: a flush there costs ~0.1 ms, so
+    # commit_delay is the commit time, not the disk's noise (a busy shared
+    # disk here took 2 to 9 ms per fsync). fsync on: PostgreSQL skips
+    # commit_delay without it. commit_delay itself is set with ALTER SYSTEM
+    # (a -c on the command line would override that).
+    shm = '/dev/shm' if os.path.isdir('/dev/shm') else None
+    directory = tempfile.mkdtemp(prefix='flashsale-bench-pg-', dir=shm)
+    cluster = PrivatePostgres(directory)
+    cluster.start(options='-c fsync=on -c commit_siblings=0 -c max_connections=200')
+    procs = []
+    try:
+        secret = secrets.token_urlsafe(48)
+        servers = []
+        for name, checkout in [('this', ROOT)] + ([('before', args.compare_with)] if args.compare_with else []):
+            log_path = os.path.join(tempfile.gettempdir(), f'flashsale-bench-{os.getpid()}-{name}.log')
+            proc, base = start_server(cluster.url, log_path, secret=secret, checkout=checkout)
+            procs.append(proc)
+            servers.append((name, base))
+            log(f'started {name} server (pid {proc.pid}) at {base}; its log: {log_path}')
+        results = asyncio.run(slow_commit_bench(args, servers, cluster.url, log))
+    finally:
+        for proc in procs:
+            stop_server(proc)
+        cluster.close()
+    print(format_slow_commit(results, args.commit_delay_ms))
+    if args.json_file:
+        with open(args.json_file, 'w') as fh:
+            json.dump(results, fh, indent=2)
+    ok = all(h['verdict'] == 'pass' for r in results['delays'] for h in r['http']) and \
+        all(d['invariant_ok'] for r in results['delays'] for d in r['direct'])
+    return 0 if ok else 1
 
 
 # --- the runs -------------------------------------------------------------------
@@ -482,6 +661,13 @@ def parse_args(argv=None):
     parser.add_argument('--json', dest='json_file')
     parser.add_argument('--standby-cost', action='store_true',
                         help='instead: purchases/s with an asynchronous and a synchronous standby (see above)')
+    parser.add_argument('--commit-delay-ms', type=float,
+                        help='slow-commit mode: a private PostgreSQL (fsync on, commit_siblings=0), and every '
+                             'figure at commit_delay 0 and at this many ms')
+    parser.add_argument('--compare-with', metavar='CHECKOUT',
+                        help='slow-commit mode: also run the HTTP figures against `flashsale serve` from this '
+                             'other checkout (e.g. an export of main), interleaved, same settings')
+    parser.add_argument('--direct-batch', type=int, default=64, help='users per batched statement, direct')
     return parser.parse_args(argv)
 
 
@@ -490,6 +676,8 @@ def main(argv=None):
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     if args.standby_cost:
         return standby_cost(args, log)
+    if args.commit_delay_ms is not None:
+        return slow_commit_main(args, log)
     proc = None
     if args.start_server:
         if not args.database_url:

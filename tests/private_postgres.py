@@ -129,14 +129,15 @@ class PrivatePostgres:
         if done.returncode:
             raise CommandFailed(done.returncode, done.args, stderr=done.stdout)
 
-    def start(self, timeout=30):
-        """Start the server and return once it accepts connections."""
+    def start(self, timeout=30, options=''):
+        """Start the server and return once it accepts connections. `options`:
+        more `-c name=value` settings, after (so over) the defaults here."""
         options = (
             f'-h 127.0.0.1 -p {self.port} -c unix_socket_directories= '
             # Only a process crash is ever simulated here, never a machine's:
             # the operating system keeps what was written, so skipping fsync
             # loses nothing a test could notice and makes each commit cheap.
-            '-c fsync=off -c max_connections=100'
+            '-c fsync=off -c max_connections=100 ' + options
         )
         self._run('pg_ctl', '-D', self.pgdata, '-l', self.log_file, '-o', options, '-w', '-t', timeout, 'start',
                   timeout=timeout + 5)

@@ -377,12 +377,16 @@ def test_pool_exhausted_answers_503_overloaded_within_the_pool_timeout_never_500
     app = make_app(threads=8, pool_size=2, pool_timeout=0.3, lock_timeout_ms=1500)
     tight = app.settings
     base = serve_in_thread(app)
-    sale_id = make_sale(stock=5)
+    # Two sales: a process runs one statement per sale at a time (the others
+    # queue for it, resources/batching.py), so two stuck connections need two
+    # stuck sales.
+    sale_ids = [make_sale(stock=5), make_sale(stock=5)]
     users = make_users(2)
-    locker = hold_sale_row(database_url, sale_id)
+    lockers = [hold_sale_row(database_url, sale_id) for sale_id in sale_ids]
     stuck = []
-    buyers = [threading.Thread(target=lambda token=token: stuck.append(timed(lambda: call(
-        base, 'POST', f'/api/flash-sales/{sale_id}/purchase', token=token)))) for _, token in users]
+    buyers = [threading.Thread(target=lambda token=token, sale_id=sale_id: stuck.append(timed(lambda: call(
+        base, 'POST', f'/api/flash-sales/{sale_id}/purchase', token=token))))
+        for (_, token), sale_id in zip(users, sale_ids)]
     for b in buyers:
         b.start()
     wait_for(lambda: backends_waiting_on_a_lock(database_url) == 2, message='both connections to be stuck')
@@ -391,7 +395,8 @@ def test_pool_exhausted_answers_503_overloaded_within_the_pool_timeout_never_500
     run_together([lambda: others.append(timed(lambda: call(base, 'GET', '/api/flash-sales'))) for _ in range(12)])
     for b in buyers:
         b.join()
-    locker.rollback()
+    for locker in lockers:
+        locker.rollback()
 
     assert (len(others), len(stuck)) == (12, 2), f'{len(others)} of 12 readers and {len(stuck)} of 2 buyers answered'
     for resp, took in others + stuck:
@@ -403,10 +408,10 @@ def test_pool_exhausted_answers_503_overloaded_within_the_pool_timeout_never_500
     assert slowest < 2 * tight.pool_timeout + 0.5, (
         f'the slowest reader waited {slowest:.3f} s for its 503 overloaded; POOL_TIMEOUT is {tight.pool_timeout} s '
         f'(bound: two rounds of it + 0.5 s = {2 * tight.pool_timeout + 0.5} s)')
-    # LOCK_TIMEOUT bounds each wait for a lock. The second purchase in the
-    # queue waits twice (for the first one's tuple lock, then for the
-    # holder's transaction), so the whole wait is bounded by twice that, and
-    # always by STATEMENT_TIMEOUT.
+    # LOCK_TIMEOUT bounds each wait for a lock (a purchase queued behind
+    # another's in the lock manager waits twice: for its tuple lock, then for
+    # the holder's transaction), so the whole wait is bounded by twice that,
+    # and always by STATEMENT_TIMEOUT.
     lock_timeout = tight.lock_timeout_ms / 1000
     for _, took in stuck:
         assert lock_timeout - 0.1 < took < 2 * lock_timeout + 0.5, (

@@ -44,19 +44,26 @@ def test_two_tabs_queued_on_the_sale_row_get_one_order_and_stock_drops_by_one(
     Only the unique constraint can stop the second one now: it must be 409
     already_purchased with its decrement rolled back. (ON CONFLICT DO NOTHING
     would keep the decrement and drop the order; without the constraint it
-    would be a second order.)"""
-    app = make_app(pool_size=4, lock_timeout_ms=30_000, statement_timeout_ms=30_000).wsgi
+    would be a second order.) The tabs go to two apps, as to two server
+    processes: within one, the second would queue for the next statement of
+    the sale (resources/batching.py) and see the first's order."""
+    apps = [make_app(pool_size=4, lock_timeout_ms=30_000, statement_timeout_ms=30_000).wsgi for _ in range(2)]
     sale_id = make_sale(stock=10)
     [(_, token)] = make_users(1)
     locker = hold_sale_row(database_url, sale_id)
     try:
-        threads, answers = purchases_in_threads(app, sale_id, [token, token], status=[201, 409])
+        threads, answers = [], []
+        for app in apps:
+            started, answered = purchases_in_threads(app, sale_id, [token], status=[201, 409])
+            threads += started
+            answers.append(answered)
         wait_for(lambda: backends_waiting_on_a_lock(database_url) == 2, timeout=20,
                  message='both purchases to wait on the sale row')
     finally:
         locker.close()
     for t in threads:
         t.join(30)
+    answers = [answer for answered in answers for answer in answered]
     assert None not in answers, answers
     assert collections.Counter((status, code) for status, code, _ in answers) == {
         (201, None): 1, (409, 'already_purchased'): 1}, answers
