@@ -20,6 +20,7 @@ import threading
 import time
 
 import psycopg
+from psycopg.rows import dict_row
 import pytest
 
 import flashsale
@@ -42,10 +43,10 @@ def wait_for(predicate, timeout=20, message='condition'):
 
 
 @pytest.fixture
-def db(db, raw_connect):
+def db(db, database_url):
     """The test's own connection, outside the pool: these tests may take
     longer than the pool lets one connection be held (its watchdog)."""
-    with raw_connect() as conn:
+    with psycopg.connect(database_url, autocommit=True, row_factory=dict_row) as conn:
         yield conn
 
 
