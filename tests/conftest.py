@@ -5,9 +5,11 @@ TEST_DATABASE_URL names another server. Either way the run starts by dropping
 and re-creating the public schema: never point it at data you want to keep.
 """
 
+import dataclasses
 import http.client
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +27,7 @@ from psycopg.rows import dict_row
 import flashsale
 from resources import database
 from resources import embedded
+from resources import serving
 from resources.credentials import Credentials
 from private_postgres import free_port  # noqa: F401 (for the tests)
 from invariants import sale_state  # noqa: F401 (for the tests: scripts/invariants.py, one checker for all)
@@ -241,3 +244,44 @@ def assert_orders_match_answers(conn, sale_id, results):
     answered = {r[2]['id'] for r in results if r[0] == 201}
     stored = {str(row['id']) for row in conn.execute('SELECT id FROM orders WHERE flash_sale_id = %s', (sale_id,))}
     assert answered == stored, f'answered 201 but not stored: {answered - stored}; stored but not answered: {stored - answered}'
+
+
+@pytest.fixture
+def real_server(pool):
+    """real_server(settings) -> port of the server `flashsale serve` builds
+    (resources/serving.py), on the session database."""
+    servers = []
+
+    def start(settings):
+        server = serving.create_server(flashsale.create_app(settings, pool), dataclasses.replace(settings, port=0))
+        threading.Thread(target=server.run, daemon=True).start()
+        servers.append(server)
+        return server.effective_port
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def raw_http(port, data):
+    """Send raw bytes; return (status, headers, body) of the answer."""
+    with socket.create_connection(('127.0.0.1', port), timeout=5) as sock:
+        try:
+            sock.sendall(data)
+        except OSError:
+            pass  # the server may answer and close before reading it all
+        answer = b''
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except OSError:
+            pass
+    head, _, body = answer.partition(b'\r\n\r\n')
+    lines = head.decode('latin-1').split('\r\n')
+    headers = dict(line.split(': ', 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, body
+
+
+def post(path, body, headers=b''):
+    return (b'POST ' + path.encode() + b' HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n'
+            + headers + b'\r\n' + body)

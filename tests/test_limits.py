@@ -11,50 +11,11 @@ import webtest
 
 import flashsale
 from conftest import auth
+from conftest import post
+from conftest import raw_http
 from resources import parsing
 from resources import serving
 from resources.ratelimit import TokenBuckets
-
-
-@pytest.fixture
-def real_server(pool):
-    """real_server(settings) -> port of the server `flashsale serve` builds
-    (resources/serving.py), on the session database."""
-    servers = []
-
-    def start(settings):
-        server = serving.create_server(flashsale.create_app(settings, pool), dataclasses.replace(settings, port=0))
-        threading.Thread(target=server.run, daemon=True).start()
-        servers.append(server)
-        return server.effective_port
-
-    yield start
-    for server in servers:
-        server.close()
-
-
-def raw_http(port, data):
-    """Send raw bytes; return (status, headers, body) of the answer."""
-    with socket.create_connection(('127.0.0.1', port), timeout=5) as sock:
-        try:
-            sock.sendall(data)
-        except OSError:
-            pass  # the server may answer and close before reading it all
-        answer = b''
-        try:
-            while chunk := sock.recv(65536):
-                answer += chunk
-        except OSError:
-            pass
-    head, _, body = answer.partition(b'\r\n\r\n')
-    lines = head.decode('latin-1').split('\r\n')
-    headers = dict(line.split(': ', 1) for line in lines[1:])
-    return int(lines[0].split()[1]), headers, body
-
-
-def post(path, body, headers=b''):
-    return (b'POST ' + path.encode() + b' HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n'
-            + headers + b'\r\n' + body)
 
 
 # --- request limits ------------------------------------------------------------
@@ -84,6 +45,10 @@ def test_what_waitress_refuses_itself_is_json_too(settings, real_server, name, r
     assert got == status, (name, body)
     assert headers['Content-Type'] == 'application/json'
     assert json.loads(body)['code'] == code
+    # The same security headers as every answer of the app.
+    assert headers['Content-Security-Policy'] == "default-src 'none'; frame-ancestors 'none'"
+    assert (headers['X-Frame-Options'], headers['Referrer-Policy'], headers['X-Content-Type-Options']) == (
+        'DENY', 'no-referrer', 'nosniff')
 
 
 def test_a_chunked_body_within_the_limit_is_read(settings, real_server, db):
@@ -139,13 +104,13 @@ def test_unknown_routes_are_404_json(client, path):
 @pytest.mark.parametrize(
     ('method', 'path', 'allowed'),
     [
-        ('DELETE', '/api/flash-sales', 'GET, POST'),
-        ('PUT', '/api/me', 'GET'),
+        ('DELETE', '/api/flash-sales', 'GET, HEAD, POST'),
+        ('PUT', '/api/me', 'GET, HEAD'),
         ('GET', '/api/auth/login', 'POST'),
-        ('PATCH', '/api/flash-sales/00000000-0000-0000-0000-000000000000', 'GET'),
+        ('PATCH', '/api/flash-sales/00000000-0000-0000-0000-000000000000', 'GET, HEAD'),
         ('GET', '/api/flash-sales/00000000-0000-0000-0000-000000000000/purchase', 'POST'),
-        ('POST', '/health', 'GET'),
-        ('POST', '/', 'GET'),
+        ('POST', '/health', 'GET, HEAD'),
+        ('POST', '/', 'GET, HEAD'),
         # Falcon's static route would serve the file to any method.
         ('POST', '/static/index.html', 'GET, HEAD'),
         ('DELETE', '/static/index.html', 'GET, HEAD'),
