@@ -196,6 +196,9 @@ class _App(falcon.App):
     def add_route(self, uri_template, resource, **kwargs):
         if hasattr(resource, 'on_get') and not hasattr(resource, 'on_head'):
             resource.on_head = resource.on_get
+            # And with the same token check (resources/credentials.py).
+            if 'GET' in getattr(resource, 'login_required', ()):
+                resource.login_required = frozenset({*resource.login_required, 'HEAD'})
         super().add_route(uri_template, resource, **kwargs)
 
 

@@ -86,8 +86,9 @@ def test_every_documented_error_code_is_the_catalogues_with_its_status():
 
 
 def test_the_operations_that_need_a_token_are_the_ones_documented_with_one(wsgi_app):
+    # (HEAD, where GET needs a token, needs one too: flashsale._App.)
     needing = {(method, path) for resource, path in routed_resources(wsgi_app)
-               for method in getattr(resource, 'login_required', ())}
+               for method in getattr(resource, 'login_required', ()) if method != 'HEAD'}
     documented = {(method.upper(), path) for path, item in DOCUMENT['paths'].items()
                   for method, operation in item.items() if operation.get('security')}
     assert needing == documented
