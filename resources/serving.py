@@ -86,6 +86,7 @@ _DRAIN_BYTES = 16 * 1024 * 1024
 _SHED_AT = 0.9
 _SHED_TO = 0.8
 _ACCEPTS_PER_WAKE = 64
+_BATCH_FROM = 256  # open connections
 # How often the deadlines are checked (waitress' cleanup_interval, seconds).
 _SWEEP_SECONDS = 1
 
@@ -273,12 +274,16 @@ class _Listener(TcpWSGIServer):
                 channel.will_close = True
 
     def handle_accept(self):
-        # Up to _ACCEPTS_PER_WAKE connections each time the socket loop finds
-        # some waiting, where waitress takes one: each pass of the loop polls
-        # every open connection, and with a thousand open, draining a full
-        # backlog one per pass kept a new client waiting over a second.
+        # With many connections open, up to _ACCEPTS_PER_WAKE each time the
+        # socket loop finds some waiting, where waitress takes one: each pass
+        # of the loop polls every open connection, and with a thousand open,
+        # draining a full backlog one per pass kept a new client waiting over
+        # a second. With few open, one per pass: a pass is cheap then, and
+        # WORKERS processes waking together share a burst of arrivals
+        # instead of the first one taking it all.
         # (Called when one is waiting; whether another is, select() tells.)
-        for turn in range(_ACCEPTS_PER_WAKE):
+        batch = _ACCEPTS_PER_WAKE if len(self.active_channels) >= _BATCH_FROM else 1
+        for turn in range(batch):
             if turn and not select.select([self.socket], [], [], 0)[0]:
                 return
             if len(self.active_channels) >= self.shed_at:
