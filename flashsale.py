@@ -396,6 +396,9 @@ def _run_workers(settings, url, sock, stop):
     # (Unblocked, it could hit a worker still running the parent's handler,
     # or the parent between fork() and knowing the new pid.)
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    if stop:  # one came after start-up's last look, before the block
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        return
     for _ in range(settings.workers):
         pid = os.fork()
         if pid == 0:  # the worker
