@@ -24,6 +24,8 @@ from datetime import timedelta
 from datetime import timezone
 
 import falcon
+import psycopg
+import psycopg.conninfo
 
 from resources import accounts
 from resources import batching
@@ -52,12 +54,14 @@ class ConfigError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Every setting, with its default. README.md documents each one."""
+    """Every setting, with its default. VARIABLES below says which environment
+    variable sets each one; README.md documents them."""
 
     database_url: str | None = None  # unset: the embedded development database
     jwt_secret: str | None = None  # required whenever database_url is set
     host: str = '127.0.0.1'
     port: int = 8000
+    workers: int = 1  # server processes sharing the listening socket
     threads: int = 64  # a purchase waiting for its sale's next statement holds one (resources/batching.py)
     pool_size: int = 8  # not THREADS: queued purchases hold no connection
     pool_timeout: float = 5.0  # seconds a request waits for a connection, then 503
@@ -66,67 +70,118 @@ class Settings:
     cors_origins: tuple = ()
     bcrypt_rounds: int = 12
     jwt_ttl_seconds: int = 3600
-    max_body_bytes: int = 16 * 1024
     poll_cache_ms: int = 500  # how long GET /api/flash-sales/current and /{id} answers are reused
     bcrypt_slots: int = 4  # bcrypt calls at once; more logins than that get 503 (at most THREADS // 2)
+    max_body_bytes: int = 16 * 1024
     data_dir: str = '.flashsale'  # the embedded database and its secret
     trusted_proxy: str | None = None  # e.g. 127.0.0.1 when behind nginx
     connection_limit: int = 1000  # open client connections waitress accepts
+    header_timeout_ms: int = 5000  # from a request's first byte to the end of its headers
+    body_timeout_ms: int = 10_000  # from a request's first byte to the end of its body
+    idle_timeout_ms: int = 15_000  # a connection waiting for its next request
     auth_rate_per_minute: int = 30  # register + login per client address (0: off)
     purchase_rate_per_second: int = 5  # purchases per user, twice that at once (0: off)
     rate_limit_exempt: tuple = ('127.0.0.1', '::1')  # client addresses no limit applies to
     shutdown_timeout: float = 10.0  # seconds SIGTERM waits for requests in flight
     purchase_batch_max: int = 64  # purchases of one sale in one statement, at most
-    workers: int = 1  # server processes sharing the listening socket
+    log_level: str = 'INFO'
 
     @classmethod
     def from_env(cls, environ=os.environ):
-        def integer(name, default, low, high):
-            raw = environ.get(name)
-            if raw is None or raw == '':
-                return default
-            try:
-                number = int(raw)
-            except ValueError:
-                raise ConfigError(f'{name} must be a whole number, not {raw!r}') from None
-            if not low <= number <= high:
-                raise ConfigError(f'{name} must be between {low} and {high}, not {number}')
-            return number
-
-        threads = integer('THREADS', cls.threads, 1, 256)
-        origins = tuple(o.strip() for o in environ.get('CORS_ORIGINS', '').split(',') if o.strip())
-        settings = cls(
-            database_url=environ.get('DATABASE_URL') or None,
-            jwt_secret=environ.get('JWT_SECRET') or None,
-            host=environ.get('HOST') or cls.host,
-            port=integer('PORT', cls.port, 0, 65535),
-            threads=threads,
-            pool_size=integer('POOL_SIZE', min(threads, cls.pool_size), 1, 256),
-            pool_timeout=integer('POOL_TIMEOUT_MS', int(cls.pool_timeout * 1000), 1, 600_000) / 1000,
-            statement_timeout_ms=integer('STATEMENT_TIMEOUT_MS', cls.statement_timeout_ms, 1, 600_000),
-            lock_timeout_ms=integer('LOCK_TIMEOUT_MS', cls.lock_timeout_ms, 1, 600_000),
-            cors_origins=origins,
-            bcrypt_rounds=integer('BCRYPT_ROUNDS', cls.bcrypt_rounds, 4, 16),
-            jwt_ttl_seconds=integer('JWT_TTL_SECONDS', cls.jwt_ttl_seconds, 30, 7 * 24 * 3600),
-            max_body_bytes=integer('MAX_BODY_BYTES', cls.max_body_bytes, 256, 1024 * 1024),
-            poll_cache_ms=integer('POLL_CACHE_MS', cls.poll_cache_ms, 0, 10_000),
-            bcrypt_slots=integer('BCRYPT_SLOTS', max(1, min(threads // 2, cls.bcrypt_slots)), 1, 256),
-            data_dir=environ.get('FLASHSALE_DATA_DIR') or cls.data_dir,
-            trusted_proxy=environ.get('TRUSTED_PROXY') or None,
-            connection_limit=integer('CONNECTION_LIMIT', cls.connection_limit, 10, 100_000),
-            workers=integer('WORKERS', cls.workers, 1, 64),
-            auth_rate_per_minute=integer('AUTH_RATE_PER_MINUTE', cls.auth_rate_per_minute, 0, 1_000_000),
-            purchase_rate_per_second=integer('PURCHASE_RATE_PER_SECOND', cls.purchase_rate_per_second, 0, 1_000_000),
-            rate_limit_exempt=tuple(
-                a.strip() for a in environ.get('RATE_LIMIT_EXEMPT', ','.join(cls.rate_limit_exempt)).split(',')
-                if a.strip()
-            ),
-            shutdown_timeout=integer('SHUTDOWN_TIMEOUT_MS', int(cls.shutdown_timeout * 1000), 0, 600_000) / 1000,
-            purchase_batch_max=integer('PURCHASE_BATCH_MAX', cls.purchase_batch_max, 1, 1000),
-        )
+        values = {}
+        for variable in VARIABLES:
+            values[variable.field] = variable.read(environ.get(variable.name), values)
+        settings = cls(**values)
         if settings.jwt_secret and len(settings.jwt_secret.encode()) < MIN_JWT_SECRET_BYTES:
             raise ConfigError(f'JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes long')
         return settings
+
+
+@dataclasses.dataclass(frozen=True)
+class Variable:
+    """An environment variable, the Settings field it sets, and how it is read:
+    text, a whole number from `low` to `high` (`per_unit` of them make one of
+    the field's: 1000 for a *_MS variable setting seconds), or a list."""
+
+    name: str
+    field: str
+    meaning: str
+    low: int | None = None
+    high: int | None = None
+    per_unit: int = 1
+    is_list: bool = False
+    default_from: object = None  # (values read so far) -> the default, when it depends on them
+    default_text: str | None = None  # how --help shows that default
+
+    def default(self, values):
+        if self.default_from is not None:
+            return self.default_from(values)
+        return Settings.__dataclass_fields__[self.field].default
+
+    def read(self, raw, values):
+        if self.is_list:
+            if raw is None:
+                return self.default(values)
+            return tuple(item.strip() for item in raw.split(',') if item.strip())
+        if raw is None or raw == '':
+            return self.default(values)
+        if self.low is None:
+            return raw
+        try:
+            number = int(raw)
+        except ValueError:
+            raise ConfigError(f'{self.name} must be a whole number, not {raw!r}') from None
+        if not self.low <= number <= self.high:
+            raise ConfigError(f'{self.name} must be between {self.low} and {self.high}, not {number}')
+        return number / self.per_unit if self.per_unit != 1 else number
+
+    def shown_default(self):
+        if self.default_text is not None:
+            return self.default_text
+        value = Settings.__dataclass_fields__[self.field].default
+        if self.is_list:
+            return ','.join(value) or '(none)'
+        if value is None:
+            return '(unset)'
+        return str(int(value * self.per_unit)) if self.per_unit != 1 else str(value)
+
+
+# Read in this order: a default may depend on a variable above it.
+VARIABLES = (
+    Variable('DATABASE_URL', 'database_url', 'libpq URL of the database', default_text='(unset: embedded PostgreSQL)'),
+    Variable('JWT_SECRET', 'jwt_secret', f'token signing secret, at least {MIN_JWT_SECRET_BYTES} bytes; '
+             'required with DATABASE_URL', default_text='(generated, embedded only)'),
+    Variable('HOST', 'host', 'address to listen on'),
+    Variable('PORT', 'port', 'port to listen on (0: any free one)', 0, 65535),
+    Variable('WORKERS', 'workers', 'server processes sharing the port', 1, 64),
+    Variable('THREADS', 'threads', 'worker threads per process', 1, 256),
+    Variable('POOL_SIZE', 'pool_size', 'database connections per process', 1, 256,
+             default_from=lambda values: min(values['threads'], Settings.pool_size), default_text='8 (at most THREADS)'),
+    Variable('POOL_TIMEOUT_MS', 'pool_timeout', 'wait for a connection, then 503', 1, 600_000, 1000),
+    Variable('STATEMENT_TIMEOUT_MS', 'statement_timeout_ms', 'PostgreSQL statement_timeout', 1, 600_000),
+    Variable('LOCK_TIMEOUT_MS', 'lock_timeout_ms', 'PostgreSQL lock_timeout', 1, 600_000),
+    Variable('CORS_ORIGINS', 'cors_origins', 'origins allowed to call the API from a browser', is_list=True),
+    Variable('BCRYPT_ROUNDS', 'bcrypt_rounds', 'bcrypt cost', 4, 16),
+    Variable('JWT_TTL_SECONDS', 'jwt_ttl_seconds', 'token lifetime', 30, 7 * 24 * 3600),
+    Variable('POLL_CACHE_MS', 'poll_cache_ms', 'reuse of polled sale answers (0: off)', 0, 10_000),
+    Variable('BCRYPT_SLOTS', 'bcrypt_slots', 'bcrypt hashes at once; beyond, 503', 1, 256,
+             default_from=lambda values: max(1, min(values['threads'] // 2, Settings.bcrypt_slots)),
+             default_text='4 (at most THREADS / 2)'),
+    Variable('MAX_BODY_BYTES', 'max_body_bytes', 'largest request body (413 above)', 256, 1024 * 1024),
+    Variable('FLASHSALE_DATA_DIR', 'data_dir', 'the embedded database and its secret'),
+    Variable('TRUSTED_PROXY', 'trusted_proxy', 'reverse proxy whose X-Forwarded-For is believed'),
+    Variable('CONNECTION_LIMIT', 'connection_limit', 'open client connections', 10, 100_000),
+    Variable('HEADER_TIMEOUT_MS', 'header_timeout_ms', "a request's headers must arrive within this", 100, 600_000),
+    Variable('BODY_TIMEOUT_MS', 'body_timeout_ms', 'and the whole request within this', 100, 600_000),
+    Variable('IDLE_TIMEOUT_MS', 'idle_timeout_ms', 'an idle connection is closed after this', 100, 3_600_000),
+    Variable('AUTH_RATE_PER_MINUTE', 'auth_rate_per_minute', 'register + login per address (0: off)', 0, 1_000_000),
+    Variable('PURCHASE_RATE_PER_SECOND', 'purchase_rate_per_second', 'purchases per user (0: off)', 0, 1_000_000),
+    Variable('RATE_LIMIT_EXEMPT', 'rate_limit_exempt', 'addresses no rate limit applies to', is_list=True),
+    Variable('SHUTDOWN_TIMEOUT_MS', 'shutdown_timeout', 'on SIGTERM, wait this long for requests in flight',
+             0, 600_000, 1000),
+    Variable('PURCHASE_BATCH_MAX', 'purchase_batch_max', "purchases of one sale in one statement", 1, 1000),
+    Variable('LOG_LEVEL', 'log_level', 'DEBUG, INFO, WARNING or ERROR'),
+)
 
 
 def _json_default(value):
@@ -145,6 +200,20 @@ def purchase_batches(settings, pool):
                             settings.pool_timeout + database.hold_limit(settings))
 
 
+class _App(falcon.App):
+    """Falcon's App, where every route that answers GET answers HEAD the same
+    way (Falcon leaves the body out), as uptime checkers and `curl -I` expect;
+    Falcon's own default for a route without on_head is 405."""
+
+    def add_route(self, uri_template, resource, **kwargs):
+        if hasattr(resource, 'on_get') and not hasattr(resource, 'on_head'):
+            resource.on_head = resource.on_get
+            # And with the same token check (resources/credentials.py).
+            if 'GET' in getattr(resource, 'login_required', ()):
+                resource.login_required = frozenset({*resource.login_required, 'HEAD'})
+        super().add_route(uri_template, resource, **kwargs)
+
+
 def create_app(settings, pool, batches=None):
     """The WSGI app. `pool` is an open psycopg_pool.ConnectionPool; the
     settings must carry the JWT secret. `batches`: purchase_batches(), by
@@ -160,7 +229,7 @@ def create_app(settings, pool, batches=None):
     # Authentication before the rate limits: they key purchases by its user id.
     stack.append(Authentication(credentials))
     stack.append(RateLimits(settings))
-    app = falcon.App(middleware=stack, cors_enable=False)
+    app = _App(middleware=stack, cors_enable=False)
 
     json_handler = falcon.media.JSONHandler(
         dumps=functools.partial(json.dumps, default=_json_default, separators=(',', ':')),
@@ -201,6 +270,34 @@ def _database(settings):
     return url, settings
 
 
+@contextlib.contextmanager
+def _first_connection(settings, url):
+    """database.connect(), with a refusal said in one line: the operator's
+    next step is to fix DATABASE_URL or start the database, not to read a
+    traceback."""
+    try:
+        conn = database.connect(settings, url)
+    except psycopg.ProgrammingError as exc:  # libpq could not read the URL
+        raise ConfigError(f'DATABASE_URL is malformed: {str(exc).strip()}') from None
+    except psycopg.OperationalError as exc:
+        # The last line says why (refused, timed out, password); the earlier
+        # ones repeat it for each address tried.
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f'cannot reach the database ({_where(url)}): {reason}; '
+                          'check DATABASE_URL and that PostgreSQL is running') from None
+    with conn:
+        yield conn
+
+
+def _where(url):
+    """host:port/dbname of a libpq URL, without its password."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return 'DATABASE_URL'
+    return f"{info.get('host', 'localhost')}:{info.get('port', 5432)}/{info.get('dbname', '')}"
+
+
 def _seed_demo(conn, settings):
     """On an empty embedded database: a demo admin and an open demo sale, so
     a newcomer sees something working at once."""
@@ -226,7 +323,9 @@ def _seed_demo(conn, settings):
     )
 
 
-def serve(settings):
+def serve(settings, stop):
+    """`stop` holds the SIGTERM/SIGINT received so far, from the start: one
+    that comes during start-up ends it at the next step, with exit status 0."""
     from resources import serving  # noqa: PLC0415 (only the serve command needs waitress)
 
     if settings.database_url and not settings.jwt_secret:
@@ -236,20 +335,32 @@ def serve(settings):
             f'{MIN_JWT_SECRET_BYTES} bytes, e.g. the output of\n'
             "  python3 -c 'import secrets; print(secrets.token_urlsafe(48))'"
         )
-    url, settings = _database(settings)
-    with database.connect(settings, url) as conn:
-        database.apply_schema(conn)
-        if not settings.database_url:
-            _seed_demo(conn, settings)
-    if settings.workers == 1:
-        _serve_process(settings, url, None)
-    else:
-        # Bound before the workers are forked, so that they all accept on it.
+    try:
+        # Bound first: a port in use is said at once. Bound before any worker
+        # is forked, so that they all accept on it; clients connecting during
+        # start-up wait in the backlog.
         sock = serving.listening_socket(settings)
-        _run_workers(dataclasses.replace(settings, port=sock.getsockname()[1]), url, sock)
+    except OSError as exc:
+        raise ConfigError(f'cannot listen on {settings.host}:{settings.port}: {exc.strerror}; '
+                          'set PORT to a free port (0: any) or HOST to an address of this machine') from None
+    with sock:
+        settings = dataclasses.replace(settings, port=sock.getsockname()[1])
+        url, settings = _database(settings)
+        if stop:
+            return
+        with _first_connection(settings, url) as conn:
+            database.apply_schema(conn)
+            if not settings.database_url:
+                _seed_demo(conn, settings)
+        if stop:
+            return
+        if settings.workers == 1:
+            _serve_process(settings, url, sock, stop)
+        else:
+            _run_workers(settings, url, sock, stop)
 
 
-def _serve_process(settings, url, sock):
+def _serve_process(settings, url, sock, stop):
     """One server process: its own pool, threads and waitress loop."""
     from resources import serving  # noqa: PLC0415
 
@@ -257,21 +368,33 @@ def _serve_process(settings, url, sock):
     batches = purchase_batches(settings, pool)
     try:
         server = serving.create_server(create_app(settings, pool, batches), settings, sock)
-        if sock is None:
+        if settings.workers == 1:
             print(f'flashsale listening on http://{settings.host}:{server.effective_port}', flush=True)
         # SIGTERM (docker stop, systemd, kill) and Ctrl-C: stop accepting,
         # finish and send the answers in flight, then close the pool (and stop
         # the embedded database) on the way out, exit status 0.
         # Purchases still queued for a statement get their answer within
         # half the grace, so it is sent before the server stops.
-        serving.run(server, settings.shutdown_timeout,
+        serving.run(server, settings.shutdown_timeout, stop,
                     on_stop=lambda: batches.stop(settings.shutdown_timeout / 2))
     finally:
         pool.close()
         log.info('database pool closed')
 
 
-def _run_workers(settings, url, sock):
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def _record_stop_signals():
+    """From now on SIGTERM and SIGINT are appended to the list returned,
+    instead of ending the process where it stands."""
+    stop = []
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, lambda signum, frame: stop.append(signum))
+    return stop
+
+
+def _run_workers(settings, url, sock, stop):
     """WORKERS processes accepting on one listening socket. One process uses
     one core at most (the interpreter lock), and most of a short request's CPU
     is waitress' own: a second process is what makes a second core count.
@@ -279,16 +402,33 @@ def _run_workers(settings, url, sock):
     only forwards SIGTERM/SIGINT and waits; it exits 0 when every worker
     stopped cleanly, else 1 (after stopping the rest)."""
     workers = []
+
+    def forward(signum, frame):
+        stop.append(signum)
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    # A signal while forking waits until each worker has its own handler and
+    # the parent knows every pid; delivered then, it reaches every worker.
+    # (Unblocked, it could hit a worker still running the parent's handler,
+    # or the parent between fork() and knowing the new pid.)
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    if stop:  # one came after start-up's last look, before the block
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        return
     for _ in range(settings.workers):
         pid = os.fork()
         if pid == 0:  # the worker
             # Its own process group: a Ctrl-C in the terminal reaches the
             # parent only, which passes it on once.
             os.setpgid(0, 0)
+            worker_stop = _record_stop_signals()
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
             writer = _configure_logging(logging.getLogger().level)
             status = 1
             try:
-                _serve_process(settings, url, sock)
+                _serve_process(settings, url, sock, worker_stop)
                 status = 0
             except BaseException:  # noqa: BLE001 (a worker must never return into the parent's code)
                 log.exception('worker %d failed', os.getpid())
@@ -296,20 +436,13 @@ def _run_workers(settings, url, sock):
                 writer.stop()
                 os._exit(status)
         workers.append(pid)
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     sock.close()
     print(f'flashsale listening on http://{settings.host}:{settings.port} '
           f'({settings.workers} workers: {", ".join(map(str, workers))})', flush=True)
 
-    stopping = []
-
-    def stop(signum, frame):
-        stopping.append(signum)
-        for pid in workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     failed = False
     remaining = set(workers)
     while remaining:
@@ -320,25 +453,25 @@ def _run_workers(settings, url, sock):
         remaining.discard(pid)
         if os.waitstatus_to_exitcode(status) != 0:
             failed = True
-        if not stopping:
+        if not stop:
             # A worker died on its own: stop the rest, so a supervisor
             # (systemd, docker) restarts the whole server.
             log.error('worker %d exited unexpectedly; stopping the others', pid)
-            stop(signal.SIGTERM, None)
+            forward(signal.SIGTERM, None)
     if failed:
         raise SystemExit(1)
 
 
 def init_db(settings):
     url, settings = _database(settings)
-    with database.connect(settings, url) as conn:
+    with _first_connection(settings, url) as conn:
         database.apply_schema(conn)
     print('schema applied')
 
 
 def grant_admin(settings, email):
     url, settings = _database(settings)
-    with database.connect(settings, url) as conn:
+    with _first_connection(settings, url) as conn:
         database.apply_schema(conn)
         user = sql.one(conn, sql.GRANT_ADMIN, {'email': email.strip().lower()})
     if user is None:
@@ -366,26 +499,38 @@ def _configure_logging(level):
     return listener
 
 
+def _settings_help():
+    width = max(len(v.name) for v in VARIABLES)
+    lines = [f'  {v.name:<{width}}  {v.meaning} (default: {v.shown_default()})' for v in VARIABLES]
+    return 'settings, read from the environment once at start-up (README.md, Settings):\n' + '\n'.join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog='flashsale', description=__doc__.split('\n')[0])
     commands = parser.add_subparsers(dest='command', required=True)
-    commands.add_parser('serve', help='run the HTTP server (HOST, PORT, THREADS, ...)')
+    commands.add_parser('serve', help='run the HTTP server (settings: flashsale serve --help)',
+                        description='Run the HTTP server.', epilog=_settings_help(),
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     commands.add_parser('init-db', help='apply schema.sql to the database (safe to repeat)')
     grant = commands.add_parser('grant-admin', help='give an existing user admin rights')
     grant.add_argument('email')
     args = parser.parse_args(argv)
+    stop = _record_stop_signals() if args.command == 'serve' else None
 
-    _configure_logging(os.environ.get('LOG_LEVEL', 'INFO').upper())
-    # pgserver logs every command it runs at INFO, output and all; waitress
-    # warns of its task queue depth on every request that has to queue, which
-    # in a flash sale is most of them (the access log already says how long
-    # each request took).
-    logging.getLogger('pgserver').setLevel(logging.WARNING)
-    logging.getLogger('waitress.queue').setLevel(logging.ERROR)
     try:
         settings = Settings.from_env()
+        level = settings.log_level.upper()
+        if level not in ('DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL'):
+            raise ConfigError(f'LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, not {settings.log_level!r}')
+        _configure_logging(level)
+        # pgserver logs every command it runs at INFO, output and all; waitress
+        # warns of its task queue depth on every request that has to queue,
+        # which in a flash sale is most of them (the access log already says
+        # how long each request took).
+        logging.getLogger('pgserver').setLevel(logging.WARNING)
+        logging.getLogger('waitress.queue').setLevel(logging.ERROR)
         if args.command == 'serve':
-            serve(settings)
+            serve(settings, stop)
         elif args.command == 'init-db':
             init_db(settings)
         else:

@@ -19,6 +19,8 @@ import psycopg
 import psycopg.errors
 import psycopg_pool
 
+from resources.middleware import loggable
+
 log = logging.getLogger('flashsale')
 
 
@@ -202,7 +204,7 @@ def _database_unavailable(req, resp, exc, params):
 
 
 def _unexpected(req, resp, exc, params):
-    log.exception('unhandled error in %s %s', req.method, req.path)
+    log.exception('unhandled error in %s %s', loggable(req.method, 16), loggable(req.path))
     raise refusal('internal_error')
 
 

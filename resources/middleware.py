@@ -12,6 +12,26 @@ log = logging.getLogger('flashsale.access')
 
 # A client's request id is echoed into logs: accept only a plain token.
 _REQUEST_ID = re.compile(r'^[A-Za-z0-9._-]{1,64}$')
+# What a client chooses (its path, its method) goes into log lines: a
+# newline in it would forge a line, an escape sequence would drive the
+# operator's terminal, and a 100 KB path would make a 100 KB line.
+_UNPRINTABLE = re.compile(r'[\x00-\x1f\x7f-\x9f\\]')
+MAX_LOGGED_CHARS = 200
+
+
+def _escape(match):
+    return f'\\x{ord(match.group()):02x}'
+
+
+def loggable(text, limit=MAX_LOGGED_CHARS):
+    """`text` safe for one log line: control characters (and the backslash,
+    so an escape cannot be faked) written as \\xNN, at most `limit`
+    characters, then an ellipsis and the full length."""
+    if len(text) > limit:
+        text = f'{text[:limit]}...({len(text)} chars)'
+    return _UNPRINTABLE.sub(_escape, text) if _UNPRINTABLE.search(text) else text
+
+
 # Our own ids: this process's pid and a counter. Unique per process, and free:
 # uuid4() costs a getrandom() call per request, a tenth of a sold-out answer's
 # CPU. A forked worker (WORKERS) starts its own.
@@ -30,6 +50,15 @@ _API_CSP = "default-src 'none'; frame-ancestors 'none'"
 _PAGE_CSP = (
     "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; "
     "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
+
+
+# On every API answer, including the ones waitress gives itself (resources/serving.py).
+API_SECURITY_HEADERS = (
+    ('X-Content-Type-Options', 'nosniff'),
+    ('X-Frame-Options', 'DENY'),
+    ('Referrer-Policy', 'no-referrer'),
+    ('Content-Security-Policy', _API_CSP),
 )
 
 
@@ -66,7 +95,7 @@ class RequestLog:
         elapsed_ms = (time.perf_counter() - req.context.started) * 1000
         log.info(
             '%s %s %s %.1fms id=%s',
-            req.method, req.path, resp.status[:3], elapsed_ms, req.context.request_id,
+            loggable(req.method, 16), loggable(req.path), resp.status[:3], elapsed_ms, req.context.request_id,
         )
 
 

@@ -277,7 +277,8 @@ DOCUMENT = {
         'version': '1',
         'description': (
             'A flash-sale service: exactly the stock, one item per person. Every error is '
-            '{"code", "message"} with a stable code; any operation may also answer 405 '
+            '{"code", "message"} with a stable code; every GET also answers HEAD (the same, without the '
+            'body); any operation may also answer 405 '
             'method_not_allowed for a method it lacks, and an unknown path is 404 not_found.'
         ),
     },

@@ -10,22 +10,33 @@ import falcon
 from resources.errors import invalid
 from resources.errors import refusal
 
-# No body this API takes nests at all; this is far beyond any honest one, and
-# keeps the parser away from Python's recursion limit whatever its version.
+# No body this API takes nests at all; this is far beyond any honest one.
 MAX_JSON_DEPTH = 16
 
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
-_NOT_BRACKETS = bytes(b for b in range(256) if b not in b'[]{}')
+# Text PostgreSQL or the UTF-8 encoder cannot take (NUL, unpaired
+# surrogates such as "\ud800", which JSON may escape), and control characters
+# no honest email, password or name holds.
+_UNFIT_TEXT = re.compile('[\x00-\x1f\x7f-\x9f\ud800-\udfff]')
 
 
-def _nesting(raw):
-    """How deeply raw JSON nests arrays and objects (brackets in strings
-    don't count). Linear in the size of the body, which is capped."""
-    depth = deepest = 0
-    for bracket in _JSON_STRING.sub(b'', raw).translate(None, _NOT_BRACKETS):
-        depth += 1 if bracket in b'[{' else -1
-        deepest = max(deepest, depth)
-    return deepest
+def _deeper_than(value, limit):
+    """Whether parsed JSON nests arrays and objects deeper than `limit`: one
+    pass over its values, iterative (no recursion to exhaust)."""
+    pending = [(value, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, dict):
+            value = value.values()
+        elif not isinstance(value, list):
+            continue
+        if depth > limit:
+            return True
+        pending.extend((item, depth + 1) for item in value)
+    return False
+
+
+def _too_deep():
+    return invalid(None, f'The request body nests deeper than {MAX_JSON_DEPTH} levels.', 'invalid_json')
 
 
 def read_object(req, max_bytes, *, required, optional=()):
@@ -37,14 +48,21 @@ def read_object(req, max_bytes, *, required, optional=()):
     raw = req.bounded_stream.read(max_bytes + 1)
     if len(raw) > max_bytes:
         raise refusal('payload_too_large', f'The request body is over {max_bytes} bytes.')
-    if _nesting(raw) > MAX_JSON_DEPTH:
-        raise invalid(None, f'The request body nests deeper than {MAX_JSON_DEPTH} levels.', 'invalid_json')
+    # The depth is measured after parsing, not before: every step is then
+    # linear in the body whatever its shape (json's C scanner, one pass over
+    # the values). A pre-scan has to tell strings from brackets, and a regex
+    # doing so backtracks on unterminated strings: quadratic, over a second
+    # of CPU for one 16 KB body, holding the interpreter lock.
     try:
         body = json.loads(raw)
-    # RecursionError: a body of thousands of nested brackets fits in the size
-    # limit but is deeper than Python's parser will go.
-    except (ValueError, RecursionError):
+    # RecursionError: thousands of nested brackets fit in the size limit but
+    # are deeper than Python's parser will go.
+    except RecursionError:
+        raise _too_deep() from None
+    except ValueError:
         raise invalid(None, 'The request body is not valid JSON.', 'invalid_json') from None
+    if _deeper_than(body, MAX_JSON_DEPTH):
+        raise _too_deep()
     if not isinstance(body, dict):
         raise invalid(None, 'The request body must be a JSON object.', 'invalid_body')
     for name in body:
@@ -62,6 +80,8 @@ def string_field(body, name, *, max_length):
         raise invalid(name, f'"{name}" must be a string.')
     if len(value) > max_length:
         raise invalid(name, f'"{name}" is longer than {max_length} characters.')
+    if _UNFIT_TEXT.search(value):
+        raise invalid(name, f'"{name}" must not contain control characters, NUL or unpaired surrogates.')
     return value
 
 

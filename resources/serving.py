@@ -1,6 +1,6 @@
 """waitress, as `flashsale serve` runs it.
 
-Two things waitress does not do on its own:
+What waitress does not do on its own:
 
 - Answer in JSON when it refuses a request itself, before the app sees it: a
   body over max_request_body_size (also a chunked one, which has no
@@ -16,22 +16,38 @@ Two things waitress does not do on its own:
   refused: a proxy tries another process), closes idle keep-alive
   connections, serves every request already received, running or queued,
   sends the answers, and only then returns (tests/test_faults.py).
+- Hold against hostile clients on its port (tests/test_edge.py): deadlines
+  for a request's headers and body (waitress closes only connections silent
+  for two minutes, so a client trickling a byte every few seconds held one
+  forever), room kept for new clients when connections pile up, the request
+  checks RFC 9112 asks of a server (smuggling, Host, 100-continue), a
+  header parse that stays linear when trickled, and refusals a plain client
+  can read.
 """
 
+import heapq
 import json
 import logging
+import resource
+import select
 import signal
 import socket
 import time
 
-import waitress
 from waitress import wasyncore
+from waitress.adjustments import Adjustments
 from waitress.channel import HTTPChannel
-from waitress.server import BaseWSGIServer
-from waitress.server import MultiSocketServer
+from waitress.parser import HTTPRequestParser
+from waitress.parser import ParsingError
+from waitress.receiver import ChunkedReceiver
+from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask
+from waitress.utilities import BadRequest
+from waitress.utilities import RequestEntityTooLarge
 
 from resources.errors import CATALOGUE
+from resources.middleware import API_SECURITY_HEADERS
+from resources.middleware import loggable
 
 log = logging.getLogger('flashsale')
 access_log = logging.getLogger('flashsale.access')
@@ -49,6 +65,104 @@ _WAITRESS_CODES = {
 # was asked for (a signal handler cannot safely wake it).
 _TICK = 0.2
 
+# The request line and headers: a bearer token and a few short headers fit
+# many times over. (A browser may add cookies another app on the same host
+# set, hence not less.)
+MAX_HEADER_BYTES = 32 * 1024
+# A chunk-size line or a trailer longer than these is not an honest client.
+_MAX_CHUNK_LINE_BYTES = 1024
+_MAX_TRAILER_BYTES = 4096
+# After refusing a request whose body it did not read, the server reads and
+# drops what the client still sends, for up to this long and this much, and
+# only then closes. Closing with unread data makes the kernel send a reset,
+# and a plain client (urllib, most libraries) that is still sending sees
+# "connection reset" instead of the answer.
+_DRAIN_SECONDS = 5.0
+_DRAIN_BYTES = 16 * 1024 * 1024
+# Connections that are not being served (idle keep-alive, a new one that has
+# sent nothing, a request still arriving) are closed, the longest-waiting
+# first, once this share of CONNECTION_LIMIT is open, down to the second
+# share; so a new client always finds room, whatever sockets hold the rest.
+_SHED_AT = 0.9
+_SHED_TO = 0.8
+_ACCEPTS_PER_WAKE = 64
+_BATCH_FROM = 256  # open connections
+# How often the deadlines are checked (waitress' cleanup_interval, seconds).
+_SWEEP_SECONDS = 1
+
+
+class _ChunkedReceiver(ChunkedReceiver):
+    """waitress' chunked body reader, refusing at once what it would wait on:
+    a chunk bigger than the whole body may be (it would wait for those bytes
+    or for the body limit), and chunk-size lines and trailers longer than any
+    honest one (it would keep them whole, copying them on every read)."""
+
+    def __init__(self, buf, max_body):
+        super().__init__(buf)
+        self.max_body = max_body
+
+    def received(self, s):
+        consumed = super().received(s)
+        if self.error is None:
+            if self.chunk_remainder >= self.max_body:
+                self.error = RequestEntityTooLarge('chunk larger than the body limit')
+            elif len(self.control_line) > _MAX_CHUNK_LINE_BYTES or len(self.trailer) > _MAX_TRAILER_BYTES:
+                self.error = BadRequest('chunk-size line or trailer too long')
+            else:
+                return consumed
+            self.all_chunks_received = True
+        return consumed
+
+
+class _Parser(HTTPRequestParser):
+    """waitress' request parser, with the checks RFC 9112 asks of a server
+    facing clients directly, which waitress leaves out."""
+
+    _held = None  # the start of a header arriving in pieces
+
+    def received(self, data):
+        if self._held is not None:
+            # waitress would join and search the whole header again on every
+            # read, quadratic for a header trickled in small pieces; only the
+            # new piece, and the three bytes before it, can hold its end.
+            held = self._held
+            if len(held) + len(data) < self.adj.max_request_header_size and b'\r\n\r\n' not in held[-3:] + data:
+                held += data
+                return len(data)
+            self._held = None
+            consumed = super().received(bytes(held) + data) - len(held)
+        else:
+            consumed = super().received(data)
+            if self.body_rcv is None and not self.completed and self.header_plus:
+                self._held = bytearray(self.header_plus)
+                self.header_plus = b''
+        if self.error is not None:
+            # Refused already (a Content-Length over the limit): answer now,
+            # never "100 Continue" to a body that will not be read.
+            self.expect_continue = False
+        return consumed
+
+    def parse_header(self, header_plus):
+        # A folded header line (obs-fold): RFC 9112 §5.2 allows refusing it,
+        # and a proxy in front may read it differently.
+        if b'\r\n ' in header_plus or b'\r\n\t' in header_plus:
+            raise ParsingError('obs-fold in a header')
+        super().parse_header(header_plus)
+        headers = self.headers
+        if self.chunked:
+            # Content-Length and Transfer-Encoding together is how a request
+            # is smuggled past a proxy that reads the other one (RFC 9112
+            # §6.1); refused, and the connection closed with the answer.
+            if 'CONTENT_LENGTH' in headers:
+                raise ParsingError('both Content-Length and Transfer-Encoding')
+            self.body_rcv = _ChunkedReceiver(self.body_rcv.getbuf(), self.adj.max_request_body_size)
+        elif 'TRANSFER_ENCODING' in headers:
+            # HTTP/1.0 has no Transfer-Encoding; waitress ignores it there.
+            raise ParsingError('Transfer-Encoding in HTTP/1.0')
+        # RFC 9112 §3.2: exactly one Host in an HTTP/1.1 request.
+        if self.version == '1.1' and ('HOST' not in headers or ',' in headers['HOST']):
+            raise ParsingError('HTTP/1.1 needs one Host header')
+
 
 class _JSONErrorTask(ErrorTask):
     def execute(self):
@@ -60,25 +174,137 @@ class _JSONErrorTask(ErrorTask):
         self.status = f'{error.code} {error.reason}'
         self.response_headers.extend([
             ('Content-Type', 'application/json'),
-            ('X-Content-Type-Options', 'nosniff'),
             ('Cache-Control', 'no-store'),
+            *API_SECURITY_HEADERS,
         ])
         self.set_close_on_finish()
+        # The request may have a body nobody read: drain it before closing.
+        self.channel.drain_after_answer = True
         self.content_length = len(body)
         self.write(body)
         # A request too broken to parse may have no method or path.
         access_log.info(
-            '%s %s %s %.1fms id=-', getattr(self.request, 'command', None) or '-',
-            getattr(self.request, 'path', None) or '-', error.code, 0.0,
+            '%s %s %s %.1fms id=-', loggable(getattr(self.request, 'command', None) or '-', 16),
+            loggable(getattr(self.request, 'path', None) or '-'), error.code, 0.0,
         )
 
 
 class _Channel(HTTPChannel):
     error_task_class = _JSONErrorTask
+    parser_class = _Parser
+    request_started = 0.0  # when the first byte of the request being received came
+    drain_after_answer = False
+    draining_until = None  # set: the answer is sent, the write side shut
+
+    def received(self, data):
+        if self.request is None:
+            self.request_started = self.last_activity  # just set by handle_read
+        return super().received(data)
+
+    def readable(self):
+        return self.draining_until is not None or super().readable()
+
+    def handle_read(self):
+        if self.draining_until is None:
+            super().handle_read()
+            return
+        self.drained = getattr(self, 'drained', 0) + len(self.recv(65536))  # recv closes on EOF
+        if self.drained > _DRAIN_BYTES or time.time() > self.draining_until:
+            self.handle_close()
+
+    def handle_write(self):
+        if self.draining_until is not None:
+            # Writable again only once told to close (a deadline passed).
+            self.handle_close()
+        elif self.drain_after_answer and self.close_when_flushed and not self.will_close:
+            self._flush_exception(self._flush_some)
+            if self.will_close:  # the send failed
+                self.handle_close()
+            elif not self.total_outbufs_len:
+                self.close_when_flushed = False
+                self.draining_until = time.time() + _DRAIN_SECONDS
+                try:
+                    self.socket.shutdown(socket.SHUT_WR)
+                except OSError:
+                    self.handle_close()
+        else:
+            super().handle_write()
+
+    def waiting_since(self):
+        """Since when this connection has waited on its client, or None
+        while it is being served or has an answer to send."""
+        if self.requests or self.total_outbufs_len or self.will_close:
+            return None
+        return self.last_activity if self.request is None else self.request_started
+
+
+class _Listener(TcpWSGIServer):
+    """waitress' listening socket, with deadlines for what clients send and
+    room kept for new clients. Its maintenance() runs from the socket loop
+    every _SWEEP_SECONDS; handle_accept() for each new connection."""
+
+    channel_class = _Channel
+
+    def configure(self, settings):
+        self.header_timeout = settings.header_timeout_ms / 1000
+        self.body_timeout = settings.body_timeout_ms / 1000
+        self.idle_timeout = settings.idle_timeout_ms / 1000
+        # (waitress stops accepting when its map holds connection_limit
+        # entries, this socket and its wake-up pipe among them.)
+        self.shed_at = min(int(settings.connection_limit * _SHED_AT), settings.connection_limit - 3)
+        self.shed_to = min(int(settings.connection_limit * _SHED_TO), self.shed_at - 1)
+
+    def maintenance(self, now):
+        # In place of waitress' own, which closes only connections silent for
+        # channel_timeout: a client trickling a byte every few seconds was
+        # never closed.
+        for channel in self.active_channels.values():
+            if channel.requests:
+                continue
+            request = channel.request
+            if channel.draining_until is not None:
+                late = now > channel.draining_until
+            elif request is None:
+                late = now - channel.last_activity > self.idle_timeout
+            elif not request.headers_finished:
+                late = now - channel.request_started > self.header_timeout
+            else:
+                late = now - channel.request_started > self.body_timeout
+            if late:
+                channel.will_close = True
+
+    def handle_accept(self):
+        # With many connections open, up to _ACCEPTS_PER_WAKE each time the
+        # socket loop finds some waiting, where waitress takes one: each pass
+        # of the loop polls every open connection, and with a thousand open,
+        # draining a full backlog one per pass kept a new client waiting over
+        # a second. With few open, one per pass: a pass is cheap then, and
+        # WORKERS processes waking together share a burst of arrivals
+        # instead of the first one taking it all.
+        # (Called when one is waiting; whether another is, select() tells.)
+        batch = _ACCEPTS_PER_WAKE if len(self.active_channels) >= _BATCH_FROM else 1
+        for turn in range(batch):
+            if turn and not select.select([self.socket], [], [], 0)[0]:
+                return
+            if len(self.active_channels) >= self.shed_at:
+                self._shed()
+            if len(self._map) >= self.adj.connection_limit:
+                return
+            super().handle_accept()
+
+    def _shed(self):
+        waiting = [(since, fd) for fd, channel in self.active_channels.items()
+                   if (since := channel.waiting_since()) is not None]
+        excess = len(self.active_channels) - self.shed_to
+        longest = heapq.nsmallest(excess, waiting)
+        for _, fd in longest:
+            self.active_channels[fd].handle_close()
+        log.warning('%d connections open: closed the %d waiting longest on their clients',
+                    len(self.active_channels) + len(longest), len(longest))
 
 
 def listening_socket(settings):
-    """A bound TCP socket for several worker processes to accept on."""
+    """A bound TCP socket (for several worker processes to accept on)."""
     family = socket.AF_INET6 if ':' in settings.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -87,6 +313,15 @@ def listening_socket(settings):
     # early waits in the backlog instead of being refused.
     sock.listen(1024)
     return sock
+
+
+def _allow_open_files(count):
+    """Raise this process' soft limit on open files to `count` (within the
+    hard limit): each connection is one, and a soft limit of 1,024 is common."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < count:
+        wanted = count if hard == resource.RLIM_INFINITY else min(count, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
 def create_server(app, settings, sock=None):
@@ -99,43 +334,44 @@ def create_server(app, settings, sock=None):
             'trusted_proxy': settings.trusted_proxy,
             'trusted_proxy_headers': {'x-forwarded-for', 'x-forwarded-proto'},
         }
-    where = {'sockets': [sock]} if sock is not None else {'host': settings.host, 'port': settings.port}
-    server = waitress.create_server(
-        app,
-        **where,
+    # Connections, the pool, the database's files and the log: room for all.
+    _allow_open_files(settings.connection_limit + 2 * settings.pool_size + 256)
+    if sock is None:
+        sock = listening_socket(settings)
+    adj = Adjustments(
+        sockets=[sock],
         threads=settings.threads,
         ident='flashsale',
         max_request_body_size=settings.max_body_bytes,
+        max_request_header_size=MAX_HEADER_BYTES,
         # A flash sale opens with far more clients than waitress' default
         # of 100 connections (beyond which it silently stops accepting);
         # poll() because select() cannot watch more than 1024 sockets.
         connection_limit=settings.connection_limit,
         asyncore_use_poll=True,
+        cleanup_interval=_SWEEP_SECONDS,
         clear_untrusted_proxy_headers=True,
         **proxy,
     )
-    for listener in _listeners(server):
-        listener.channel_class = _Channel
+    server = _Listener(
+        app, _sock=sock, adj=adj, bind_socket=False,
+        sockinfo=(sock.family, sock.type, sock.proto, sock.getsockname()),
+    )
+    server.configure(settings)
     return server
 
 
-def _socket_map(server):
-    return server.map if isinstance(server, MultiSocketServer) else server._map
-
-
-def _listeners(server):
-    return [d for d in list(_socket_map(server).values()) if isinstance(d, BaseWSGIServer)]
-
-
-def run(server, grace_seconds, on_stop=None):
+def run(server, grace_seconds, signals=None, on_stop=None):
     """Serve until SIGTERM or SIGINT, then stop gracefully: no new
     connections, requests in flight (received, queued or running) finish and
     their answers are sent, for up to grace_seconds; a second signal stops
-    waiting. `on_stop()` is called when the stop begins. Returns when done."""
-    signals = []
+    waiting. Returns when done. `signals`: those received already (start-up
+    recorded them), to which the ones to come are added. `on_stop()` is
+    called when the stop begins."""
+    signals = [] if signals is None else signals
     previous = {sig: signal.signal(sig, lambda signum, frame: signals.append(signum))
                 for sig in (signal.SIGTERM, signal.SIGINT)}
-    socket_map = _socket_map(server)
+    socket_map = server._map
     use_poll = server.adj.asyncore_use_poll
     try:
         while not signals:
@@ -143,10 +379,9 @@ def run(server, grace_seconds, on_stop=None):
         log.info('%s: stopping; finishing the requests in flight', signal.Signals(signals[0]).name)
         if on_stop is not None:
             on_stop()
-        for listener in _listeners(server):
-            # Closes the listening socket only. (listener.close() would also
-            # close the wake-up pipe the worker threads still use.)
-            wasyncore.dispatcher.close(listener)
+        # Closes the listening socket only. (server.close() would also close
+        # the wake-up pipe the worker threads still use.)
+        wasyncore.dispatcher.close(server)
         deadline = time.monotonic() + grace_seconds
         while True:
             channels = [d for d in list(socket_map.values()) if isinstance(d, HTTPChannel)]

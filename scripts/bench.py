@@ -645,7 +645,8 @@ def parse_args(argv=None):
                         help='run `flashsale serve` (BCRYPT_ROUNDS=4, generated JWT_SECRET) on a free port')
     parser.add_argument('--base-url', default=loadtest.DEFAULT_BASE_URL, help='a running server (no --start-server)')
     parser.add_argument('--database-url', default=os.environ.get('DATABASE_URL'),
-                        help='the server\'s database: for --start-server, grant-admin and the direct runs')
+                        help='the server\'s database: for --start-server, grant-admin and the direct runs (default: '
+                             'DATABASE_URL; with neither, --start-server starts a throwaway embedded PostgreSQL)')
     parser.add_argument('--admin-email')
     parser.add_argument('--admin-password')
     parser.add_argument('--grant-admin', action='store_true')

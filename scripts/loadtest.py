@@ -828,7 +828,8 @@ def parse_args(argv=None):
     parser.add_argument('--admin-email')
     parser.add_argument('--admin-password')
     parser.add_argument('--grant-admin', action='store_true',
-                        help='register an admin and run `flashsale grant-admin EMAIL` (same DATABASE_URL)')
+                        help='register an admin and run `flashsale grant-admin EMAIL` (same DATABASE_URL; with none, '
+                             'the embedded database of the current directory, as `flashsale serve` there uses)')
     parser.add_argument('--flashsale-cmd', help='command that runs the flashsale CLI (default: `flashsale`)')
     parser.add_argument('--database-url', default=None,
                         help='also count orders in this database (needs psycopg); passed to grant-admin')

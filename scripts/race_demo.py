@@ -269,7 +269,8 @@ def verdict(out, stock, distinct_users):
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--database-url', default=os.environ.get('DATABASE_URL'),
-                        help='PostgreSQL to run in (default: DATABASE_URL); only the scratch schema is touched')
+                        help='PostgreSQL to run in (default: DATABASE_URL; with neither, a throwaway embedded '
+                             'PostgreSQL it starts and deletes); only the scratch schema is touched')
     parser.add_argument('--schema', default='race_demo', help='scratch schema (dropped and re-created)')
     parser.add_argument('--users', type=int, default=200)
     parser.add_argument('--tabbed-users', type=int, default=30, help='users who click in several tabs at once')

@@ -418,3 +418,20 @@ def assert_orders_match_answers(conn, sale_id, results):
     answered = {r[2]['id'] for r in results if r[0] == 201}
     stored = {str(row['id']) for row in conn.execute('SELECT id FROM orders WHERE flash_sale_id = %s', (sale_id,))}
     assert answered == stored, f'answered 201 but not stored: {answered - stored}; stored but not answered: {stored - answered}'
+
+
+@pytest.fixture
+def real_server(pool):
+    """real_server(settings) -> port of the server `flashsale serve` builds
+    (resources/serving.py) for the app with these settings, on the session
+    database; closed at the end of the test."""
+    servers = []
+
+    def start(settings):
+        server, _ = _serve_in_thread(flashsale.create_app(settings, pool), settings)
+        servers.append(server)
+        return server.effective_port
+
+    yield start
+    for server in servers:
+        server.close()

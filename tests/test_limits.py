@@ -41,6 +41,10 @@ def test_what_waitress_refuses_itself_is_json_too(make_app, serve_in_thread, nam
     assert got == status, (name, body)
     assert headers['Content-Type'] == 'application/json'
     assert json.loads(body)['code'] == code
+    # The same security headers as every answer of the app.
+    assert headers['Content-Security-Policy'] == "default-src 'none'; frame-ancestors 'none'"
+    assert (headers['X-Frame-Options'], headers['Referrer-Policy'], headers['X-Content-Type-Options']) == (
+        'DENY', 'no-referrer', 'nosniff')
 
 
 def test_a_chunked_body_within_the_limit_is_read(make_app, serve_in_thread, db):
@@ -96,13 +100,13 @@ def test_unknown_routes_are_404_json(client, path):
 @pytest.mark.parametrize(
     ('method', 'path', 'allowed'),
     [
-        ('DELETE', '/api/flash-sales', 'GET, POST'),
-        ('PUT', '/api/me', 'GET'),
+        ('DELETE', '/api/flash-sales', 'GET, HEAD, POST'),
+        ('PUT', '/api/me', 'GET, HEAD'),
         ('GET', '/api/auth/login', 'POST'),
-        ('PATCH', '/api/flash-sales/00000000-0000-0000-0000-000000000000', 'GET'),
+        ('PATCH', '/api/flash-sales/00000000-0000-0000-0000-000000000000', 'GET, HEAD'),
         ('GET', '/api/flash-sales/00000000-0000-0000-0000-000000000000/purchase', 'POST'),
-        ('POST', '/health', 'GET'),
-        ('POST', '/', 'GET'),
+        ('POST', '/health', 'GET, HEAD'),
+        ('POST', '/', 'GET, HEAD'),
         # Falcon's static route would serve the file to any method.
         ('POST', '/static/index.html', 'GET, HEAD'),
         ('DELETE', '/static/index.html', 'GET, HEAD'),
