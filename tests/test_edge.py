@@ -633,7 +633,7 @@ def test_serve_help_lists_every_setting_with_its_default():
         line = next((line for line in result.stdout.splitlines() if line.split()[:1] == [variable.name]), None)
         assert line is not None, f'{variable.name} missing from serve --help'
         assert f'(default: {variable.shown_default()})' in line, line
-    assert '(default: 8000)' in result.stdout and '(default: THREADS)' in result.stdout
+    assert '(default: 8000)' in result.stdout and '(default: 8 (at most THREADS))' in result.stdout
 
 
 @pytest.mark.parametrize(('script', 'database'), [
