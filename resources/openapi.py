@@ -22,6 +22,10 @@ _EMAIL = {
     'example': 'shopper@example.com', 'description': 'trimmed and lower-cased',
 }
 _TIME = {'type': 'string', 'format': 'date-time'}
+# Text fields refuse control characters, NUL and unpaired surrogates
+# (resources/parsing.py string_field); a pattern can state the first two.
+_NO_CONTROLS = r'[^\x00-\x1f\x7f-\x9f]'
+_PASSWORD_TEXT = f'^{_NO_CONTROLS}*$'
 
 
 def _ref(name):
@@ -72,21 +76,22 @@ SCHEMAS = {
         email=_EMAIL,
         password={
             'type': 'string', 'minLength': MIN_PASSWORD_BYTES, 'maxLength': MAX_PASSWORD_BYTES,
-            'example': 'correct horse',
+            'pattern': _PASSWORD_TEXT, 'example': 'correct horse',
             'description': f'{MIN_PASSWORD_BYTES} to {MAX_PASSWORD_BYTES} bytes of UTF-8 (bcrypt reads no further)',
         },
     ),
     'Login': _object(
         ['email', 'password'],
         email=_EMAIL,
-        password={'type': 'string', 'maxLength': 1024, 'example': 'correct horse'},
+        password={'type': 'string', 'maxLength': 1024, 'pattern': _PASSWORD_TEXT, 'example': 'correct horse'},
     ),
     'NewSale': _object(
         ['startDate', 'endDate', 'totalStock'],
         startDate={**_TIME, 'description': 'with an offset or Z; in the years 2000 to 9998 (UTC)'},
         endDate={**_TIME, 'description': 'after startDate; in the years 2000 to 9998 (UTC)'},
         totalStock={'type': 'integer', 'minimum': 1, 'maximum': MAX_TOTAL_STOCK},
-        name={'type': 'string', 'maxLength': 200, 'pattern': r'[^\s\x00-\x20\x7f-\x9f]',
+        name={'type': 'string', 'maxLength': 200,
+              'pattern': f'^{_NO_CONTROLS}*' r'[^\s\x00-\x20\x7f-\x9f]' f'{_NO_CONTROLS}*$',
               'description': 'trimmed; not blank'},
     ),
     'SaleWithTime': _object(
