@@ -20,6 +20,7 @@ import re
 import resource
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -50,26 +51,33 @@ def held_by_server(port):
     return len(out.splitlines())
 
 
-def attack(port, count, kind, tries):
-    import socket  # noqa: PLC0415
-
+def hostile_sockets(port, count, kind):
+    """`count` connections that hold the server: 'idle' (one answer, then
+    silence) or 'trickle' (a request line started and never finished; see
+    trickle()). tests/test_edge.py opens its attackers with this too."""
     socks = []
     for _ in range(count):
         sock = socket.create_connection(('127.0.0.1', port), timeout=10)
-        sock.sendall(b'GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n' if kind == 'idle' else b'G')
+        sock.sendall(b'GET /nothing HTTP/1.1\r\nHost: test\r\n\r\n' if kind == 'idle' else b'G')
         socks.append(sock)
+    return socks
+
+
+def trickle(socks, stop):
+    """One more byte on every open socket every half second, until stop is set."""
+    while not stop.wait(0.5):
+        for sock in socks:
+            try:
+                sock.send(b'E')
+            except OSError:
+                pass
+
+
+def attack(port, count, kind, tries):
+    socks = hostile_sockets(port, count, kind)
     stop = threading.Event()
-
-    def trickle():
-        while not stop.wait(0.5):
-            for sock in socks:
-                try:
-                    sock.send(b'E')
-                except OSError:
-                    pass
-
     if kind == 'trickle':
-        threading.Thread(target=trickle, daemon=True).start()
+        threading.Thread(target=trickle, args=(socks, stop), daemon=True).start()
     waits = []
     for _ in range(tries):
         started = time.monotonic()

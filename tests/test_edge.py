@@ -23,6 +23,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from hostile_clients import hostile_sockets
+from hostile_clients import trickle
 
 import flashsale
 from conftest import TEST_SECRET
@@ -496,27 +498,6 @@ def test_when_connections_pile_up_the_longest_idle_are_closed_first(serve_proces
     assert closed_sockets(socks, 3, within=0.2) == [0, 1]
     for sock in socks:
         sock.close()
-
-
-def hostile_sockets(port, count, kind):
-    """`count` connections that hold the server: 'idle' (one answer, then
-    silence) or 'trickle' (a request line started and never finished)."""
-    socks = []
-    for _ in range(count):
-        sock = socket.create_connection(('127.0.0.1', port), timeout=10)
-        sock.sendall(b'GET /nothing HTTP/1.1\r\nHost: test\r\n\r\n' if kind == 'idle' else b'G')
-        socks.append(sock)
-    return socks
-
-
-def trickle(socks, stop):
-    """One more byte on every open socket every half second."""
-    while not stop.wait(0.5):
-        for sock in socks:
-            try:
-                sock.send(b'E')
-            except OSError:
-                pass
 
 
 @pytest.mark.parametrize('kind', ['idle', 'trickle'])
