@@ -19,15 +19,17 @@ import signal
 import threading
 import time
 
+import invariants
 import psycopg
-from psycopg.rows import dict_row
 import pytest
+from psycopg.rows import dict_row
 
 import flashsale
 from conftest import TEST_SECRET
 from conftest import auth
 from conftest import free_port
 from conftest import race
+from conftest import run_together
 from conftest import sale_state
 from conftest import start_serve
 from resources import database
@@ -149,16 +151,17 @@ def statements(db, sale_id):
 
 
 def assert_invariants(db, sale_id, answers):
-    """remaining + orders == total; at most one order per user; every 201 has
-    its order (for that user), and no other order exists."""
-    total, remaining, orders = sale_state(db, sale_id)
-    assert remaining + orders == total and remaining >= 0
-    stored = {str(r['id']): str(r['user_id'])
-              for r in db.execute('SELECT id, user_id FROM orders WHERE flash_sale_id = %s', (sale_id,))}
-    assert len(set(stored.values())) == len(stored)
-    answered = {a[2]['id']: a[2]['userId'] for a in answers if a[0] == 201}
-    assert answered == stored
-    assert all(a[2] is None for a in answers if a[0] != 201)
+    """Every invariant of scripts/invariants.py for (status, code, order)
+    answers whose users are known only from their orders: stock conserved, at
+    most one order per user, every 201 its user's order and no other order;
+    and no refusal carries an order."""
+    state, orders_by_user = invariants.read_sale(db, sale_id)
+    described = [invariants.Answer(order['userId'], 'created', order['id']) if status == 201
+                 else invariants.Answer(f'refused-{i}', f'refused: {code}', None)
+                 for i, (status, code, order) in enumerate(answers)]
+    checks = invariants.check_sale(state, orders_by_user, described)
+    assert not invariants.failures(checks), checks
+    assert all(order is None for status, _, order in answers if status != 201)
 
 
 def test_purchases_arriving_during_a_statement_go_in_the_next_one_and_the_earliest_arrivals_win(
@@ -244,11 +247,7 @@ def closed_loop(base_url, sale_id, tokens, connections):
             answers[i] = (resp.status, body.get('code'), body.get('order'))
         conn.close()
 
-    threads = [threading.Thread(target=client) for _ in range(connections)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_together([client] * connections, timeout=300)
     return answers
 
 
