@@ -23,6 +23,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import webtest
+from psycopg.rows import dict_row
 
 import flashsale
 import invariants
@@ -161,25 +162,35 @@ AppUnderTest = collections.namedtuple('AppUnderTest', 'wsgi client settings pool
 
 @pytest.fixture
 def make_app(settings, pool):
-    """make_app(**changes) -> AppUnderTest(wsgi, client, settings, pool): the
-    app with these settings changed. On the session's pool, unless a change
-    is one of POOL_SETTINGS: then on a pool of its own, filled before it is
-    returned and closed at the end of the test."""
+    """make_app(filled=True, **changes) -> AppUnderTest(wsgi, client,
+    settings, pool): the app with these settings changed. On the session's
+    pool, unless a change is one of POOL_SETTINGS: then on a pool of its
+    own, closed at the end of the test, and filled before it is returned
+    unless filled=False (a database that takes no connection: a standby,
+    a server that is down)."""
     pools = []
 
-    def make(**changes):
+    def make(filled=True, **changes):
         changed = dataclasses.replace(settings, **changes)
         own = pool
         if POOL_SETTINGS & changes.keys():
             own = database.open_pool(changed, changed.database_url)
             pools.append(own)
-            own.wait()
+            if filled:
+                own.wait()
         app = flashsale.create_app(changed, own)
         return AppUnderTest(app, webtest.TestApp(app), changed, own)
 
     yield make
     for own in pools:
         own.close(timeout=1)
+
+
+def sale_state_at(url, sale_id):
+    """sale_state() read on a new connection to the database at url (a
+    private cluster, or one whose earlier connections died with a restart)."""
+    with psycopg.connect(url, autocommit=True, row_factory=dict_row) as conn:
+        return sale_state(conn, sale_id)
 
 
 def wait_for(predicate, timeout=10, message='condition'):

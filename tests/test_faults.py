@@ -28,7 +28,7 @@ from conftest import hold_sale_row
 from conftest import insert_sale
 from conftest import insert_user
 from conftest import run_together
-from conftest import sale_state
+from conftest import sale_state_at
 from conftest import send
 from conftest import serve_env
 from conftest import start_serve
@@ -81,12 +81,6 @@ def user_and_sale(private_db, credentials):
     return user_id, token, insert_sale(private_db, stock=5)
 
 
-def state_after_restart(pg, sale_id):
-    """sale_state() on a new connection (the test's own died with the server)."""
-    with psycopg.connect(pg.url, autocommit=True, row_factory=dict_row) as conn:
-        return sale_state(conn, sale_id)
-
-
 # --- the database goes away --------------------------------------------------
 
 
@@ -122,7 +116,7 @@ def test_database_down_is_503_database_unavailable_at_once_and_the_service_recov
     for _ in range(3 * settings.pool_size):
         client.get('/api/flash-sales', status=200)
     client.post(f'/api/flash-sales/{sale_id}/purchase', headers=auth(token), status=201)
-    assert state_after_restart(private_pg, sale_id) == (5, 4, 1)
+    assert sale_state_at(private_pg.url, sale_id) == (5, 4, 1)
 
 
 @pytest.mark.parametrize('how', ['fast', 'immediate', 'kill'])
@@ -175,7 +169,7 @@ def test_purchase_cut_off_by_a_database_shutdown_is_503_outcome_unknown_and_sett
     # Or buy again: safe, one order per person whatever happened.
     client.post(f'/api/flash-sales/{sale_id}/purchase', headers=auth(token), status=201)
     client.post(f'/api/flash-sales/{sale_id}/purchase', headers=auth(token), status=409)
-    assert state_after_restart(private_pg, sale_id) == (5, 4, 1)
+    assert sale_state_at(private_pg.url, sale_id) == (5, 4, 1)
 
 
 def test_a_database_that_stops_answering_holds_no_request_past_the_hold_limit(private_pg, private_app, user_and_sale):
@@ -215,7 +209,7 @@ def test_a_database_that_stops_answering_holds_no_request_past_the_hold_limit(pr
     # it thawed: the client cannot know, and need not. Buying again settles it.
     again = client.post(f'/api/flash-sales/{sale_id}/purchase', headers=auth(token), status=[201, 409])
     assert (again.status_int, again.json.get('code')) in {(201, None), (409, 'already_purchased')}
-    assert state_after_restart(private_pg, sale_id) == (5, 4, 1)
+    assert sale_state_at(private_pg.url, sale_id) == (5, 4, 1)
 
 
 # --- storms (scripts/chaos.py) --------------------------------------------------

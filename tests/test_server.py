@@ -1,17 +1,13 @@
 """The real server: waitress over HTTP, the `flashsale` command, the embedded database."""
 
-import dataclasses
 import os
 import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
-import webtest
 
-import flashsale
 from conftest import call
 from conftest import clean_env
 from conftest import free_port
@@ -20,8 +16,8 @@ from conftest import sale_state
 from conftest import run_together
 from conftest import serve_env
 from conftest import start_serve
+from conftest import timed
 from conftest import wait_for
-from resources import database
 
 
 def test_waitress_serves_health_with_security_headers(live_server):
@@ -41,21 +37,13 @@ def test_waitress_answers_unknown_routes_with_json(live_server):
     assert headers['Content-Type'] == 'application/json'
 
 
-def test_health_is_503_when_the_database_is_unreachable(settings):
-    # (Not make_app: this pool can never fill.)
-    unreachable = dataclasses.replace(
-        settings, database_url='postgresql://postgres@127.0.0.1:1/none', pool_size=1, pool_timeout=0.5
-    )
-    pool = database.open_pool(unreachable, unreachable.database_url)
-    try:
-        client = webtest.TestApp(flashsale.create_app(unreachable, pool))
-        started = time.monotonic()
-        resp = client.get('/health', status=503)
-        assert time.monotonic() - started < 3
-        assert resp.json['code'] == 'database_unavailable'
-        assert resp.headers['Retry-After']
-    finally:
-        pool.close(timeout=0)
+def test_health_is_503_when_the_database_is_unreachable(make_app):
+    client = make_app(filled=False, database_url='postgresql://postgres@127.0.0.1:1/none', pool_size=1,
+                      pool_timeout=0.5).client
+    resp, took = timed(lambda: client.get('/health', status=503))
+    assert took < 3
+    assert resp.json['code'] == 'database_unavailable'
+    assert resp.headers['Retry-After']
 
 
 def run_cli(*args, env):
