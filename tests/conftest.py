@@ -74,12 +74,24 @@ def pool(settings):
     pool.close()
 
 
-@pytest.fixture(autouse=True)
-def db(request, pool):
-    """A connection for the test's own checks; every table empty at the start."""
-    with pool.connection() as conn:
-        conn.execute('TRUNCATE orders, flash_sales, users')
+@pytest.fixture(scope='session')
+def check_connection(settings, pool):
+    """The tests' own connection to the session's database, outside the app's
+    pool: a test holds it from start to end, which the pool's watchdog would
+    cut off after its hold limit, and it would leave the app a connection
+    short. (After the pool, which applies the schema.)"""
+    with database.connect(settings, settings.database_url) as conn:
         yield conn
+
+
+@pytest.fixture(autouse=True)
+def db(check_connection):
+    """A connection for the test's own checks; every table empty at the start
+    (TRUNCATE waits for no one: the pool's idle connections hold no lock)."""
+    if check_connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        check_connection.rollback()  # a test that failed inside a transaction of its own
+    check_connection.execute('TRUNCATE orders, flash_sales, users')
+    return check_connection
 
 
 @pytest.fixture(scope='session')
