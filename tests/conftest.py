@@ -198,6 +198,18 @@ def make_app(settings, pool):
         own.close(timeout=1)
 
 
+@pytest.fixture
+def app_on(make_app):
+    """app_on(url, filled=True, **changes) -> AppUnderTest: make_app() on a
+    pool of its own on the database at url (a private cluster): 4
+    connections, a 1 s pool timeout, unless changed."""
+
+    def make(url, **changes):
+        return make_app(**{'database_url': url, 'pool_size': 4, 'pool_timeout': 1.0, **changes})
+
+    return make
+
+
 def sale_state_at(url, sale_id):
     """sale_state() read on a new connection to the database at url (a
     private cluster, or one whose earlier connections died with a restart)."""

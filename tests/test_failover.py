@@ -62,17 +62,6 @@ def two_hosts(first, second):
 
 
 @pytest.fixture
-def app_on(make_app):
-    """app_on(url, filled=True, **settings) -> AppUnderTest: make_app() on a
-    pool of 4 of its own on that database."""
-
-    def make(url, **changes):
-        return make_app(**{'database_url': url, 'pool_size': 4, 'pool_timeout': 1.0, **changes})
-
-    return make
-
-
-@pytest.fixture
 def users_and_sale(credentials):
     """users_and_sale(pg, users=1) -> ([(user id, token)], sale id): the
     users and an open sale of 5, written on `pg` (the primary)."""
