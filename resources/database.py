@@ -66,6 +66,9 @@ CONNECT_KWARGS = {
 # How long a request waits for a connection while the latest attempt to open
 # one has failed: the database is down, so waiting the whole pool timeout
 # would only hold a thread (and everyone queued behind it) to say so later.
+# Only a failed attempt says so. A connection the server hung up on says it
+# restarted, and the one opened to replace it may take longer than this on a
+# loaded machine: the request waits for it as long as the pool timeout allows.
 UNREACHABLE_WAIT = 0.2
 
 # A connection lost with the database is tried again once, this long after a
@@ -84,8 +87,8 @@ RECONNECT_TIMEOUT = 0.5
 # when the database went away (every connection busy, e.g. commits waiting
 # for a standby that is gone) would wait out the whole POOL_TIMEOUT_MS even
 # after the pool gave up on the lost connections, or the database came back
-# (a failover). Asking again starts that attempt, and notices in time that
-# the database is known to be down.
+# (a failover). Asking again starts that attempt, and notices within a slice
+# that the database has become known to be down while it waited.
 WAIT_SLICE = 0.1
 
 # How often the pool looks for connections held too long (see Pool).
@@ -215,6 +218,8 @@ class Pool(ConnectionPool):
             timeout = self.timeout
         deadline = time.monotonic() + timeout
         while True:
+            # Checked again after each slice: a request already waiting when
+            # an attempt to connect fails waits UNREACHABLE_WAIT from then.
             if self.database_unreachable:
                 deadline = min(deadline, time.monotonic() + UNREACHABLE_WAIT)
             left = deadline - time.monotonic()
@@ -234,9 +239,8 @@ class Pool(ConnectionPool):
             # turned read-only would fail on every write). Drop it (the pool
             # opens a replacement) and take the next, without the pool's own
             # check loop, which would sleep a second between two dead ones.
-            # Until a new connection opens, take the database for down.
-            self.database_unreachable = True
-            deadline = min(deadline, time.monotonic() + UNREACHABLE_WAIT)
+            # The deadline stays: if the database is down, not restarted, the
+            # replacement's failed attempt is what shortens the wait.
             conn.close()
             self.putconn(conn)
 

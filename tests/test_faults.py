@@ -63,12 +63,12 @@ def private_db(private_pg):
 
 
 @pytest.fixture
-def private_app(private_pg, private_db, make_app):
+def private_app(private_pg, private_db, app_on):
     """private_app(**settings) -> (WebTest client, pool, settings): the app on
-    a pool of its own on the private database."""
+    a pool of its own on the private database (conftest's app_on)."""
 
     def make(**changes):
-        app = make_app(database_url=private_pg.url, pool_size=4, pool_timeout=1.0, **changes)
+        app = app_on(private_pg.url, **changes)
         return app.client, app.pool, app.settings
 
     return make
@@ -128,6 +128,35 @@ def test_after_a_database_restart_no_dead_connection_is_handed_out(private_pg, p
     private_pg.restart(how)
     statuses = [client.get('/api/flash-sales', status=200).status_int for _ in range(3 * settings.pool_size)]
     assert statuses == [200] * (3 * settings.pool_size)
+
+
+def test_after_a_database_restart_a_slow_new_connection_is_waited_for_not_answered_503(private_pg, private_app):
+    """A connection the server hung up on says the database restarted, not
+    that it is down. The request that drops the dead ones waits for a new
+    connection as long as the pool timeout allows, however slowly it opens
+    (here the new server is frozen for a while: on a loaded machine opening
+    a connection can take longer than UNREACHABLE_WAIT), and gets its 200."""
+    client, pool, _ = private_app(pool_timeout=10.0)
+    private_pg.restart('fast')
+    answers = []
+
+    def ask():
+        answers.append(timed(lambda: client.get('/api/flash-sales', status='*')))
+
+    asking = threading.Thread(target=ask)
+    private_pg.freeze()
+    try:
+        asking.start()
+        wait_for(lambda: pool.get_stats().get('requests_waiting', 0) == 1, 10,
+                 'the request to drop the dead connections and wait for a new one')
+        # Still waiting well past UNREACHABLE_WAIT: no 503 for a database that is up.
+        asking.join(database.UNREACHABLE_WAIT + 0.3)
+        assert asking.is_alive(), answers
+    finally:
+        private_pg.thaw()
+    asking.join(15)
+    [(resp, took)] = answers
+    assert resp.status_int == 200, (resp.json, took)
 
 
 def test_purchase_cut_off_by_a_database_shutdown_is_503_outcome_unknown_and_settles_on_retry(
