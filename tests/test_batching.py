@@ -22,7 +22,6 @@ import time
 import invariants
 import psycopg
 import pytest
-from psycopg.rows import dict_row
 
 import flashsale
 from conftest import TEST_SECRET
@@ -42,14 +41,6 @@ def wait_for(predicate, timeout=20, message='condition'):
         if time.monotonic() > deadline:
             pytest.fail(f'timed out waiting for {message() if callable(message) else message}')
         time.sleep(0.005)
-
-
-@pytest.fixture
-def db(db, database_url):
-    """The test's own connection, outside the pool: these tests may take
-    longer than the pool lets one connection be held (its watchdog)."""
-    with psycopg.connect(database_url, autocommit=True, row_factory=dict_row) as conn:
-        yield conn
 
 
 @pytest.fixture
