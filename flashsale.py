@@ -49,6 +49,16 @@ class ConfigError(Exception):
     """A setting is missing or wrong; the message says which and how to fix it."""
 
 
+def default_workers():
+    """One server process per core this process may run on: one process uses
+    at most one core (the interpreter lock), and most of a short request's CPU
+    is waitress' own."""
+    try:
+        return max(1, min(64, len(os.sched_getaffinity(0))))
+    except (AttributeError, OSError):
+        return max(1, min(64, os.cpu_count() or 1))
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Every setting, with its default. README.md documents each one."""
@@ -70,12 +80,14 @@ class Settings:
     bcrypt_slots: int = 4  # bcrypt calls at once; more logins than that get 503 (THREADS // 2)
     data_dir: str = '.flashsale'  # the embedded database and its secret
     trusted_proxy: str | None = None  # e.g. 127.0.0.1 when behind nginx
-    connection_limit: int = 1000  # open client connections waitress accepts
+    connection_limit: int = 4000  # open client connections waitress accepts (per process)
+    idle_timeout: int = 10  # seconds a keep-alive connection may sit idle before it is closed
+    backlog: int = 4096  # connections the kernel queues before the server accepts them
     auth_rate_per_minute: int = 30  # register + login per client address (0: off)
     purchase_rate_per_second: int = 5  # purchases per user, twice that at once (0: off)
     rate_limit_exempt: tuple = ('127.0.0.1', '::1')  # client addresses no limit applies to
     shutdown_timeout: float = 10.0  # seconds SIGTERM waits for requests in flight
-    workers: int = 1  # server processes sharing the listening socket
+    workers: int = 1  # server processes sharing the listening socket (from_env: one per core)
 
     @classmethod
     def from_env(cls, environ=os.environ):
@@ -112,7 +124,9 @@ class Settings:
             data_dir=environ.get('FLASHSALE_DATA_DIR') or cls.data_dir,
             trusted_proxy=environ.get('TRUSTED_PROXY') or None,
             connection_limit=integer('CONNECTION_LIMIT', cls.connection_limit, 10, 100_000),
-            workers=integer('WORKERS', cls.workers, 1, 64),
+            idle_timeout=integer('IDLE_TIMEOUT_SECONDS', cls.idle_timeout, 1, 3600),
+            backlog=integer('LISTEN_BACKLOG', cls.backlog, 16, 65535),
+            workers=integer('WORKERS', default_workers(), 1, 64),
             auth_rate_per_minute=integer('AUTH_RATE_PER_MINUTE', cls.auth_rate_per_minute, 0, 1_000_000),
             purchase_rate_per_second=integer('PURCHASE_RATE_PER_SECOND', cls.purchase_rate_per_second, 0, 1_000_000),
             rate_limit_exempt=tuple(

@@ -20,6 +20,7 @@ Two things waitress does not do on its own:
 
 import json
 import logging
+import select
 import signal
 import socket
 import time
@@ -76,6 +77,147 @@ class _JSONErrorTask(ErrorTask):
 class _Channel(HTTPChannel):
     error_task_class = _JSONErrorTask
 
+    # The poller below learns of channels as they come and go, instead of
+    # looking through every open connection on every wake-up.
+    def add_channel(self, map=None):
+        super().add_channel(map)
+        poller = _POLLERS.get(id(self._map))
+        if poller is not None:
+            poller.added.append(self)
+
+    def del_channel(self, map=None):
+        fd = self._fileno
+        super().del_channel(map)
+        # Out of the epoll set before the socket is closed (after, the fd
+        # is no longer ours to name).
+        poller = _POLLERS.get(id(self._map))
+        if poller is not None and fd is not None:
+            poller.forget(fd)
+
+
+_POLLERS = {}  # id(socket map) -> its _Poller
+_READ = select.POLLIN | select.POLLPRI
+_FULL_PASS_EVERY = 0.5  # seconds
+
+
+class _Poll2:
+    """waitress' own loop step, where there is no epoll (not Linux)."""
+
+    def __init__(self, socket_map):
+        self.map = socket_map
+        self.added = []
+
+    def poll(self, timeout, full=False):
+        self.added.clear()
+        wasyncore.poll2(timeout, self.map)
+
+    def forget(self, fd):
+        pass
+
+    def close(self):
+        pass
+
+
+class _Poller:
+    """waitress' socket loop step (wasyncore.poll2) without its cost per open
+    connection. poll2 builds a new poll set on every wake-up, asking every
+    open connection whether it is readable and writable (three Python calls
+    each): with a crowd's thousands of connections, most of them idle
+    keep-alive ones, that is milliseconds per wake-up, spent under the
+    interpreter lock the request threads need, and the loop wakes up for
+    every request. Here an epoll set keeps its registrations, and a wake-up
+    looks only at the connections that can have changed: those with events,
+    new ones, and busy ones (a request queued or running, an answer being
+    sent, a close pending), whose state the request threads change. An idle
+    connection changes only on its own events or by this thread's hand
+    (waitress' idle sweep, the graceful stop), so every connection is
+    looked at once every half second as well, and on every pass while
+    stopping. Same calls on the same objects as poll2, so waitress'
+    behaviour is unchanged."""
+
+    def __init__(self, socket_map):
+        self.map = socket_map
+        self.epoll = select.epoll()
+        self.masks = {}  # fd -> events registered
+        self.watch = {}  # fd -> dispatcher to look at on the next pass
+        self.added = []  # channels opened since the last pass (appended by _Channel)
+        self.next_full = 0.0
+        _POLLERS[id(socket_map)] = self
+
+    def close(self):
+        _POLLERS.pop(id(self.map), None)
+        self.epoll.close()
+
+    def forget(self, fd):
+        self.watch.pop(fd, None)
+        if self.masks.pop(fd, None) is not None:
+            try:
+                self.epoll.unregister(fd)
+            except OSError:  # already closed (and so out of the set), or never in it
+                pass
+
+    def _update(self, fd, obj):
+        flags = 0
+        if obj.readable():
+            flags |= _READ
+        if obj.writable() and not obj.accepting:
+            flags |= select.POLLOUT
+        old = self.masks.get(fd)
+        if flags != old:
+            if not flags:
+                self.forget(fd)
+            else:
+                try:
+                    if old is None:
+                        self.epoll.register(fd, flags)
+                    else:
+                        self.epoll.modify(fd, flags)
+                except FileExistsError:
+                    self.epoll.modify(fd, flags)
+                except FileNotFoundError:  # the fd was closed and reused
+                    self.epoll.register(fd, flags)
+                self.masks[fd] = flags
+        # Idle: waiting for its client, nothing queued, nothing to send.
+        if isinstance(obj, HTTPChannel) and flags == _READ and not obj.requests:
+            self.watch.pop(fd, None)
+        else:
+            self.watch[fd] = obj
+
+    def poll(self, timeout, full=False):
+        socket_map = self.map
+        if self.added:
+            added, self.added = self.added, []
+            for obj in added:
+                fd = obj._fileno
+                if fd is not None and socket_map.get(fd) is obj:
+                    self.forget(fd)
+                    self.watch[fd] = obj
+        now = time.monotonic()
+        if full or now >= self.next_full:
+            self.next_full = now + _FULL_PASS_EVERY
+            for fd in [fd for fd in self.masks if fd not in socket_map]:
+                self.forget(fd)
+            candidates = list(socket_map.items())
+        else:
+            candidates = list(self.watch.items())
+        for fd, obj in candidates:
+            if socket_map.get(fd) is obj:
+                self._update(fd, obj)
+            else:
+                self.watch.pop(fd, None)
+        try:
+            events = self.epoll.poll(timeout)
+        except InterruptedError:
+            events = []
+        for fd, flags in events:
+            obj = socket_map.get(fd)
+            if obj is None:
+                continue
+            wasyncore.readwrite(obj, flags)
+            obj = socket_map.get(fd)
+            if obj is not None:
+                self.watch[fd] = obj
+
 
 def listening_socket(settings):
     """A bound TCP socket for several worker processes to accept on."""
@@ -85,7 +227,7 @@ def listening_socket(settings):
     sock.bind((settings.host, settings.port))
     # Listening from now on, before the workers start: a client connecting
     # early waits in the backlog instead of being refused.
-    sock.listen(1024)
+    sock.listen(settings.backlog)
     return sock
 
 
@@ -111,6 +253,14 @@ def create_server(app, settings, sock=None):
         # poll() because select() cannot watch more than 1024 sockets.
         connection_limit=settings.connection_limit,
         asyncore_use_poll=True,
+        backlog=settings.backlog,
+        # Idle keep-alive connections cost the socket loop on every wake-up
+        # (it rebuilds its poll set from every open connection), and a crowd
+        # that arrives on new connections leaves thousands of them: close a
+        # connection idle for IDLE_TIMEOUT_SECONDS, looking every second
+        # (waitress' default looks every 30 s, after 120 s idle).
+        channel_timeout=settings.idle_timeout,
+        cleanup_interval=1,
         clear_untrusted_proxy_headers=True,
         **proxy,
     )
@@ -136,14 +286,17 @@ def run(server, grace_seconds):
     previous = {sig: signal.signal(sig, lambda signum, frame: signals.append(signum))
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     socket_map = _socket_map(server)
-    use_poll = server.adj.asyncore_use_poll
+    poller = (_Poller if hasattr(select, 'epoll') else _Poll2)(socket_map)
     try:
         while not signals:
-            wasyncore.loop(timeout=_TICK, map=socket_map, use_poll=use_poll, count=1)
+            poller.poll(_TICK)
         log.info('%s: stopping; finishing the requests in flight', signal.Signals(signals[0]).name)
         for listener in _listeners(server):
             # Closes the listening socket only. (listener.close() would also
-            # close the wake-up pipe the worker threads still use.)
+            # close the wake-up pipe the worker threads still use.) Out of the
+            # epoll set first: with WORKERS the socket is shared with the other
+            # processes, and it would stay in the set after close.
+            poller.forget(listener._fileno)
             wasyncore.dispatcher.close(listener)
         deadline = time.monotonic() + grace_seconds
         while True:
@@ -161,9 +314,10 @@ def run(server, grace_seconds):
                 busy = sum(1 for c in channels if c.requests)
                 log.warning('stopping with %d request(s) unfinished', busy)
                 break
-            wasyncore.loop(timeout=0.05, map=socket_map, use_poll=use_poll, count=1)
+            poller.poll(0.05, full=True)
         server.task_dispatcher.shutdown(timeout=1)
     finally:
         wasyncore.close_all(socket_map)
+        poller.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -358,8 +358,11 @@ async def purchases(servers, prepared, workdir, connections, duration, users_cou
     states = [await prepared.state(sale) for sale in sales]
     orders = sum(s['orders'] for s in states)
     result['orders'] = orders
+    # wrk stops at its deadline without reading the answers still in flight: up to one
+    # purchase per connection may be bought and not counted.
+    unseen = orders - result['statuses'].get('201', 0)
     result['ok'] = (all(s['remaining'] + s['orders'] == s['total'] and s['duplicates'] == 0 for s in states)
-                    and orders == result['statuses'].get('201', 0))
+                    and 0 <= unseen <= connections)
     result['purchase_rate'] = round(result['statuses'].get('201', 0) / (result['duration_us'] / 1e6), 1)
     return result
 
