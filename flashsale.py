@@ -276,12 +276,14 @@ def _run_workers(settings, url, sock):
     only forwards SIGTERM/SIGINT and waits; it exits 0 when every worker
     stopped cleanly, else 1 (after stopping the rest)."""
     workers = []
+    parent = os.getpid()
     for _ in range(settings.workers):
         pid = os.fork()
         if pid == 0:  # the worker
             # Its own process group: a Ctrl-C in the terminal reaches the
             # parent only, which passes it on once.
             os.setpgid(0, 0)
+            _stop_with_parent(parent)
             writer = _configure_logging(logging.getLogger().level)
             status = 1
             try:
@@ -324,6 +326,21 @@ def _run_workers(settings, url, sock):
             stop(signal.SIGTERM, None)
     if failed:
         raise SystemExit(1)
+
+
+def _stop_with_parent(parent):
+    """A SIGTERM for this worker when the parent dies (even by SIGKILL, which
+    it cannot pass on): orphaned workers would keep the port, and a restart
+    could not bind it (Linux only; elsewhere a no-op)."""
+    try:
+        import ctypes  # noqa: PLC0415
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def init_db(settings):

@@ -170,7 +170,8 @@ class Servers:
                 .replace('127.0.0.1:8080', f'127.0.0.1:{front}'))
         (self.workdir / 'nginx.conf').write_text(conf)
         (self.workdir / 'nginx-tmp').mkdir(exist_ok=True)
-        self.nginx = subprocess.Popen([nginx, '-p', str(self.workdir), '-c', 'nginx.conf', '-g', 'daemon off;'],
+        globals_ = 'daemon off;' + (' user root;' if os.geteuid() == 0 else '')  # root: workers could not write the cache
+        self.nginx = subprocess.Popen([nginx, '-p', str(self.workdir), '-c', 'nginx.conf', '-g', globals_],
                                       stderr=open(self.workdir / 'nginx.log', 'w'))
         self.procs.append(self.nginx)
         self.base_url = f'http://127.0.0.1:{front}'
