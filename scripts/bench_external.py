@@ -138,6 +138,7 @@ class Servers:
         self.procs = []
         self.app_logs = []
         self.base_url = None
+        self.setup_url = None  # where users are registered: nginx limits /api/auth/ per address
 
     def _serve(self, port, extra):
         env = dict(os.environ, DATABASE_URL=self.database_url, JWT_SECRET=self.secret, BCRYPT_ROUNDS='4',
@@ -154,7 +155,7 @@ class Servers:
         if self.shape == 'plain':
             port = bench.free_port()
             self._serve(port, {})
-            self.base_url = f'http://127.0.0.1:{port}'
+            self.base_url = self.setup_url = f'http://127.0.0.1:{port}'
             self._wait(self.base_url + '/health', self.procs[0])
             return self
         nginx = shutil.which('nginx') or '/usr/sbin/nginx'
@@ -164,6 +165,7 @@ class Servers:
             self._serve(port, {'TRUSTED_PROXY': '127.0.0.1', 'WORKERS': os.environ.get('WORKERS', '1')})
         for port, proc in zip(app_ports, self.procs):
             self._wait(f'http://127.0.0.1:{port}/health', proc)
+        self.setup_url = f'http://127.0.0.1:{app_ports[0]}'
         conf = (NGINX_CONF.read_text()
                 .replace('127.0.0.1:8001', f'127.0.0.1:{app_ports[0]}')
                 .replace('127.0.0.1:8002', f'127.0.0.1:{app_ports[1]}')
@@ -463,7 +465,7 @@ def parse_args(argv=None):
 
 
 async def main_async(args, servers, workdir, log):
-    prepared = Prepared(servers.base_url, args.database_url)
+    prepared = Prepared(servers.setup_url, args.database_url)
     results = {'shape': args.shape, 'base_url': servers.base_url, 'connections': args.connections}
     runs = args.runs.split(',')
     try:
