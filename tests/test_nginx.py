@@ -8,6 +8,7 @@ import collections
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -16,6 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import flashsale
 import pytest
 
 from conftest import TEST_SECRET
@@ -366,3 +368,14 @@ def test_a_post_is_never_passed_on_to_a_second_process(database_url, tmp_path, m
         app.terminate()
         app.wait(timeout=30)
         dying.close()
+
+
+def test_nginx_drops_idle_app_connections_before_the_app_does():
+    """A purchase sent on a kept-alive connection the app is just closing is
+    a 502 (nginx never sends a POST twice): nginx must give up idle
+    connections first."""
+    conf = NGINX_CONF.read_text()
+    upstream = conf[conf.index('upstream flashsale {'):]
+    upstream = upstream[:upstream.index('}')]
+    nginx_idle = int(re.search(r'^\s*keepalive_timeout (\d+)s;', upstream, re.M).group(1))
+    assert nginx_idle < flashsale.Settings.from_env({}).idle_timeout
