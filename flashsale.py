@@ -245,9 +245,9 @@ def serve(settings):
     if settings.workers == 1:
         _serve_process(settings, url, None)
     else:
-        # Bound before the workers are forked, so that they all accept on it.
-        sock = serving.listening_socket(settings)
-        _run_workers(dataclasses.replace(settings, port=sock.getsockname()[1]), url, sock)
+        # Bound before the workers are forked: one socket each, on one port.
+        socks = serving.listening_sockets(settings, settings.workers)
+        _run_workers(dataclasses.replace(settings, port=socks[0].getsockname()[1]), url, socks)
 
 
 def _serve_process(settings, url, sock):
@@ -268,8 +268,9 @@ def _serve_process(settings, url, sock):
         log.info('database pool closed')
 
 
-def _run_workers(settings, url, sock):
-    """WORKERS processes accepting on one listening socket. One process uses
+def _run_workers(settings, url, socks):
+    """WORKERS processes accepting on one port, each on its own listening
+    socket (socks, bound with SO_REUSEPORT: see serving.listening_sockets). One process uses
     one core at most (the interpreter lock), and most of a short request's CPU
     is waitress' own: a second process is what makes a second core count.
     Each worker has its own pool, threads, caches and rate limits. The parent
@@ -277,7 +278,7 @@ def _run_workers(settings, url, sock):
     stopped cleanly, else 1 (after stopping the rest)."""
     workers = []
     parent = os.getpid()
-    for _ in range(settings.workers):
+    for index in range(settings.workers):
         pid = os.fork()
         if pid == 0:  # the worker
             # Its own process group: a Ctrl-C in the terminal reaches the
@@ -287,7 +288,9 @@ def _run_workers(settings, url, sock):
             writer = _configure_logging(logging.getLogger().level)
             status = 1
             try:
-                _serve_process(settings, url, sock)
+                for other in socks[:index] + socks[index + 1:]:
+                    other.close()
+                _serve_process(settings, url, socks[index])
                 status = 0
             except BaseException:  # noqa: BLE001 (a worker must never return into the parent's code)
                 log.exception('worker %d failed', os.getpid())
@@ -295,7 +298,8 @@ def _run_workers(settings, url, sock):
                 writer.stop()
                 os._exit(status)
         workers.append(pid)
-    sock.close()
+    for sock in socks:
+        sock.close()
     print(f'flashsale listening on http://{settings.host}:{settings.port} '
           f'({settings.workers} workers: {", ".join(map(str, workers))})', flush=True)
 

@@ -219,16 +219,25 @@ class _Poller:
                 self.watch[fd] = obj
 
 
-def listening_socket(settings):
-    """A bound TCP socket for several worker processes to accept on."""
+def listening_sockets(settings, count):
+    """`count` TCP sockets bound to HOST:PORT, one per worker process, with
+    SO_REUSEPORT: the kernel spreads new connections over them evenly. (One
+    shared socket would go to whichever process wakes first: with a fast
+    loop, one process took a whole burst while the other idled.)"""
     family = socket.AF_INET6 if ':' in settings.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((settings.host, settings.port))
-    # Listening from now on, before the workers start: a client connecting
-    # early waits in the backlog instead of being refused.
-    sock.listen(settings.backlog)
-    return sock
+    socks = []
+    port = settings.port
+    for _ in range(count):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((settings.host, port))
+        port = sock.getsockname()[1]  # PORT=0: the others join the port the first got
+        # Listening from now on, before the workers start: a client connecting
+        # early waits in the backlog instead of being refused.
+        sock.listen(settings.backlog)
+        socks.append(sock)
+    return socks
 
 
 def create_server(app, settings, sock=None):
@@ -294,8 +303,7 @@ def run(server, grace_seconds):
         for listener in _listeners(server):
             # Closes the listening socket only. (listener.close() would also
             # close the wake-up pipe the worker threads still use.) Out of the
-            # epoll set first: with WORKERS the socket is shared with the other
-            # processes, and it would stay in the set after close.
+            # epoll set first: after close() its fd is no longer ours to name.
             poller.forget(listener._fileno)
             wasyncore.dispatcher.close(listener)
         deadline = time.monotonic() + grace_seconds
