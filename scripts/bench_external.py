@@ -59,6 +59,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / 'scripts'))
 
 import bench  # noqa: E402
+import loadclient  # noqa: E402
 import loadtest  # noqa: E402
 
 ARTILLERY = ROOT / 'scripts' / 'bench-tools' / 'node_modules' / '.bin' / 'artillery'
@@ -207,7 +208,7 @@ class Servers:
 
     def app_cpu(self):
         if self.shape == 'reference':
-            pid = bench.pid_listening_on(loadtest.split_base_url(self.base_url)[1])
+            pid = bench.pid_listening_on(loadclient.split_base_url(self.base_url)[1])
             return bench.cpu_seconds_of(pid) if pid else 0.0
         return sum(bench.cpu_seconds_of(pid) for pid in self.app_pids())
 
@@ -231,7 +232,7 @@ class Servers:
 
 class Prepared:
     def __init__(self, base_url, database_url):
-        self.api = loadtest.Api(base_url)
+        self.api = loadclient.Api(base_url)
         self.database_url = database_url
         self.run_id = uuid.uuid4().hex[:8]
         self.admin = None
@@ -284,7 +285,7 @@ class ReferencePrepared(Prepared):
             ).fetchall()
         secret = os.environ['REFERENCE_JWT_SECRET']
         now = int(time.time())
-        return [loadtest.User(i, email, str(uid),
+        return [loadclient.User(i, email, str(uid),
                               jwt.encode({'id': str(uid), 'email': email, 'iat': now, 'exp': now + 86400},
                                          secret, algorithm='HS256'))
                 for i, (uid, email) in enumerate(rows)]
@@ -339,7 +340,7 @@ def run_artillery(target, users, sale_id, workdir, script=None):
         out = csv.writer(fh)
         out.writerow(['email', 'password', 'token'])
         for u in users:
-            out.writerow([u.email, loadtest.USER_PASSWORD, u.token])
+            out.writerow([u.email, loadclient.USER_PASSWORD, u.token])
     (run_dir / 'data' / 'flash-sale.csv').write_text(f'flash_sale_id\n{sale_id}\n')
     if script:
         script_path = run_dir / Path(script).name
@@ -557,7 +558,7 @@ def main(argv=None):
     log(f'bench_external: {args.shape} at {servers.base_url}; logs in {workdir}')
     try:
         results = asyncio.run(main_async(args, servers, workdir, log))
-    except loadtest.SetupError as exc:
+    except loadclient.SetupError as exc:
         raise SystemExit(f'bench_external: {exc}') from None
     finally:
         servers.stop()
