@@ -119,7 +119,7 @@ DEFAULT_BASE_URL = 'http://127.0.0.1:8000'
 
 # The open model opens more connections when every one is busy, up to this
 # many: enough for the crowd at 1,000 req/s on a 2-core machine, and well
-# under the server's CONNECTION_LIMIT (1000 by default).
+# under the server's CONNECTION_LIMIT (4000 by default).
 DEFAULT_MAX_CONNECTIONS = 96
 
 
