@@ -284,6 +284,10 @@ def _run_workers(settings, url, socks):
             # Its own process group: a Ctrl-C in the terminal reaches the
             # parent only, which passes it on once.
             os.setpgid(0, 0)
+            # Held until serving.run() has its handlers: a SIGTERM while the
+            # worker starts up would otherwise kill it (and make the server
+            # exit 1) instead of stopping it.
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
             _stop_with_parent(parent)
             writer = _configure_logging(logging.getLogger().level)
             status = 1

@@ -294,6 +294,8 @@ def run(server, grace_seconds):
     signals = []
     previous = {sig: signal.signal(sig, lambda signum, frame: signals.append(signum))
                 for sig in (signal.SIGTERM, signal.SIGINT)}
+    # A worker process holds these signals while it starts (flashsale._run_workers).
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM, signal.SIGINT})
     socket_map = _socket_map(server)
     poller = (_Poller if hasattr(select, 'epoll') else _Poll2)(socket_map)
     try:
