@@ -52,6 +52,16 @@ class ConfigError(Exception):
     """A setting is missing or wrong; the message says which and how to fix it."""
 
 
+def default_workers():
+    """One server process per core this process may run on: one process uses
+    at most one core (the interpreter lock), and most of a short request's CPU
+    is waitress' own."""
+    try:
+        return max(1, min(64, len(os.sched_getaffinity(0))))
+    except (AttributeError, OSError):
+        return max(1, min(64, os.cpu_count() or 1))
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Every setting, with its default. VARIABLES below says which environment
@@ -61,7 +71,7 @@ class Settings:
     jwt_secret: str | None = None  # required whenever database_url is set
     host: str = '127.0.0.1'
     port: int = 8000
-    workers: int = 1  # server processes sharing the listening socket
+    workers: int = 1  # server processes sharing the port (from_env: one per core)
     threads: int = 64  # a purchase waiting for its sale's next statement holds one (resources/batching.py)
     pool_size: int = 8  # not THREADS: queued purchases hold no connection
     pool_timeout: float = 5.0  # seconds a request waits for a connection, then 503
@@ -75,10 +85,11 @@ class Settings:
     max_body_bytes: int = 16 * 1024
     data_dir: str = '.flashsale'  # the embedded database and its secret
     trusted_proxy: str | None = None  # e.g. 127.0.0.1 when behind nginx
-    connection_limit: int = 1000  # open client connections waitress accepts
+    connection_limit: int = 4000  # open client connections waitress accepts (per process)
+    backlog: int = 4096  # connections the kernel queues before the server accepts them
     header_timeout_ms: int = 5000  # from a request's first byte to the end of its headers
     body_timeout_ms: int = 10_000  # from a request's first byte to the end of its body
-    idle_timeout_ms: int = 15_000  # a connection waiting for its next request
+    idle_timeout_ms: int = 10_000  # a connection waiting for its next request
     auth_rate_per_minute: int = 30  # register + login per client address (0: off)
     purchase_rate_per_second: int = 5  # purchases per user, twice that at once (0: off)
     rate_limit_exempt: tuple = ('127.0.0.1', '::1')  # client addresses no limit applies to
@@ -153,7 +164,8 @@ VARIABLES = (
              'required with DATABASE_URL', default_text='(generated, embedded only)'),
     Variable('HOST', 'host', 'address to listen on'),
     Variable('PORT', 'port', 'port to listen on (0: any free one)', 0, 65535),
-    Variable('WORKERS', 'workers', 'server processes sharing the port', 1, 64),
+    Variable('WORKERS', 'workers', 'server processes sharing the port', 1, 64,
+             default_from=lambda values: default_workers(), default_text='one per core'),
     Variable('THREADS', 'threads', 'worker threads per process', 1, 256),
     Variable('POOL_SIZE', 'pool_size', 'database connections per process', 1, 256,
              default_from=lambda values: min(values['threads'], Settings.pool_size), default_text='8 (at most THREADS)'),
@@ -170,7 +182,8 @@ VARIABLES = (
     Variable('MAX_BODY_BYTES', 'max_body_bytes', 'largest request body (413 above)', 256, 1024 * 1024),
     Variable('FLASHSALE_DATA_DIR', 'data_dir', 'the embedded database and its secret'),
     Variable('TRUSTED_PROXY', 'trusted_proxy', 'reverse proxy whose X-Forwarded-For is believed'),
-    Variable('CONNECTION_LIMIT', 'connection_limit', 'open client connections', 10, 100_000),
+    Variable('CONNECTION_LIMIT', 'connection_limit', 'open client connections per process', 10, 100_000),
+    Variable('LISTEN_BACKLOG', 'backlog', 'connections the kernel queues until accepted', 16, 65535),
     Variable('HEADER_TIMEOUT_MS', 'header_timeout_ms', "a request's headers must arrive within this", 100, 600_000),
     Variable('BODY_TIMEOUT_MS', 'body_timeout_ms', 'and the whole request within this', 100, 600_000),
     Variable('IDLE_TIMEOUT_MS', 'idle_timeout_ms', 'an idle connection is closed after this', 100, 3_600_000),
@@ -339,12 +352,14 @@ def serve(settings, stop):
         # Bound first: a port in use is said at once. Bound before any worker
         # is forked, so that they all accept on it; clients connecting during
         # start-up wait in the backlog.
-        sock = serving.listening_socket(settings)
+        socks = serving.listening_sockets(settings, settings.workers)
     except OSError as exc:
         raise ConfigError(f'cannot listen on {settings.host}:{settings.port}: {exc.strerror}; '
                           'set PORT to a free port (0: any) or HOST to an address of this machine') from None
-    with sock:
-        settings = dataclasses.replace(settings, port=sock.getsockname()[1])
+    with contextlib.ExitStack() as held:
+        for sock in socks:
+            held.enter_context(sock)
+        settings = dataclasses.replace(settings, port=socks[0].getsockname()[1])
         url, settings = _database(settings)
         if stop:
             return
@@ -355,9 +370,9 @@ def serve(settings, stop):
         if stop:
             return
         if settings.workers == 1:
-            _serve_process(settings, url, sock, stop)
+            _serve_process(settings, url, socks[0], stop)
         else:
-            _run_workers(settings, url, sock, stop)
+            _run_workers(settings, url, socks, stop)
 
 
 def _serve_process(settings, url, sock, stop):
@@ -394,8 +409,9 @@ def _record_stop_signals():
     return stop
 
 
-def _run_workers(settings, url, sock, stop):
-    """WORKERS processes accepting on one listening socket. One process uses
+def _run_workers(settings, url, socks, stop):
+    """WORKERS processes accepting on one port, each on its own listening
+    socket (socks, bound with SO_REUSEPORT: see serving.listening_sockets). One process uses
     one core at most (the interpreter lock), and most of a short request's CPU
     is waitress' own: a second process is what makes a second core count.
     Each worker has its own pool, threads, caches and rate limits. The parent
@@ -417,18 +433,23 @@ def _run_workers(settings, url, sock, stop):
     if stop:  # one came after start-up's last look, before the block
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         return
-    for _ in range(settings.workers):
+    parent = os.getpid()
+    prctl = _prctl()  # looked up before forking: a child loads nothing
+    for index in range(settings.workers):
         pid = os.fork()
         if pid == 0:  # the worker
             # Its own process group: a Ctrl-C in the terminal reaches the
             # parent only, which passes it on once.
             os.setpgid(0, 0)
             worker_stop = _record_stop_signals()
+            _stop_with_parent(prctl, parent)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
             writer = _configure_logging(logging.getLogger().level)
             status = 1
             try:
-                _serve_process(settings, url, sock, worker_stop)
+                for other in socks[:index] + socks[index + 1:]:
+                    other.close()
+                _serve_process(settings, url, socks[index], worker_stop)
                 status = 0
             except BaseException:  # noqa: BLE001 (a worker must never return into the parent's code)
                 log.exception('worker %d failed', os.getpid())
@@ -439,7 +460,13 @@ def _run_workers(settings, url, sock, stop):
     for sig in _STOP_SIGNALS:
         signal.signal(sig, forward)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-    sock.close()
+    if stop:
+        # Blocked in this thread only: the kernel may hand the signal to
+        # another of the parent's threads (the log writer), and Python then
+        # ran start-up's recording handler here, between two forks.
+        forward(stop[0], None)
+    for sock in socks:
+        sock.close()
     print(f'flashsale listening on http://{settings.host}:{settings.port} '
           f'({settings.workers} workers: {", ".join(map(str, workers))})', flush=True)
 
@@ -460,6 +487,27 @@ def _run_workers(settings, url, sock, stop):
             forward(signal.SIGTERM, None)
     if failed:
         raise SystemExit(1)
+
+
+def _prctl():
+    """libc's prctl(), or None where there is none (not Linux)."""
+    try:
+        import ctypes  # noqa: PLC0415
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _stop_with_parent(prctl, parent):
+    """A SIGTERM for this worker when the parent dies (even by SIGKILL, which
+    it cannot pass on): orphaned workers would keep the port, and a restart
+    could not bind it (Linux only; elsewhere a no-op)."""
+    if prctl is None:
+        return
+    prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def init_db(settings):

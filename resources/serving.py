@@ -230,6 +230,23 @@ class _Channel(HTTPChannel):
         else:
             super().handle_write()
 
+    # The poller below learns of channels as they come and go, instead of
+    # looking through every open connection on every wake-up.
+    def add_channel(self, map=None):
+        super().add_channel(map)
+        poller = _POLLERS.get(id(self._map))
+        if poller is not None:
+            poller.added.append(self)
+
+    def del_channel(self, map=None):
+        fd = self._fileno
+        super().del_channel(map)
+        # Out of the epoll set before the socket is closed (after, the fd
+        # is no longer ours to name).
+        poller = _POLLERS.get(id(self._map))
+        if poller is not None and fd is not None:
+            poller.forget(fd)
+
     def waiting_since(self):
         """Since when this connection has waited on its client, or None
         while it is being served or has an answer to send."""
@@ -272,15 +289,15 @@ class _Listener(TcpWSGIServer):
                 late = now - channel.request_started > self.body_timeout
             if late:
                 channel.will_close = True
+                _look_again(channel)
 
     def handle_accept(self):
         # With many connections open, up to _ACCEPTS_PER_WAKE each time the
-        # socket loop finds some waiting, where waitress takes one: each pass
-        # of the loop polls every open connection, and with a thousand open,
-        # draining a full backlog one per pass kept a new client waiting over
-        # a second. With few open, one per pass: a pass is cheap then, and
-        # WORKERS processes waking together share a burst of arrivals
-        # instead of the first one taking it all.
+        # socket loop finds some waiting, where waitress takes one: with a
+        # thousand open, draining a full backlog one per pass kept a new
+        # client waiting over a second (each pass looks at the busy ones,
+        # and at all of them twice a second: _Poller). With few open, one
+        # per pass: a pass is cheap then.
         # (Called when one is waiting; whether another is, select() tells.)
         batch = _ACCEPTS_PER_WAKE if len(self.active_channels) >= _BATCH_FROM else 1
         for turn in range(batch):
@@ -302,17 +319,162 @@ class _Listener(TcpWSGIServer):
         log.warning('%d connections open: closed the %d waiting longest on their clients',
                     len(self.active_channels) + len(longest), len(longest))
 
+_POLLERS = {}  # id(socket map) -> its _Poller
+
+
+def _look_again(channel):
+    """Have the poller look at `channel` on its next pass (this thread
+    changed it: closing it is due), not at its next full pass."""
+    poller = _POLLERS.get(id(channel._map))
+    if poller is not None:
+        poller.added.append(channel)
+_READ = select.POLLIN | select.POLLPRI
+_FULL_PASS_EVERY = 0.5  # seconds
+
+
+class _Poll2:
+    """waitress' own loop step, where there is no epoll (not Linux)."""
+
+    def __init__(self, socket_map):
+        self.map = socket_map
+        self.added = []
+
+    def poll(self, timeout, full=False):
+        self.added.clear()
+        wasyncore.poll2(timeout, self.map)
+
+    def forget(self, fd):
+        pass
+
+    def close(self):
+        pass
+
+
+class _Poller:
+    """waitress' socket loop step (wasyncore.poll2) without its cost per open
+    connection. poll2 builds a new poll set on every wake-up, asking every
+    open connection whether it is readable and writable (three Python calls
+    each): with a crowd's thousands of connections, most of them idle
+    keep-alive ones, that is milliseconds per wake-up, spent under the
+    interpreter lock the request threads need, and the loop wakes up for
+    every request. Here an epoll set keeps its registrations, and a wake-up
+    looks only at the connections that can have changed: those with events,
+    new ones, and busy ones (a request queued or running, an answer being
+    sent, a close pending), whose state the request threads change. An idle
+    connection changes only on its own events or by this thread's hand
+    (waitress' idle sweep, the graceful stop), so every connection is
+    looked at once every half second as well, and on every pass while
+    stopping. Same calls on the same objects as poll2, so waitress'
+    behaviour is unchanged."""
+
+    def __init__(self, socket_map):
+        self.map = socket_map
+        self.epoll = select.epoll()
+        self.masks = {}  # fd -> events registered
+        self.watch = {}  # fd -> dispatcher to look at on the next pass
+        self.added = []  # channels opened since the last pass (appended by _Channel)
+        self.next_full = 0.0
+        _POLLERS[id(socket_map)] = self
+
+    def close(self):
+        _POLLERS.pop(id(self.map), None)
+        self.epoll.close()
+
+    def forget(self, fd):
+        self.watch.pop(fd, None)
+        if self.masks.pop(fd, None) is not None:
+            try:
+                self.epoll.unregister(fd)
+            except OSError:  # already closed (and so out of the set), or never in it
+                pass
+
+    def _update(self, fd, obj):
+        flags = 0
+        if obj.readable():
+            flags |= _READ
+        if obj.writable() and not obj.accepting:
+            flags |= select.POLLOUT
+        old = self.masks.get(fd)
+        if flags != old:
+            if not flags:
+                self.forget(fd)
+            else:
+                try:
+                    if old is None:
+                        self.epoll.register(fd, flags)
+                    else:
+                        self.epoll.modify(fd, flags)
+                except FileExistsError:
+                    self.epoll.modify(fd, flags)
+                except FileNotFoundError:  # the fd was closed and reused
+                    self.epoll.register(fd, flags)
+                self.masks[fd] = flags
+        # Idle: waiting for its client, nothing queued, nothing to send.
+        if isinstance(obj, HTTPChannel) and flags == _READ and not obj.requests:
+            self.watch.pop(fd, None)
+        else:
+            self.watch[fd] = obj
+
+    def poll(self, timeout, full=False):
+        socket_map = self.map
+        if self.added:
+            added, self.added = self.added, []
+            for obj in added:
+                fd = obj._fileno
+                if fd is not None and socket_map.get(fd) is obj:
+                    self.forget(fd)
+                    self.watch[fd] = obj
+        now = time.monotonic()
+        if full or now >= self.next_full:
+            self.next_full = now + _FULL_PASS_EVERY
+            for fd in [fd for fd in self.masks if fd not in socket_map]:
+                self.forget(fd)
+            candidates = list(socket_map.items())
+        else:
+            candidates = list(self.watch.items())
+        for fd, obj in candidates:
+            if socket_map.get(fd) is obj:
+                self._update(fd, obj)
+            else:
+                self.watch.pop(fd, None)
+        try:
+            events = self.epoll.poll(timeout)
+        except InterruptedError:
+            events = []
+        for fd, flags in events:
+            obj = socket_map.get(fd)
+            if obj is None:
+                continue
+            wasyncore.readwrite(obj, flags)
+            obj = socket_map.get(fd)
+            if obj is not None:
+                self.watch[fd] = obj
+
+
+def listening_sockets(settings, count):
+    """`count` TCP sockets bound to HOST:PORT, one per worker process, with
+    SO_REUSEPORT: the kernel spreads new connections over them evenly. (One
+    shared socket would go to whichever process wakes first: with a fast
+    loop, one process took a whole burst while the other idled.)"""
+    family = socket.AF_INET6 if ':' in settings.host else socket.AF_INET
+    socks = []
+    port = settings.port
+    for _ in range(count):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((settings.host, port))
+        port = sock.getsockname()[1]  # PORT=0: the others join the port the first got
+        # Listening from now on, before the workers start: a client connecting
+        # early waits in the backlog instead of being refused.
+        sock.listen(settings.backlog)
+        socks.append(sock)
+    return socks
+
 
 def listening_socket(settings):
-    """A bound TCP socket (for several worker processes to accept on)."""
-    family = socket.AF_INET6 if ':' in settings.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((settings.host, settings.port))
-    # Listening from now on, before the workers start: a client connecting
-    # early waits in the backlog instead of being refused.
-    sock.listen(1024)
-    return sock
+    """One bound TCP socket on HOST:PORT."""
+    return listening_sockets(settings, 1)[0]
 
 
 def _allow_open_files(count):
@@ -349,6 +511,7 @@ def create_server(app, settings, sock=None):
         # poll() because select() cannot watch more than 1024 sockets.
         connection_limit=settings.connection_limit,
         asyncore_use_poll=True,
+        backlog=settings.backlog,
         cleanup_interval=_SWEEP_SECONDS,
         clear_untrusted_proxy_headers=True,
         **proxy,
@@ -372,15 +535,17 @@ def run(server, grace_seconds, signals=None, on_stop=None):
     previous = {sig: signal.signal(sig, lambda signum, frame: signals.append(signum))
                 for sig in (signal.SIGTERM, signal.SIGINT)}
     socket_map = server._map
-    use_poll = server.adj.asyncore_use_poll
+    poller = (_Poller if hasattr(select, 'epoll') else _Poll2)(socket_map)
     try:
         while not signals:
-            wasyncore.loop(timeout=_TICK, map=socket_map, use_poll=use_poll, count=1)
+            poller.poll(_TICK)
         log.info('%s: stopping; finishing the requests in flight', signal.Signals(signals[0]).name)
         if on_stop is not None:
             on_stop()
         # Closes the listening socket only. (server.close() would also close
-        # the wake-up pipe the worker threads still use.)
+        # the wake-up pipe the worker threads still use.) Out of the epoll
+        # set first: after close() its fd is no longer ours to name.
+        poller.forget(server._fileno)
         wasyncore.dispatcher.close(server)
         deadline = time.monotonic() + grace_seconds
         while True:
@@ -398,9 +563,10 @@ def run(server, grace_seconds, signals=None, on_stop=None):
                 busy = sum(1 for c in channels if c.requests)
                 log.warning('stopping with %d request(s) unfinished', busy)
                 break
-            wasyncore.loop(timeout=0.05, map=socket_map, use_poll=use_poll, count=1)
+            poller.poll(0.05, full=True)
         server.task_dispatcher.shutdown(timeout=1)
     finally:
         wasyncore.close_all(socket_map)
+        poller.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

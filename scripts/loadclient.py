@@ -242,6 +242,62 @@ class ConnectionPool:
             self.open_count -= 1
 
 
+class FreshConnections:
+    """In place of a ConnectionPool: every request on a new connection of its
+    own, left open after the answer, as a crowd arrives (each visitor a new
+    client; Artillery's virtual users and browsers keep theirs open). Closed
+    `linger` seconds after the answer, or (None) when the run ends."""
+
+    def __init__(self, host, port, linger=None):
+        self.host = host
+        self.port = port
+        self.linger = linger
+        self.open = set()
+        # the figures summarize() reads from a ConnectionPool
+        self.size = 0
+        self.max_size = 0
+        self.peak_open = 0
+        self.peak_in_use = 0
+        self.in_use = 0
+        self.discarded = 0
+        self.waited = 0
+        self.connect_errors = 0
+
+    async def start(self):
+        pass
+
+    async def send(self, raw: bytes) -> Response:
+        try:
+            conn = await Connection.open(self.host, self.port)
+        except BaseException:
+            self.connect_errors += 1
+            raise
+        self.open.add(conn)
+        self.peak_open = self.max_size = max(self.peak_open, len(self.open))
+        self.in_use += 1
+        self.peak_in_use = max(self.peak_in_use, self.in_use)
+        keep = False
+        try:
+            response = await conn.request(raw)
+            keep = response.keep_alive
+        finally:
+            self.in_use -= 1
+            if not keep:
+                self._close(conn)
+            elif self.linger is not None:
+                asyncio.get_running_loop().call_later(self.linger, self._close, conn)
+        return response
+
+    def _close(self, conn):
+        if conn in self.open:
+            self.open.discard(conn)
+            conn.close()
+
+    def close(self):
+        for conn in list(self.open):
+            self._close(conn)
+
+
 def build_request(method, path, host_header, token=None, body=None) -> bytes:
     lines = [f'{method} {path} HTTP/1.1', f'Host: {host_header}', 'Accept: application/json']
     if token:

@@ -32,6 +32,10 @@ def format_report(result):
                  f'({c["opened_beyond_initial"]} beyond the initial ones, cap {c["max"]}), '
                  f'{c["waited_for_connection"]} requests waited for a free one, '
                  f'{c["discarded"]} closed after a timeout, an error or "Connection: close"')
+    w = result.get('watchers')
+    if w:
+        lines.append(f'watchers: {w["watchers"]} polling every {w["interval_s"]:g} s: {w["answered"]} answers '
+                     f'{w["by_status"]}, errors {w["errors"] or 0}, p99 {w["latency_ms"]["p99"]} ms')
     cl = result['client']
     lines.append(f'client: {cl["cpu_cores_used"]} CPU cores used, fell behind schedule by at most '
                  f'{cl["max_schedule_lag_ms"]} ms')

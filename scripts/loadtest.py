@@ -98,7 +98,9 @@ import invariants  # noqa: E402 (the scripts beside this one)
 from loadclient import DEFAULT_REGISTER_CONCURRENCY  # noqa: E402
 from loadclient import READ_BACK_CONCURRENCY  # noqa: E402
 from loadclient import Api  # noqa: E402
+from loadclient import Connection  # noqa: E402
 from loadclient import ConnectionPool  # noqa: E402
+from loadclient import FreshConnections  # noqa: E402
 from loadclient import ProtocolError  # noqa: E402
 from loadclient import SetupError  # noqa: E402
 from loadclient import UserOrders  # noqa: E402
@@ -117,7 +119,7 @@ DEFAULT_BASE_URL = 'http://127.0.0.1:8000'
 
 # The open model opens more connections when every one is busy, up to this
 # many: enough for the crowd at 1,000 req/s on a 2-core machine, and well
-# under the server's CONNECTION_LIMIT (1000 by default).
+# under the server's CONNECTION_LIMIT (4000 by default).
 DEFAULT_MAX_CONNECTIONS = 96
 
 
@@ -273,6 +275,14 @@ class Load:
     duration: float | None = None
     requests: int | None = None  # closed model: None means until duration
     timeout: float = 10.0
+    # 'per-arrival' (open model): every request on a new connection of its
+    # own, left open after its answer for `linger` s (None: to the end of the
+    # run), as a crowd of visitors arrives (FreshConnections).
+    connection_model: str = 'pooled'
+    linger: float | None = None
+    # pages polling GET /api/flash-sales/current through the run (Watchers)
+    watchers: int = 0
+    watch_interval: float = 1.5
 
 
 class LoadRun:
@@ -280,7 +290,10 @@ class LoadRun:
 
     def __init__(self, base_url, load: Load):
         self.host, self.port, self.host_header = split_base_url(base_url)
-        self.pool = ConnectionPool(self.host, self.port, load.connections, load.max_connections)
+        if load.connection_model == 'per-arrival':
+            self.pool = FreshConnections(self.host, self.port, load.linger)
+        else:
+            self.pool = ConnectionPool(self.host, self.port, load.connections, load.max_connections)
         self.timeout = load.timeout
         self.records = []
         self.t0 = None
@@ -397,6 +410,77 @@ class ClosedModel:
 MODELS = {'open': OpenModel(), 'closed': ClosedModel()}
 
 
+class Watchers:
+    """`count` open pages watching a sale: each holds its own keep-alive
+    connection and polls `path` every `interval` seconds with If-None-Match,
+    as resources/static/app.js does. The first polls are spread over one
+    interval, as pages opened at different moments are."""
+
+    def __init__(self, base_url, count, interval=1.5, timeout=10.0, path='/api/flash-sales/current'):
+        self.host, self.port, self.host_header = split_base_url(base_url)
+        self.count = count
+        self.interval = interval
+        self.timeout = timeout
+        self.path = path
+        self.tasks = []
+        self.answered = 0
+        self.by_status = collections.Counter()
+        self.errors = collections.Counter()
+        self.latencies = []
+        self.stopping = False
+
+    async def start(self):
+        self.t0 = asyncio.get_running_loop().time()
+        self.tasks = [asyncio.create_task(self._watch(k)) for k in range(self.count)]
+
+    async def _watch(self, k):
+        loop = asyncio.get_running_loop()
+        next_at = self.t0 + self.interval * k / self.count
+        etag = None
+        conn = None
+        try:
+            while not self.stopping:
+                await asyncio.sleep(max(0.0, next_at - loop.time()))
+                lines = [f'GET {self.path} HTTP/1.1', f'Host: {self.host_header}', 'Accept: application/json']
+                if etag:
+                    lines.append(f'If-None-Match: {etag}')
+                raw = ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1')
+                started = loop.time()
+                try:
+                    async with asyncio.timeout(self.timeout):
+                        if conn is None:
+                            conn = await Connection.open(self.host, self.port)
+                        response = await conn.request(raw)
+                except (TimeoutError, OSError, asyncio.IncompleteReadError, ProtocolError, ValueError) as exc:
+                    self.errors['timeout' if isinstance(exc, TimeoutError) else f'error:{type(exc).__name__}'] += 1
+                    if conn is not None:
+                        conn.close()
+                        conn = None
+                else:
+                    self.answered += 1
+                    self.by_status[response.status] += 1
+                    self.latencies.append(loop.time() - started)
+                    etag = response.headers.get('etag', etag)
+                    if not response.keep_alive:
+                        conn.close()
+                        conn = None
+                next_at += self.interval
+        except asyncio.CancelledError:
+            pass
+        finally:
+            if conn is not None:
+                conn.close()
+
+    async def stop(self):
+        self.stopping = True
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        return {'watchers': self.count, 'interval_s': self.interval, 'answered': self.answered,
+                'by_status': dict(sorted(self.by_status.items())), 'errors': dict(self.errors),
+                'latency_ms': latency_summary(self.latencies)}
+
+
 def _cpu_seconds():
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -435,7 +519,8 @@ class Plan:
 
 def plan(scenario, base_url=DEFAULT_BASE_URL, users=None, stock=None, rate=None, duration=None, connections=None,
          max_connections=None, requests=None, model=None, start_delay=None, timeout=10.0, seed=None, settle=1.0,
-         bucket=None, prepared_users=None):
+         bucket=None, prepared_users=None, connection_model='pooled', linger=None, watchers=0,
+         watch_interval=1.5):
     """The run to do: the scenario's defaults where no option is given."""
     if scenario not in SCENARIOS:
         raise SetupError(f'unknown scenario {scenario!r}; one of {", ".join(SCENARIOS)}')
@@ -460,7 +545,7 @@ def plan(scenario, base_url=DEFAULT_BASE_URL, users=None, stock=None, rate=None,
         if kind.covers_every_user:
             stock = max(stock, users)
     load = Load(model, connections, max_connections, rate if model == 'open' else None, duration, requests,
-                timeout)
+                timeout, connection_model, linger, watchers, watch_interval)
     return Plan(scenario, base_url, users, stock, load, planned, start_delay, seed, settle, bucket)
 
 
@@ -571,9 +656,17 @@ async def run_load(the_plan: Plan, prepared: Prepared, probe=None, log=None):
         raw, user = prepared.request_for(i)
         await run.fire(raw, user, scheduled)
 
+    watch = None
+    if load.watchers:
+        watch = Watchers(the_plan.base_url, load.watchers, load.watch_interval, load.timeout)
+    if watch:
+        log(f'{load.watchers} watchers polling every {load.watch_interval:g} s ...')
+        await watch.start()
+        await asyncio.sleep(load.watch_interval)  # every watcher has polled once
     await model.run(run, load, visit)
     summary = summarize(run, load.model, the_plan.bucket)
     summary['probe_delta'] = probe() - probe_before if probe else None
+    summary['watchers'] = await watch.stop() if watch else None
     return Ran(run, summary, None if opening_loop_time is None else opening_loop_time - run.t0)
 
 
@@ -823,6 +916,15 @@ def parse_args(argv=None):
                         help=f'open model: most connections opened when none is free (default '
                              f'{DEFAULT_MAX_CONNECTIONS})')
     parser.add_argument('--model', choices=list(MODELS), help='override the scenario\'s load model')
+    parser.add_argument('--connection-model', choices=['pooled', 'per-arrival'], default='pooled',
+                        help='open model: pooled keep-alive connections (default), or every request on a new '
+                             'connection of its own, left open after the answer (a crowd arriving)')
+    parser.add_argument('--linger', type=float,
+                        help='per-arrival: seconds a connection stays open after its answer (default: to the end)')
+    parser.add_argument('--watchers', type=int, default=0,
+                        help='also keep this many pages polling GET /api/flash-sales/current with '
+                             'If-None-Match, each on its own connection, through the run')
+    parser.add_argument('--watch-interval', type=float, default=1.5, help='seconds between a watcher\'s polls')
     parser.add_argument('--start-delay', type=float, help='opening: seconds until the sale starts (default 2)')
     parser.add_argument('--timeout', type=float, default=10.0, help='per request, seconds (default 10)')
     parser.add_argument('--admin-email')
@@ -859,6 +961,8 @@ def main(argv=None):
             admin_email=args.admin_email, admin_password=args.admin_password, grant_admin=args.grant_admin,
             flashsale_cmd=args.flashsale_cmd, database_url=args.database_url, seed=args.seed,
             register_concurrency=args.register_concurrency, bucket=args.bucket, settle=args.settle, log=log,
+            connection_model=args.connection_model, linger=args.linger, watchers=args.watchers,
+            watch_interval=args.watch_interval,
         )
     except SetupError as exc:
         print(f'loadtest: {exc}', file=sys.stderr)

@@ -359,7 +359,8 @@ def allow_open_files(count):
 
 def serve_env(database_url, **extra):
     env = {k: v for k, v in os.environ.items() if k not in ('DATABASE_URL', 'JWT_SECRET', 'TEST_DATABASE_URL')}
-    env.update(DATABASE_URL=database_url, JWT_SECRET=TEST_SECRET, PORT='0', BCRYPT_ROUNDS='4', LOG_LEVEL='WARNING')
+    env.update(DATABASE_URL=database_url, JWT_SECRET=TEST_SECRET, PORT='0', BCRYPT_ROUNDS='4', LOG_LEVEL='WARNING',
+               WORKERS='1')  # one process, unless a test says otherwise
     env.update({k: str(v) for k, v in extra.items()})
     return env
 

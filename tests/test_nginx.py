@@ -1,17 +1,31 @@
-"""Two `flashsale serve` processes behind real nginx (scripts/nginx.conf):
-the invariants hold across processes."""
+"""`flashsale serve` processes behind real nginx, running the shipped
+scripts/nginx.conf (its ports changed): the invariants hold across processes,
+polls are answered from nginx's one-second cache (never a request with a
+token), nginx's own refusals are JSON, and a POST is never passed on to a
+second process."""
 
+import collections
+import json
 import os
+import re
 import shutil
+import socket
 import subprocess
+import threading
+import time
 from pathlib import Path
 
+import flashsale
 import pytest
 
+from conftest import answer
 from conftest import call
+from conftest import connect
 from conftest import free_port
 from conftest import race_and_check
+from conftest import raw_http
 from conftest import sale_state
+from conftest import send
 from conftest import serve_env
 from conftest import start_serve
 from conftest import wait_for
@@ -29,39 +43,98 @@ def answers_health(base_url, proc):
         return False
 
 
-@pytest.fixture
-def behind_nginx(database_url, tmp_path):
+def nginx_binary():
     nginx = shutil.which('nginx') or ('/usr/sbin/nginx' if os.path.exists('/usr/sbin/nginx') else None)
     if nginx is None:
         if os.environ.get('CI'):
             pytest.fail('nginx is missing in CI (.ci/run installs it)')
         pytest.skip('nginx is not installed (apt-get install nginx-light)')
-    app_ports = [free_port(), free_port()]
+    return nginx
+
+
+def start_nginx(tmp_path, upstream_ports, ready_path='/health'):
+    """The shipped nginx.conf in front of upstream_ports; returns (front URL,
+    process) once ready_path answers 200 through it (None: once its port
+    accepts connections, with no request sent upstream)."""
+    nginx = nginx_binary()
     front_port = free_port()
-    apps = []
-    for port in app_ports:
-        env = serve_env(database_url, PORT=str(port), TRUSTED_PROXY='127.0.0.1', THREADS='4')
-        log_path = tmp_path / f'app-{port}.log'
-        apps.append((start_serve(env, log_path), log_path))
     conf = (
         NGINX_CONF.read_text()
-        .replace('127.0.0.1:8001', f'127.0.0.1:{app_ports[0]}')
-        .replace('127.0.0.1:8002', f'127.0.0.1:{app_ports[1]}')
+        .replace('127.0.0.1:8001', f'127.0.0.1:{upstream_ports[0]}')
+        .replace('127.0.0.1:8002', f'127.0.0.1:{upstream_ports[1]}')
         .replace('127.0.0.1:8080', f'127.0.0.1:{front_port}')
     )
+    assert f'127.0.0.1:{front_port}' in conf and f'127.0.0.1:{upstream_ports[1]}' in conf
     (tmp_path / 'nginx.conf').write_text(conf)
     (tmp_path / 'nginx-tmp').mkdir()
-    front = subprocess.Popen([nginx, '-p', str(tmp_path), '-c', 'nginx.conf', '-g', 'daemon off;'])
+    # As root (CI), nginx's workers would run as nobody, who cannot write the
+    # cache under the test's private temporary directory.
+    globals_ = 'daemon off;' + (' user root;' if os.geteuid() == 0 else '')
+    front = subprocess.Popen([nginx, '-p', str(tmp_path), '-c', 'nginx.conf', '-g', globals_])
     base_url = f'http://127.0.0.1:{front_port}'
-    try:
+    if ready_path:
         wait_for(lambda: answers_health(base_url, front), timeout=30, message='nginx to answer GET /health')
-        yield base_url, [log_path for _, log_path in apps]
+    else:
+        wait_for(lambda: accepts(front_port, front), timeout=30, message='nginx to listen')
+    return base_url, front
+
+
+def accepts(port, proc):
+    """True once 127.0.0.1:port accepts a connection; fails if proc exited."""
+    if proc.poll() is not None:
+        pytest.fail(f'{proc.args} exited with {proc.returncode}')
+    try:
+        socket.create_connection(('127.0.0.1', port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def app_env(database_url, port):
+    return serve_env(database_url, PORT=str(port), TRUSTED_PROXY='127.0.0.1', THREADS='4')
+
+
+class AppLog:
+    """An app process' access log, read once every line written so far is in it."""
+
+    def __init__(self, port, path):
+        self.port = port
+        self.path = path
+        self.markers = 0
+
+    def settled(self):
+        """The log's text, after a request made straight to the app now has
+        its line (lines go out through one writer thread, in order)."""
+        self.markers += 1
+        assert call(f'http://127.0.0.1:{self.port}', 'GET', '/health', timeout=10).status == 200
+        wait_for(lambda: self.path.read_text().count('GET /health 200') >= self.markers,
+                 message='the app to log the marker request')
+        return self.path.read_text()
+
+    def count(self, needle):
+        text = self.settled()
+        return text.count(needle)
+
+
+@pytest.fixture
+def behind_nginx(database_url, tmp_path):
+    app_ports = [free_port(), free_port()]
+    apps = []
+    for port in app_ports:
+        log_path = tmp_path / f'app-{port}.log'
+        apps.append((start_serve(app_env(database_url, port), log_path), AppLog(port, log_path)))
+    front = None
+    try:
+        base_url, front = start_nginx(tmp_path, app_ports)
+        yield base_url, [log for _, log in apps]
     finally:
-        front.terminate()
+        if front is not None:
+            front.terminate()
         for proc, _ in apps:
             proc.terminate()
             proc.wait(timeout=30)
-        front.wait(timeout=30)
+        if front is not None:
+            front.wait(timeout=30)
 
 
 def test_two_processes_behind_nginx_sell_exactly_the_stock(behind_nginx, make_users, make_sale, db):
@@ -70,6 +143,206 @@ def test_two_processes_behind_nginx_sell_exactly_the_stock(behind_nginx, make_us
     assert race_and_check(base_url, db, sale_id, make_users(200)) == {201: 50, 'sold_out': 150}
     assert sale_state(db, sale_id) == (50, 0, 50)
     # Both processes took purchases, and nginx replayed none.
-    served = [log_path.read_text().count('/purchase ') for log_path in logs]
+    served = [log.count('/purchase ') for log in logs]
     assert all(n > 0 for n in served), served
     assert sum(served) == 200
+
+
+def test_polls_come_from_nginx_cache_with_etag_and_304(behind_nginx, make_sale):
+    base_url, logs = behind_nginx
+    sale_id = make_sale(stock=5)
+    path = f'/api/flash-sales/{sale_id}'
+    status, headers, body = call(base_url, 'GET', path)
+    assert status == 200 and headers['x-cache'] in ('MISS', 'EXPIRED', 'UPDATING', 'STALE')
+    etag = headers['etag']
+    assert body['flashSale']['id'] == str(sale_id)
+    # The same answer again, from the cache, still with its ETag ...
+    hits = 0
+    for _ in range(20):
+        status, headers, again = call(base_url, 'GET', path)
+        assert status == 200 and headers['etag'] == etag
+        assert again['flashSale'] == body['flashSale']
+        hits += headers['x-cache'] == 'HIT'
+    assert hits > 0
+    # ... and If-None-Match makes it a bodiless 304, from nginx or the app.
+    status, headers, empty = call(base_url, 'GET', path, headers={'If-None-Match': etag})
+    assert (status, empty) == (304, None)
+    assert headers['etag'] == etag
+    status, _, _ = call(base_url, 'GET', path, headers={'If-None-Match': '"something-else"'})
+    assert status == 200
+
+
+def test_a_request_with_a_token_is_never_answered_from_or_stored_in_the_cache(behind_nginx, make_sale,
+                                                                              make_users):
+    base_url, logs = behind_nginx
+    sale_id = make_sale(stock=5)
+    path = f'/api/flash-sales/{sale_id}'
+    [(_, token)] = make_users(1)
+    before = sum(log.count(f'GET {path} ') for log in logs)
+    for _ in range(5):
+        status, headers, _ = call(base_url, 'GET', path, token=token)
+        assert status == 200 and headers['x-cache'] == 'BYPASS'
+    # Every one of them reached the app ...
+    assert sum(log.count(f'GET {path} ') for log in logs) - before == 5
+    # ... and none was stored: the first request without a token misses.
+    status, headers, _ = call(base_url, 'GET', path)
+    assert status == 200 and headers['x-cache'] == 'MISS'
+    # A token on a cached key still bypasses it.
+    status, headers, _ = call(base_url, 'GET', path, token=token)
+    assert headers['x-cache'] == 'BYPASS'
+
+
+def test_many_pollers_cost_the_app_about_one_request_per_second(behind_nginx, make_sale):
+    base_url, logs = behind_nginx
+    make_sale(stock=5)
+    before = sum(log.count('GET /api/flash-sales/current ') for log in logs)
+    answered = []
+    polls = []  # one item per answered poll (list.append is atomic)
+    stop = threading.Event()
+
+    def poll():
+        conn = connect(base_url)
+        n = 0
+        while not stop.is_set():
+            send(conn, 'GET', '/api/flash-sales/current')
+            status, _, body = answer(conn)
+            assert status == 200 and body['status'] == 'active'
+            n += 1
+            polls.append(1)
+        conn.close()
+        answered.append(n)
+
+    pollers = [threading.Thread(target=poll) for _ in range(16)]
+    started = time.monotonic()
+    for t in pollers:
+        t.start()
+    # For at least 2 s, and until the pollers have made 400 requests.
+    deadline = started + 60
+    while (time.monotonic() - started < 2 or len(polls) < 400) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    for t in pollers:
+        t.join(timeout=60)
+    elapsed = time.monotonic() - started
+    assert len(answered) == len(pollers)
+    reached_app = sum(log.count('GET /api/flash-sales/current ') for log in logs) - before
+    # One fetch per second of validity, and one per nginx worker process at
+    # most at the edges of a second: far fewer than the polls answered.
+    assert 1 <= reached_app <= 2 * (elapsed + 2), (reached_app, elapsed, sum(answered))
+    assert sum(answered) >= 20 * reached_app, (reached_app, sum(answered))
+
+
+def test_nginx_refuses_in_the_api_error_shape(behind_nginx):
+    base_url, _ = behind_nginx
+    # A body over client_max_body_size: nginx answers, the app never sees it.
+    status, headers, body = call(base_url, 'POST', '/api/auth/login', body='x' * 20000)
+    assert status == 413
+    assert headers['content-type'] == 'application/json'
+    assert body['code'] == 'payload_too_large'
+    # Not HTTP: nginx's 400.
+    status, headers, rest = raw_http(base_url, b'GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n')
+    assert status == 400
+    assert json.loads(rest)['code'] == 'bad_request'
+    # register/login beyond the burst from one address: 429 with Retry-After.
+    login = {'email': 'nobody@example.com', 'password': 'wrong password'}
+    statuses = collections.Counter()
+    limited = None
+    for _ in range(40):
+        status, headers, body = call(base_url, 'POST', '/api/auth/login', body=login)
+        statuses[status] += 1
+        if status == 429:
+            limited = (headers, body)
+    assert set(statuses) == {401, 429} and statuses[429] >= 5, statuses
+    headers, body = limited
+    assert headers['content-type'] == 'application/json' and int(headers['retry-after']) >= 1
+    assert body == {'code': 'rate_limited', 'message': 'Too many requests; slow down.'}
+
+
+class DiesMidRequest:
+    """An upstream that reads a whole request, then drops the connection
+    without answering (as a process killed while it served the request):
+    every request it saw is recorded."""
+
+    def __init__(self):
+        self.listener = socket.create_server(('127.0.0.1', 0))
+        self.port = self.listener.getsockname()[1]
+        self.seen = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn):
+        with conn:
+            conn.settimeout(30)
+            data = b''
+            while b'\r\n\r\n' not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, body = data.partition(b'\r\n\r\n')
+            lines = head.decode('latin-1').split('\r\n')
+            length = next((int(v) for k, _, v in (x.partition(':') for x in lines[1:])
+                           if k.strip().lower() == 'content-length'), 0)
+            while len(body) < length:
+                body += conn.recv(65536)
+            self.seen.append(lines[0])
+            # Reset, not a clean close: the answer is gone for good.
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b'\x01\x00\x00\x00\x00\x00\x00\x00')
+
+    def close(self):
+        self.listener.close()
+
+
+def test_a_post_is_never_passed_on_to_a_second_process(database_url, tmp_path, make_users, make_sale, db):
+    dying = DiesMidRequest()
+    app_port = free_port()
+    log = AppLog(app_port, tmp_path / 'app.log')
+    app = start_serve(app_env(database_url, app_port), log.path)
+    front = None
+    try:
+        base_url, front = start_nginx(tmp_path, [dying.port, app_port], ready_path=None)
+        sale_id = make_sale(stock=100)
+        answers = collections.Counter()
+        bad_gateway = None
+        # Round robin sends one of the first two purchases to the dying
+        # upstream (after its failure nginx leaves it out for 10 s).
+        for _, token in make_users(6):
+            status, headers, body = call(base_url, 'POST', f'/api/flash-sales/{sale_id}/purchase', token=token)
+            answers[status] += 1
+            if status == 502:
+                bad_gateway = (headers, body)
+        assert answers[502] >= 1 and set(answers) == {201, 502}, answers
+        headers, body = bad_gateway
+        assert headers['content-type'] == 'application/json'
+        assert body['code'] == 'bad_gateway'
+        # Each 502 is a purchase the dying upstream got, and nginx did not
+        # send it on: the app saw exactly the purchases it answered.
+        assert len([line for line in dying.seen if line.startswith('POST ')]) == answers[502]
+        assert log.count('/purchase ') == answers[201]
+        assert sale_state(db, sale_id) == (100, 100 - answers[201], answers[201])
+    finally:
+        if front is not None:
+            front.terminate()
+            front.wait(timeout=30)
+        app.terminate()
+        app.wait(timeout=30)
+        dying.close()
+
+
+def test_nginx_drops_idle_app_connections_before_the_app_does():
+    """A purchase sent on a kept-alive connection the app is just closing is
+    a 502 (nginx never sends a POST twice): nginx must give up idle
+    connections first."""
+    conf = NGINX_CONF.read_text()
+    upstream = conf[conf.index('upstream flashsale {'):]
+    upstream = upstream[:upstream.index('}')]
+    nginx_idle = int(re.search(r'^\s*keepalive_timeout (\d+)s;', upstream, re.M).group(1))
+    assert nginx_idle < flashsale.Settings.from_env({}).idle_timeout_ms / 1000

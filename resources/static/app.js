@@ -125,6 +125,9 @@ const MESSAGES = {
   range_not_satisfiable: apiMessage,
   unsupported_media_type: apiMessage,
   internal_error: apiMessage,
+  // From the shipped nginx.conf, not the app: the app behind it did not answer.
+  bad_gateway: "The shop didn't answer. If you were buying, reload to see whether it went through.",
+  gateway_timeout: "The shop took too long to answer. If you were buying, reload to see whether it went through.",
 };
 
 function messageFor(error) {
