@@ -2,7 +2,7 @@
 
 This module holds the settings (read once from the environment), the app
 factory create_app(), and the `flashsale` command line (serve, init-db,
-grant-admin). Everything else lives in resources/.
+grant-admin, revoke-sessions). Everything else lives in resources/.
 """
 
 import argparse
@@ -28,6 +28,7 @@ import falcon
 from resources import accounts
 from resources import database
 from resources import errors
+from resources import hashing
 from resources import health
 from resources import middleware
 from resources import orders
@@ -38,6 +39,7 @@ from resources import sql
 from resources.cache import PollCache
 from resources.credentials import Authentication
 from resources.credentials import Credentials
+from resources.hashing import HashQueue
 from resources.ratelimit import RateLimits
 
 log = logging.getLogger('flashsale')
@@ -67,7 +69,10 @@ class Settings:
     jwt_ttl_seconds: int = 3600
     max_body_bytes: int = 16 * 1024
     poll_cache_ms: int = 500  # how long GET /api/flash-sales/current and /{id} answers are reused
-    bcrypt_slots: int = 4  # bcrypt calls at once; more logins than that get 503 (THREADS // 2)
+    hash_processes: int = 1  # bcrypt processes (nice 19); default: the cores this process may use, / WORKERS
+    hash_queue: int = 64  # logins and registrations queued or hashing at once; more get 503 at once
+    hash_wait: float = 20.0  # seconds a login may wait for its turn, then 503 with Retry-After
+    hash_nice: int = 19  # the hashing processes' niceness: they get the CPU nothing else wants
     data_dir: str = '.flashsale'  # the embedded database and its secret
     trusted_proxy: str | None = None  # e.g. 127.0.0.1 when behind nginx
     connection_limit: int = 1000  # open client connections waitress accepts
@@ -92,6 +97,7 @@ class Settings:
             return number
 
         threads = integer('THREADS', cls.threads, 1, 256)
+        workers = integer('WORKERS', cls.workers, 1, 64)
         origins = tuple(o.strip() for o in environ.get('CORS_ORIGINS', '').split(',') if o.strip())
         settings = cls(
             database_url=environ.get('DATABASE_URL') or None,
@@ -108,11 +114,14 @@ class Settings:
             jwt_ttl_seconds=integer('JWT_TTL_SECONDS', cls.jwt_ttl_seconds, 30, 7 * 24 * 3600),
             max_body_bytes=integer('MAX_BODY_BYTES', cls.max_body_bytes, 256, 1024 * 1024),
             poll_cache_ms=integer('POLL_CACHE_MS', cls.poll_cache_ms, 0, 10_000),
-            bcrypt_slots=integer('BCRYPT_SLOTS', max(1, threads // 2), 1, 256),
+            hash_processes=integer('HASH_PROCESSES', max(1, len(os.sched_getaffinity(0)) // workers), 1, 256),
+            hash_queue=integer('HASH_QUEUE', cls.hash_queue, 1, 10_000),
+            hash_wait=integer('HASH_WAIT_MS', int(cls.hash_wait * 1000), 100, 600_000) / 1000,
+            hash_nice=integer('HASH_NICE', cls.hash_nice, 0, 19),
             data_dir=environ.get('FLASHSALE_DATA_DIR') or cls.data_dir,
             trusted_proxy=environ.get('TRUSTED_PROXY') or None,
             connection_limit=integer('CONNECTION_LIMIT', cls.connection_limit, 10, 100_000),
-            workers=integer('WORKERS', cls.workers, 1, 64),
+            workers=workers,
             auth_rate_per_minute=integer('AUTH_RATE_PER_MINUTE', cls.auth_rate_per_minute, 0, 1_000_000),
             purchase_rate_per_second=integer('PURCHASE_RATE_PER_SECOND', cls.purchase_rate_per_second, 0, 1_000_000),
             rate_limit_exempt=tuple(
@@ -134,11 +143,13 @@ def _json_default(value):
     raise TypeError(f'{type(value).__name__} is not JSON serializable')
 
 
-def create_app(settings, pool):
+def create_app(settings, pool, hash_queue=None):
     """The WSGI app. `pool` is an open psycopg_pool.ConnectionPool; the
-    settings must carry the JWT secret."""
+    settings must carry the JWT secret. hash_queue: the hashing.HashQueue to
+    use (default: one of its own, from the settings; its processes start at
+    the first login unless started)."""
     credentials = Credentials(
-        settings.jwt_secret, settings.jwt_ttl_seconds, settings.bcrypt_rounds, settings.bcrypt_slots
+        settings.jwt_secret, settings.jwt_ttl_seconds, settings.bcrypt_rounds, hash_queue or new_hash_queue(settings)
     )
     poll_cache = PollCache(settings.poll_cache_ms / 1000, _json_default)
 
@@ -159,7 +170,9 @@ def create_app(settings, pool):
     app.add_route('/health', health.Health(pool))
     app.add_route('/api/auth/register', accounts.Register(pool, credentials, settings))
     app.add_route('/api/auth/login', accounts.Login(pool, credentials, settings))
+    app.add_route('/api/auth/refresh', accounts.Refresh(pool, credentials))
     app.add_route('/api/me', accounts.Me(pool))
+    app.add_route('/api/me/password', accounts.Password(pool, credentials, settings))
     app.add_route('/api/me/orders', orders.MyOrders(pool))
     app.add_route('/api/me/orders/{sale_id}', orders.MyOrder(pool))
     app.add_route('/api/flash-sales', sales.Collection(pool, settings))
@@ -169,6 +182,10 @@ def create_app(settings, pool):
     app.add_route('/openapi.json', openapi.Document())
     page.add_routes(app)
     return app
+
+
+def new_hash_queue(settings):
+    return HashQueue(settings.hash_processes, settings.hash_queue, settings.hash_wait, niceness=settings.hash_nice)
 
 
 # --- the command line ---------------------------------------------------------
@@ -194,10 +211,10 @@ def _seed_demo(conn, settings):
     if sql.value(conn, sql.COUNT_USERS):
         return
     password = secrets.token_urlsafe(12)
-    credentials = Credentials(settings.jwt_secret, settings.jwt_ttl_seconds, settings.bcrypt_rounds, 1)
-    sql.one(conn, sql.CREATE_USER, {
-        'email': 'admin@example.com', 'password_hash': credentials.hash_password(password),
-    })
+    # Hashed here, not through a HashQueue: this process may fork the
+    # workers next, and must not have started hashing processes of its own.
+    password_hash = hashing.hash_password(password.encode(), settings.bcrypt_rounds)
+    sql.one(conn, sql.CREATE_USER, {'email': 'admin@example.com', 'password_hash': password_hash})
     sql.one(conn, sql.GRANT_ADMIN, {'email': 'admin@example.com'})
     now = datetime.now(timezone.utc)
     sale = sql.one(conn, sql.CREATE_SALE, {
@@ -241,8 +258,12 @@ def _serve_process(settings, url, sock):
     from resources import serving  # noqa: PLC0415
 
     pool = database.open_pool(settings, url)
+    hash_queue = None
     try:
-        server = serving.create_server(create_app(settings, pool), settings, sock)
+        hash_queue = new_hash_queue(settings)
+        app = create_app(settings, pool, hash_queue)
+        hash_queue.start()
+        server = serving.create_server(app, settings, sock)
         if sock is None:
             print(f'flashsale listening on http://{settings.host}:{server.effective_port}', flush=True)
         # SIGTERM (docker stop, systemd, kill) and Ctrl-C: stop accepting,
@@ -250,6 +271,8 @@ def _serve_process(settings, url, sock):
         # the embedded database) on the way out, exit status 0.
         serving.run(server, settings.shutdown_timeout)
     finally:
+        if hash_queue is not None:
+            hash_queue.close()
         pool.close()
         log.info('database pool closed')
 
@@ -329,6 +352,16 @@ def grant_admin(settings, email):
     print(f'{user["email"]} is now an admin')
 
 
+def revoke_sessions(settings, email):
+    url, settings = _database(settings)
+    with database.connect(settings, url) as conn:
+        database.apply_schema(conn)
+        user = sql.one(conn, sql.REVOKE_SESSIONS, {'email': email.strip().lower()})
+    if user is None:
+        raise ConfigError(f'no user with email {email!r}')
+    print(f'every session of {user["email"]} is ended: their tokens fail from now on')
+
+
 def _configure_logging(level):
     """Log lines go through a queue to one writer thread. With a handler
     writing to stderr directly, every request thread would take the
@@ -356,6 +389,8 @@ def main(argv=None):
     commands.add_parser('init-db', help='apply schema.sql to the database (safe to repeat)')
     grant = commands.add_parser('grant-admin', help='give an existing user admin rights')
     grant.add_argument('email')
+    revoke = commands.add_parser('revoke-sessions', help='end every session of a user (their tokens fail)')
+    revoke.add_argument('email')
     args = parser.parse_args(argv)
 
     _configure_logging(os.environ.get('LOG_LEVEL', 'INFO').upper())
@@ -371,6 +406,8 @@ def main(argv=None):
             serve(settings)
         elif args.command == 'init-db':
             init_db(settings)
+        elif args.command == 'revoke-sessions':
+            revoke_sessions(settings, args.email)
         else:
             grant_admin(settings, args.email)
     except ConfigError as exc:

@@ -76,6 +76,15 @@ SCHEMAS = {
             'description': f'{MIN_PASSWORD_BYTES} to {MAX_PASSWORD_BYTES} bytes of UTF-8 (bcrypt reads no further)',
         },
     ),
+    'PasswordChange': _object(
+        ['currentPassword', 'newPassword'],
+        currentPassword={'type': 'string', 'maxLength': 1024, 'example': 'correct horse'},
+        newPassword={
+            'type': 'string', 'minLength': MIN_PASSWORD_BYTES, 'maxLength': MAX_PASSWORD_BYTES,
+            'example': 'battery staple',
+            'description': f'{MIN_PASSWORD_BYTES} to {MAX_PASSWORD_BYTES} bytes of UTF-8 (bcrypt reads no further)',
+        },
+    ),
     'Login': _object(
         ['email', 'password'],
         email=_EMAIL,
@@ -127,7 +136,7 @@ def _ok(description, schema):
 
 
 _UNAVAILABLE = ('database_unavailable', 'overloaded')
-_UNAUTHORIZED = ('unauthorized', 'invalid_token', 'token_expired')
+_UNAUTHORIZED = ('unauthorized', 'invalid_token', 'token_expired', 'session_revoked')
 _BAD_BODY = (
     'invalid_json', 'invalid_body', 'missing_field', 'unknown_field', 'invalid_field', 'invalid_email',
     'invalid_password', 'payload_too_large', 'unsupported_media_type',
@@ -169,6 +178,23 @@ PATHS = {
         'responses': {
             '200': _ok('Logged in', _ref('Session')),
             **_errors(*_BAD_BODY, 'invalid_credentials', 'rate_limited', *_UNAVAILABLE),
+        },
+    }},
+    '/api/auth/refresh': {'post': {
+        'summary': 'A new token with a new expiry, for a valid one (no password). Takes no body; ignores one',
+        'security': _BEARER,
+        'responses': {
+            '200': _ok('Renewed', _ref('Session')),
+            **_errors(*_UNAUTHORIZED, *_UNAVAILABLE),
+        },
+    }},
+    '/api/me/password': {'post': {
+        'summary': "Change the caller's password; every other session ends (returns a new token)",
+        'security': _BEARER,
+        'requestBody': {'required': True, 'content': _json(_ref('PasswordChange'))},
+        'responses': {
+            '200': _ok('Changed', _ref('Session')),
+            **_errors(*_BAD_BODY, *_UNAUTHORIZED, 'invalid_credentials', 'rate_limited', *_UNAVAILABLE),
         },
     }},
     '/api/me': {'get': {

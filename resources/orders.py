@@ -5,6 +5,7 @@ import psycopg
 
 from resources import sql
 from resources.credentials import current_user
+from resources.errors import ACCOUNT_GONE
 from resources.errors import refusal
 from resources.parsing import path_uuid
 
@@ -27,13 +28,18 @@ class Purchase:
 
     def on_post(self, req, resp, sale_id):
         sale_id = path_uuid(sale_id, 'sale_not_found')
+        # A sold-out answer from memory does not look the user up, so a
+        # revoked token may be told sold_out here: it changes nothing.
         if sale_id in self._sold_out:
             raise refusal('sold_out')
         with self._pool.connection() as conn:
             # A racing duplicate raises UniqueViolation here; resources/errors.py
             # maps it to 409 already_purchased (see sql.PURCHASE).
             try:
-                row = sql.one(conn, sql.PURCHASE, {'sale_id': sale_id, 'user_id': req.context.user_id}, prepare=True)
+                row = sql.one(conn, sql.PURCHASE, {
+                    'sale_id': sale_id, 'user_id': req.context.user_id,
+                    'generation': req.context.token_generation,
+                }, prepare=True)
             except psycopg.OperationalError as exc:
                 # An error the server reports for the statement (a statement or
                 # lock timeout) leaves the connection working and means the
@@ -48,8 +54,10 @@ class Purchase:
         if outcome == 'sold_out' and len(self._sold_out) < 100_000:
             self._sold_out.add(sale_id)
         if outcome != 'created':
-            # Every other outcome is an error code of the catalogue.
-            raise refusal(outcome)
+            # Every other outcome is an error code of the catalogue (the
+            # buyer's account gone: invalid_token; a revoked token:
+            # session_revoked).
+            raise refusal(outcome, ACCOUNT_GONE if outcome == 'invalid_token' else None)
         resp.status = falcon.HTTP_201
         resp.media = {'order': row}
 

@@ -103,7 +103,10 @@ def create_server(app, settings, sock=None):
     server = waitress.create_server(
         app,
         **where,
-        threads=settings.threads,
+        # THREADS for everything, plus one for each login the hashing queue
+        # may hold (resources/hashing.py): logins waiting their turn never
+        # take the threads purchases and polls need.
+        threads=settings.threads + settings.hash_queue,
         ident='flashsale',
         max_request_body_size=settings.max_body_bytes,
         # A flash sale opens with far more clients than waitress' default

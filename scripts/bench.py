@@ -24,6 +24,11 @@ It prints one table:
      counts, p99, invariants
   5. the server's resident memory (VmRSS, and the peak VmHWM) after the runs
 
+`--logins` runs the login benchmark instead (scripts/login_bench.py: bcrypt
+and the interpreter lock, logins/s at the default cost, purchases during a
+login storm, the opening-crowd scenario), with a server of its own at
+BCRYPT_ROUNDS=12.
+
 It reuses loadtest.py's client, setup and checks (scripts/invariants.py); --json writes every figure.
 The machine's cores are shared by this client, the server and PostgreSQL:
 the figures are for that whole machine, and vary run to run (take --repeat).
@@ -79,11 +84,11 @@ def flashsale_command():
     return [found]
 
 
-def start_server(database_url, log_path):
+def start_server(database_url, log_path, bcrypt_rounds='4', jwt_secret=None):
     """`flashsale serve` on a free port with BCRYPT_ROUNDS=4 and a fresh JWT_SECRET."""
     port = free_port()
-    env = dict(os.environ, DATABASE_URL=database_url, JWT_SECRET=secrets.token_urlsafe(48),
-               BCRYPT_ROUNDS='4', HOST='127.0.0.1', PORT=str(port))
+    env = dict(os.environ, DATABASE_URL=database_url, JWT_SECRET=jwt_secret or secrets.token_urlsafe(48),
+               BCRYPT_ROUNDS=bcrypt_rounds, HOST='127.0.0.1', PORT=str(port))
     log = open(log_path, 'w')
     proc = subprocess.Popen(flashsale_command() + ['serve'], env=env, stdout=log, stderr=subprocess.STDOUT,
                             cwd=ROOT)
@@ -416,12 +421,17 @@ def parse_args(argv=None):
     parser.add_argument('--register-concurrency', type=int, default=loadtest.DEFAULT_REGISTER_CONCURRENCY)
     parser.add_argument('--timeout', type=float, default=30.0)
     parser.add_argument('--json', dest='json_file')
+    parser.add_argument('--logins', action='store_true',
+                        help='instead: the login benchmark (scripts/login_bench.py), with a server of its own '
+                             'at the default bcrypt cost')
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    if args.logins:
+        return bench_logins(args, log)
     proc = None
     if args.start_server:
         if not args.database_url:
@@ -457,6 +467,32 @@ def main(argv=None):
     if failed or results['crowd']['verdict'] != 'pass' or results['sold_out']['verdict'] != 'pass':
         return 1
     return 0
+
+
+def bench_logins(args, log):
+    import login_bench  # noqa: PLC0415
+
+    if not args.database_url:
+        from resources import embedded  # noqa: PLC0415
+
+        args.database_url = embedded.start(tempfile.mkdtemp(prefix='flashsale-bench-'), delete_on_exit=True)
+    secret = secrets.token_urlsafe(48)
+    log_path = os.path.join(tempfile.gettempdir(), f'flashsale-bench-logins-{os.getpid()}.log')
+    proc, base_url = start_server(args.database_url, log_path, bcrypt_rounds=str(login_bench.COST), jwt_secret=secret)
+    log(f'started flashsale serve (pid {proc.pid}) at {base_url}, BCRYPT_ROUNDS={login_bench.COST}; log: {log_path}')
+    processes = int(os.environ.get('HASH_PROCESSES') or max(1, len(os.sched_getaffinity(0))
+                                                            // int(os.environ.get('WORKERS') or 1)))
+    try:
+        results = asyncio.run(login_bench.run(base_url, args.database_url, secret, processes, log))
+    except loadtest.SetupError as exc:
+        raise SystemExit(f'bench: {exc}') from None
+    finally:
+        stop_server(proc)
+    print(login_bench.format_table(results))
+    if args.json_file:
+        with open(args.json_file, 'w') as fh:
+            json.dump(results, fh, indent=2, default=str)
+    return 0 if results['opening_crowd']['verdict'] == 'pass' else 1
 
 
 if __name__ == '__main__':

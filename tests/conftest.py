@@ -55,8 +55,6 @@ def settings(database_url):
         # Tests create and change sales between requests; each answer must be
         # fresh (tests/test_cache.py covers the cache with an app of its own).
         poll_cache_ms=0,
-        # Tests race registrations; tests/test_cache.py covers the bcrypt slots.
-        bcrypt_slots=64,
     )
 
 
@@ -79,7 +77,12 @@ def db(request, pool):
 
 @pytest.fixture(scope='session')
 def wsgi_app(settings, pool):
-    return flashsale.create_app(settings, pool)
+    # Its hashing processes started before the first test, as `serve` does.
+    hash_queue = flashsale.new_hash_queue(settings)
+    app = flashsale.create_app(settings, pool, hash_queue)
+    hash_queue.start()
+    yield app
+    hash_queue.close()
 
 
 @pytest.fixture
@@ -89,7 +92,7 @@ def client(wsgi_app):
 
 @pytest.fixture(scope='session')
 def credentials(settings):
-    return Credentials(settings.jwt_secret, settings.jwt_ttl_seconds, settings.bcrypt_rounds, 1)
+    return Credentials(settings.jwt_secret, settings.jwt_ttl_seconds, settings.bcrypt_rounds)
 
 
 def auth(token):

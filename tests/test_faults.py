@@ -66,7 +66,7 @@ def private_app(private_pg, private_db):
     def make(**overrides):
         settings = dataclasses.replace(
             flashsale.Settings(database_url=private_pg.url, jwt_secret=TEST_SECRET, bcrypt_rounds=4,
-                               poll_cache_ms=0, bcrypt_slots=64, pool_size=4, pool_timeout=1.0),
+                               poll_cache_ms=0, pool_size=4, pool_timeout=1.0),
             **overrides,
         )
         pool = database.open_pool(settings, private_pg.url)
@@ -87,7 +87,7 @@ def user_and_sale(conn, stock=5):
         "VALUES ('Faulty sale', now() - interval '1 minute', now() + interval '1 hour', %s, %s) RETURNING id",
         (stock, stock),
     ).fetchone()['id']
-    token = Credentials(TEST_SECRET, 3600, 4, 1).issue(user_id)
+    token = Credentials(TEST_SECRET, 3600, 4).issue(user_id)
     return user_id, token, sale_id
 
 
