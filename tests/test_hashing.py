@@ -195,8 +195,10 @@ def test_a_login_flood_is_refused_with_retry_after_in_bounded_threads_and_memory
     the waiting logins used them. Threads, memory and hashing processes stay
     where they were."""
     make_sale(stock=5)
+    # A wait long enough and normal priority (see the test above): on a busy
+    # machine the queue's one deadline must not refuse one of the four.
     proc, port = serve(database_url, tmp_path, THREADS='2', POOL_SIZE='2', HASH_QUEUE='4', HASH_PROCESSES='1',
-                       BCRYPT_ROUNDS='13')
+                       BCRYPT_ROUNDS='13', HASH_WAIT_MS='120000', HASH_NICE='0')
     try:
         # One login first: the executor's two threads start with the first job.
         [(status, *_)] = post_all(port, [('/api/auth/login', {'email': 'first@example.com', 'password': 'password123'})])
