@@ -93,7 +93,7 @@ def users_and_sale(pg, users=1, stock=5):
             'INSERT INTO flash_sales (name, start_date, end_date, total_stock, remaining_stock) '
             "VALUES ('Failover sale', now() - interval '1 minute', now() + interval '1 hour', %s, %s) "
             'RETURNING id', (stock, stock)).fetchone()['id']
-    credentials = Credentials(TEST_SECRET, 3600, 4, 1)
+    credentials = Credentials(TEST_SECRET, 3600, 4)
     return [(i, credentials.issue(i)) for i in ids], sale_id
 
 
