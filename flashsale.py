@@ -461,6 +461,13 @@ def _run_workers(settings, url, sock, stop):
     for sig in _STOP_SIGNALS:
         signal.signal(sig, forward)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    # The block above is this thread's only: a signal sent while forking may
+    # have been taken by another thread of this process (the log writer),
+    # and its handler (start-up's, which only records it) run at once.
+    if stop:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, stop[0])
     sock.close()
     print(f'flashsale listening on http://{settings.host}:{settings.port} '
           f'({settings.workers} workers: {", ".join(map(str, workers))})', flush=True)
