@@ -2,7 +2,7 @@
 
 This module holds the settings (read once from the environment), the app
 factory create_app(), and the `flashsale` command line (serve, init-db,
-grant-admin). Everything else lives in resources/.
+grant-admin, revoke-sessions). Everything else lives in resources/.
 """
 
 import argparse
@@ -31,6 +31,7 @@ from resources import accounts
 from resources import batching
 from resources import database
 from resources import errors
+from resources import hashing
 from resources import health
 from resources import middleware
 from resources import orders
@@ -41,6 +42,7 @@ from resources import sql
 from resources.cache import PollCache
 from resources.credentials import Authentication
 from resources.credentials import Credentials
+from resources.hashing import HashQueue
 from resources.ratelimit import RateLimits
 
 log = logging.getLogger('flashsale')
@@ -81,7 +83,10 @@ class Settings:
     bcrypt_rounds: int = 12
     jwt_ttl_seconds: int = 3600
     poll_cache_ms: int = 500  # how long GET /api/flash-sales/current and /{id} answers are reused
-    bcrypt_slots: int = 4  # bcrypt calls at once; more logins than that get 503 (at most THREADS // 2)
+    hash_processes: int = 1  # bcrypt processes (nice 19); default: the cores this process may use, / WORKERS
+    hash_queue: int = 64  # logins and registrations queued or hashing at once; more get 503 at once
+    hash_wait: float = 20.0  # seconds a login may wait for its turn, then 503 with Retry-After
+    hash_nice: int = 19  # the hashing processes' niceness: they get the CPU nothing else wants
     max_body_bytes: int = 16 * 1024
     data_dir: str = '.flashsale'  # the embedded database and its secret
     trusted_proxy: str | None = None  # e.g. 127.0.0.1 when behind nginx
@@ -176,9 +181,12 @@ VARIABLES = (
     Variable('BCRYPT_ROUNDS', 'bcrypt_rounds', 'bcrypt cost', 4, 16),
     Variable('JWT_TTL_SECONDS', 'jwt_ttl_seconds', 'token lifetime', 30, 7 * 24 * 3600),
     Variable('POLL_CACHE_MS', 'poll_cache_ms', 'reuse of polled sale answers (0: off)', 0, 10_000),
-    Variable('BCRYPT_SLOTS', 'bcrypt_slots', 'bcrypt hashes at once; beyond, 503', 1, 256,
-             default_from=lambda values: max(1, min(values['threads'] // 2, Settings.bcrypt_slots)),
-             default_text='4 (at most THREADS / 2)'),
+    Variable('HASH_PROCESSES', 'hash_processes', 'bcrypt processes per server process', 1, 256,
+             default_from=lambda values: max(1, len(os.sched_getaffinity(0)) // values['workers']),
+             default_text='usable cores / WORKERS (at least 1)'),
+    Variable('HASH_QUEUE', 'hash_queue', 'logins, registrations, password changes queued or hashing; beyond, 503', 1, 10_000),
+    Variable('HASH_WAIT_MS', 'hash_wait', 'a login waits this long for its turn, then 503', 100, 600_000, 1000),
+    Variable('HASH_NICE', 'hash_nice', "the bcrypt processes' niceness", 0, 19),
     Variable('MAX_BODY_BYTES', 'max_body_bytes', 'largest request body (413 above)', 256, 1024 * 1024),
     Variable('FLASHSALE_DATA_DIR', 'data_dir', 'the embedded database and its secret'),
     Variable('TRUSTED_PROXY', 'trusted_proxy', 'reverse proxy whose X-Forwarded-For is believed'),
@@ -227,12 +235,14 @@ class _App(falcon.App):
         super().add_route(uri_template, resource, **kwargs)
 
 
-def create_app(settings, pool, batches=None):
+def create_app(settings, pool, batches=None, hash_queue=None):
     """The WSGI app. `pool` is an open psycopg_pool.ConnectionPool; the
     settings must carry the JWT secret. `batches`: purchase_batches(), by
-    default made here (the server passes its own, to stop it on SIGTERM)."""
+    default made here (the server passes its own, to stop it on SIGTERM).
+    `hash_queue`: the hashing.HashQueue to use (default: one of its own, from
+    the settings; its processes start at the first login unless started)."""
     credentials = Credentials(
-        settings.jwt_secret, settings.jwt_ttl_seconds, settings.bcrypt_rounds, settings.bcrypt_slots
+        settings.jwt_secret, settings.jwt_ttl_seconds, settings.bcrypt_rounds, hash_queue or new_hash_queue(settings)
     )
     poll_cache = PollCache(settings.poll_cache_ms / 1000, _json_default)
 
@@ -253,7 +263,9 @@ def create_app(settings, pool, batches=None):
     app.add_route('/health', health.Health(pool))
     app.add_route('/api/auth/register', accounts.Register(pool, credentials, settings))
     app.add_route('/api/auth/login', accounts.Login(pool, credentials, settings))
+    app.add_route('/api/auth/refresh', accounts.Refresh(pool, credentials))
     app.add_route('/api/me', accounts.Me(pool))
+    app.add_route('/api/me/password', accounts.Password(pool, credentials, settings))
     app.add_route('/api/me/orders', orders.MyOrders(pool))
     app.add_route('/api/me/orders/{sale_id}', orders.MyOrder(pool))
     app.add_route('/api/flash-sales', sales.Collection(pool, settings))
@@ -264,6 +276,10 @@ def create_app(settings, pool, batches=None):
     app.add_route('/openapi.json', openapi.Document())
     page.add_routes(app)
     return app
+
+
+def new_hash_queue(settings):
+    return HashQueue(settings.hash_processes, settings.hash_queue, settings.hash_wait, niceness=settings.hash_nice)
 
 
 # --- the command line ---------------------------------------------------------
@@ -317,10 +333,10 @@ def _seed_demo(conn, settings):
     if sql.value(conn, sql.COUNT_USERS):
         return
     password = secrets.token_urlsafe(12)
-    credentials = Credentials(settings.jwt_secret, settings.jwt_ttl_seconds, settings.bcrypt_rounds, 1)
-    sql.one(conn, sql.CREATE_USER, {
-        'email': 'admin@example.com', 'password_hash': credentials.hash_password(password),
-    })
+    # Hashed here, not through a HashQueue: this process may fork the
+    # workers next, and must not have started hashing processes of its own.
+    password_hash = hashing.hash_password(password.encode(), settings.bcrypt_rounds)
+    sql.one(conn, sql.CREATE_USER, {'email': 'admin@example.com', 'password_hash': password_hash})
     sql.one(conn, sql.GRANT_ADMIN, {'email': 'admin@example.com'})
     now = datetime.now(timezone.utc)
     sale = sql.one(conn, sql.CREATE_SALE, {
@@ -381,8 +397,12 @@ def _serve_process(settings, url, sock, stop):
 
     pool = database.open_pool(settings, url)
     batches = purchase_batches(settings, pool)
+    hash_queue = None
     try:
-        server = serving.create_server(create_app(settings, pool, batches), settings, sock)
+        hash_queue = new_hash_queue(settings)
+        app = create_app(settings, pool, batches, hash_queue)
+        hash_queue.start()
+        server = serving.create_server(app, settings, sock)
         if settings.workers == 1:
             print(f'flashsale listening on http://{settings.host}:{server.effective_port}', flush=True)
         # SIGTERM (docker stop, systemd, kill) and Ctrl-C: stop accepting,
@@ -393,6 +413,8 @@ def _serve_process(settings, url, sock, stop):
         serving.run(server, settings.shutdown_timeout, stop,
                     on_stop=lambda: batches.stop(settings.shutdown_timeout / 2))
     finally:
+        if hash_queue is not None:
+            hash_queue.close()
         pool.close()
         log.info('database pool closed')
 
@@ -527,6 +549,16 @@ def grant_admin(settings, email):
     print(f'{user["email"]} is now an admin')
 
 
+def revoke_sessions(settings, email):
+    url, settings = _database(settings)
+    with _first_connection(settings, url) as conn:
+        database.apply_schema(conn)
+        user = sql.one(conn, sql.REVOKE_SESSIONS, {'email': email.strip().lower()})
+    if user is None:
+        raise ConfigError(f'no user with email {email!r}')
+    print(f'every session of {user["email"]} is ended: their tokens fail from now on')
+
+
 def _configure_logging(level):
     """Log lines go through a queue to one writer thread. With a handler
     writing to stderr directly, every request thread would take the
@@ -562,6 +594,8 @@ def main(argv=None):
     commands.add_parser('init-db', help='apply schema.sql to the database (safe to repeat)')
     grant = commands.add_parser('grant-admin', help='give an existing user admin rights')
     grant.add_argument('email')
+    revoke = commands.add_parser('revoke-sessions', help='end every session of a user (their tokens fail)')
+    revoke.add_argument('email')
     args = parser.parse_args(argv)
     stop = _record_stop_signals() if args.command == 'serve' else None
 
@@ -581,6 +615,8 @@ def main(argv=None):
             serve(settings, stop)
         elif args.command == 'init-db':
             init_db(settings)
+        elif args.command == 'revoke-sessions':
+            revoke_sessions(settings, args.email)
         else:
             grant_admin(settings, args.email)
     except ConfigError as exc:

@@ -19,6 +19,11 @@ CREATE TABLE IF NOT EXISTS users (
     CONSTRAINT users_email_normalised CHECK (email = lower(btrim(email)))
 );
 
+-- Every token carries the generation it was issued in; bumping it (a password
+-- change, `flashsale revoke-sessions EMAIL`) ends every older session of that
+-- user: a token is valid only while its generation is the user's.
+ALTER TABLE users ADD COLUMN IF NOT EXISTS token_generation integer NOT NULL DEFAULT 0;
+
 CREATE TABLE IF NOT EXISTS flash_sales (
     id              uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
     name            text        NOT NULL DEFAULT 'Flash sale',

@@ -8,6 +8,7 @@ from resources import sql
 from resources.credentials import MAX_PASSWORD_BYTES
 from resources.credentials import MIN_PASSWORD_BYTES
 from resources.credentials import current_user
+from resources.errors import ACCOUNT_GONE
 from resources.errors import invalid
 from resources.errors import refusal
 from resources.parsing import read_object
@@ -27,6 +28,17 @@ def _credentials_from(req, settings):
     return email, password
 
 
+def _new_password(password, field):
+    size = len(password.encode())
+    if not MIN_PASSWORD_BYTES <= size <= MAX_PASSWORD_BYTES:
+        raise invalid(
+            field,
+            f'The password must be {MIN_PASSWORD_BYTES} to {MAX_PASSWORD_BYTES} bytes long.',
+            'invalid_password',
+        )
+    return password
+
+
 class Register:
     def __init__(self, pool, credentials, settings):
         self._pool = pool
@@ -35,17 +47,11 @@ class Register:
 
     def on_post(self, req, resp):
         email, password = _credentials_from(req, self._settings)
-        size = len(password.encode())
-        if not MIN_PASSWORD_BYTES <= size <= MAX_PASSWORD_BYTES:
-            raise invalid(
-                'password',
-                f'The password must be {MIN_PASSWORD_BYTES} to {MAX_PASSWORD_BYTES} bytes long.',
-                'invalid_password',
-            )
-        password_hash = self._credentials.hash_password(password)
+        password_hash = self._credentials.hash_password(_new_password(password, 'password'))
         with self._pool.connection() as conn:
             user = sql.one(conn, sql.CREATE_USER, {'email': email, 'password_hash': password_hash})
         resp.status = falcon.HTTP_201
+        # A new user's tokens are of generation 0 (the column's default).
         resp.media = {'user': user, 'token': self._credentials.issue(user['id'])}
 
 
@@ -63,7 +69,8 @@ class Login:
         password_hash = None if user is None else user.pop('password_hash')
         if not self._credentials.check_password(password, password_hash):
             raise refusal('invalid_credentials')
-        resp.media = {'user': user, 'token': self._credentials.issue(user['id'])}
+        generation = user.pop('token_generation')
+        resp.media = {'user': user, 'token': self._credentials.issue(user['id'], generation)}
 
 
 class Me:
@@ -75,3 +82,57 @@ class Me:
     def on_get(self, req, resp):
         with self._pool.connection() as conn:
             resp.media = {'user': current_user(conn, req)}
+
+
+class Refresh:
+    """POST /api/auth/refresh: a valid token buys a new one with a new expiry,
+    without the password (no bcrypt: one indexed read). A page left open
+    renews in the background and is still logged in when the sale opens. An
+    expired or revoked token cannot be refreshed: it takes the password."""
+
+    login_required = frozenset({'POST'})
+
+    def __init__(self, pool, credentials):
+        self._pool = pool
+        self._credentials = credentials
+
+    def on_post(self, req, resp):
+        with self._pool.connection() as conn:
+            user = current_user(conn, req)
+        resp.media = {'user': user, 'token': self._credentials.issue(user['id'], req.context.token_generation)}
+
+
+class Password:
+    """POST /api/me/password {currentPassword, newPassword}: a new password,
+    and the end of every other session: the user's token generation moves on,
+    so every token issued before fails (the answer carries a new one)."""
+
+    login_required = frozenset({'POST'})
+
+    def __init__(self, pool, credentials, settings):
+        self._pool = pool
+        self._credentials = credentials
+        self._settings = settings
+
+    def on_post(self, req, resp):
+        body = read_object(req, self._settings.max_body_bytes, required=('currentPassword', 'newPassword'))
+        current = string_field(body, 'currentPassword', max_length=1024)
+        new = _new_password(string_field(body, 'newPassword', max_length=1024), 'newPassword')
+        with self._pool.connection() as conn:
+            user = sql.one(conn, sql.FIND_USER_FOR_PASSWORD_CHANGE, {'user_id': req.context.user_id})
+        if user is None:
+            raise refusal('invalid_token', ACCOUNT_GONE)
+        if user['token_generation'] != req.context.token_generation:
+            raise refusal('session_revoked')
+        if not self._credentials.check_password(current, user['password_hash']):
+            raise refusal('invalid_credentials', 'The current password is wrong.')
+        password_hash = self._credentials.hash_password(new)
+        with self._pool.connection() as conn:
+            user = sql.one(conn, sql.CHANGE_PASSWORD, {
+                'user_id': req.context.user_id, 'generation': req.context.token_generation,
+                'password_hash': password_hash,
+            })
+        if user is None:  # another change or a revoke came first
+            raise refusal('session_revoked')
+        generation = user.pop('token_generation')
+        resp.media = {'user': user, 'token': self._credentials.issue(user['id'], generation)}

@@ -45,10 +45,11 @@ _ANSWER_MARGIN = 1.0
 
 
 class _Request:
-    __slots__ = ('user_id', 'deadline', 'answer_by', 'wake', 'state', 'batch', 'row', 'error')
+    __slots__ = ('user_id', 'generation', 'deadline', 'answer_by', 'wake', 'state', 'batch', 'row', 'error')
 
-    def __init__(self, user_id, deadline, lock):
+    def __init__(self, user_id, generation, deadline, lock):
         self.user_id = user_id
+        self.generation = generation  # the token's, checked by the statement (sql.PURCHASE_BATCH, 0)
         self.deadline = deadline  # to be taken into a statement
         self.answer_by = None  # once taken: to have that statement's answer
         self.wake = threading.Condition(lock)
@@ -67,7 +68,8 @@ class _Sale:
 
 
 class Batches:
-    """buy(sale_id, user_id) -> the purchase statement's row for this request
+    """buy(sale_id, user_id, generation) -> the purchase statement's row for
+    this request (generation: the token's, so a revoked one buys nothing)
     ({'outcome': ..., order columns}); raises what running the single
     purchase would have raised (psycopg errors, PoolTimeout, outcome_unknown)."""
 
@@ -101,8 +103,8 @@ class Batches:
             sale = self._sales.get(sale_id)
             return 0 if sale is None else len(sale.waiting)
 
-    def buy(self, sale_id, user_id):
-        request = _Request(user_id, time.monotonic() + self._queue_wait, self._lock)
+    def buy(self, sale_id, user_id, generation):
+        request = _Request(user_id, generation, time.monotonic() + self._queue_wait, self._lock)
         with self._lock:
             sale = self._sales.get(sale_id)
             if sale is None:
@@ -195,11 +197,13 @@ class Batches:
                     if len(batch) == 1:
                         # Alone: exactly the single purchase, and its
                         # unique violation is its answer (already_purchased).
-                        batch[0].row = sql.one(conn, sql.PURCHASE,
-                                               {'sale_id': sale_id, 'user_id': batch[0].user_id}, prepare=True)
+                        batch[0].row = _purchase(conn, sale_id, batch[0])
                         return []
-                    rows = sql.many(conn, sql.PURCHASE_BATCH,
-                                    {'sale_id': sale_id, 'user_ids': [m.user_id for m in batch]}, prepare=True)
+                    rows = sql.many(conn, sql.PURCHASE_BATCH, {
+                        'sale_id': sale_id,
+                        'user_ids': [m.user_id for m in batch],
+                        'generations': [m.generation for m in batch],
+                    }, prepare=True)
                 except psycopg.errors.UniqueViolation as exc:
                     if exc.diag.constraint_name != 'orders_one_per_user_per_sale':
                         raise
@@ -210,12 +214,13 @@ class Batches:
                     self.reruns += 1
                     return list(batch)
                 except psycopg.errors.ForeignKeyViolation:
-                    # A member's user was deleted: the whole batch failed
-                    # for one member. Each runs alone, for its own answer.
+                    # A member's user was deleted while the statement waited
+                    # (one already gone is answered invalid_token by it): the
+                    # whole batch failed for one member. Each runs alone, for
+                    # its own answer.
                     for member in batch:
                         try:
-                            member.row = sql.one(conn, sql.PURCHASE,
-                                                 {'sale_id': sale_id, 'user_id': member.user_id}, prepare=True)
+                            member.row = _purchase(conn, sale_id, member)
                         except psycopg.Error as exc:
                             member.error = exc
                             if conn.broken:
@@ -249,3 +254,10 @@ class Batches:
                 if member.row is None and member.error is None:
                     member.error = exc
             return []
+
+
+def _purchase(conn, sale_id, request):
+    """The single-purchase statement for one request."""
+    return sql.one(conn, sql.PURCHASE, {
+        'sale_id': sale_id, 'user_id': request.user_id, 'generation': request.generation,
+    }, prepare=True)

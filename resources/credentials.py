@@ -1,15 +1,16 @@
-"""Passwords (bcrypt) and session tokens (JWT, HS256), and who is calling: the
-Authentication middleware verifies a request's token once and puts its user
-id on req.context."""
+"""Passwords (bcrypt, through the hashing queue) and session tokens (JWT,
+HS256), and who is calling: the Authentication middleware verifies a
+request's token once and puts its user id and token generation on
+req.context."""
 
-import contextlib
-import threading
+import collections
 import time
 import uuid
 
 import bcrypt
 import jwt
 
+from resources import hashing
 from resources import sql
 from resources.errors import ACCOUNT_GONE
 from resources.errors import refusal
@@ -20,33 +21,32 @@ MAX_PASSWORD_BYTES = 72
 MIN_PASSWORD_BYTES = 8
 
 
+# Who a verified token speaks for. `generation` is the user's token
+# generation when the token was issued: bumping users.token_generation (a
+# password change, `flashsale revoke-sessions`) makes every older token fail
+# wherever the user is read (current_user), and in the purchase statement.
+Session = collections.namedtuple('Session', 'user_id generation')
+
+
 class Credentials:
-    def __init__(self, secret, ttl_seconds, bcrypt_rounds, bcrypt_slots):
+    def __init__(self, secret, ttl_seconds, bcrypt_rounds, hash_queue=None):
+        """hash_queue: a hashing.HashQueue for the passwords (None: this
+        instance only issues and reads tokens)."""
         self._secret = secret
         self._ttl = ttl_seconds
         self._rounds = bcrypt_rounds
-        self._bcrypt_slots = threading.BoundedSemaphore(bcrypt_slots)
+        self._queue = hash_queue
         # Checked against when the email is unknown, so that a login for an
         # unknown email costs the same bcrypt time as a wrong password.
+        started = time.perf_counter()
         self._decoy_hash = bcrypt.hashpw(b'decoy password', bcrypt.gensalt(bcrypt_rounds))
-
-    @contextlib.contextmanager
-    def _bcrypt_slot(self):
-        # bcrypt takes ~0.2 s of CPU at the default cost. A burst of logins at
-        # the opening of a sale must not take every server thread and leave
-        # purchases waiting: only a few hash at once, and a login that finds
-        # no free slot is refused at once (a waiting thread is a taken thread).
-        if not self._bcrypt_slots.acquire(blocking=False):
-            raise refusal('overloaded', 'Too many logins at once; try again in a second.')
-        try:
-            yield
-        finally:
-            self._bcrypt_slots.release()
+        if hash_queue is not None and hash_queue.seconds_per_hash is None:
+            # The queue's first measure of a hash's time, for its estimates.
+            hash_queue.seconds_per_hash = time.perf_counter() - started
 
     # NOTE: callers must not hold a database connection while these run.
     def hash_password(self, password):
-        with self._bcrypt_slot():
-            return bcrypt.hashpw(password.encode(), bcrypt.gensalt(self._rounds)).decode()
+        return self._queue.run(hashing.hash_password, password.encode(), self._rounds)
 
     def check_password(self, password, password_hash):
         """True if password matches; with password_hash None (no such user),
@@ -54,21 +54,22 @@ class Credentials:
         secret = password.encode()
         # bcrypt 5 raises on more than 72 bytes (older ones read only those).
         # No such password was ever registered: it matches nothing, after the
-        # same bcrypt time as any other wrong password.
-        too_long = len(secret) > MAX_PASSWORD_BYTES
-        with self._bcrypt_slot():
-            if password_hash is None or too_long:
-                bcrypt.checkpw(secret[:MAX_PASSWORD_BYTES], self._decoy_hash)
-                return False
-            return bcrypt.checkpw(secret, password_hash.encode())
+        # same bcrypt time (and the same turn in the queue) as any other
+        # wrong password.
+        if password_hash is None or len(secret) > MAX_PASSWORD_BYTES:
+            self._queue.run(hashing.check_password, secret[:MAX_PASSWORD_BYTES], self._decoy_hash)
+            return False
+        return self._queue.run(hashing.check_password, secret, password_hash.encode())
 
-    def issue(self, user_id):
+    def issue(self, user_id, generation=0):
         now = int(time.time())
-        claims = {'sub': str(user_id), 'iat': now, 'exp': now + self._ttl}
+        claims = {'sub': str(user_id), 'gen': generation, 'iat': now, 'exp': now + self._ttl}
         return jwt.encode(claims, self._secret, algorithm='HS256')
 
-    def user_id(self, req):
-        """The id of the user whose valid token the request carries, or 401."""
+    def session(self, req):
+        """The Session of the valid token the request carries, or 401. Whether
+        its generation is still the user's is for the database to say
+        (current_user, sql.PURCHASE)."""
         header = req.get_header('Authorization')
         if not header:
             raise refusal('unauthorized')
@@ -84,7 +85,11 @@ class Credentials:
                 algorithms=['HS256'],
                 options={'require': ['exp', 'iat', 'sub']},
             )
-            return uuid.UUID(claims['sub'])
+            # Tokens issued before generations existed carry none: generation 0.
+            generation = claims.get('gen', 0)
+            if not isinstance(generation, int) or isinstance(generation, bool) or not 0 <= generation < 2**31:
+                raise TypeError('gen')
+            return Session(uuid.UUID(claims['sub']), generation)
         except jwt.ExpiredSignatureError:
             raise refusal('token_expired') from None
         except (jwt.InvalidTokenError, ValueError, TypeError, AttributeError):
@@ -104,13 +109,17 @@ class Authentication:
 
     def process_resource(self, req, resp, resource, params):
         if req.method in getattr(resource, 'login_required', ()):
-            req.context.user_id = self._credentials.user_id(req)
+            session = self._credentials.session(req)
+            req.context.user_id = session.user_id
+            req.context.token_generation = session.generation
 
 
 def current_user(conn, req):
     """The row of the user the request's verified token names; 401 if they
-    were deleted since."""
+    were deleted since, or the token's generation was revoked."""
     user = sql.one(conn, sql.FIND_USER_BY_ID, {'user_id': req.context.user_id})
     if user is None:
         raise refusal('invalid_token', ACCOUNT_GONE)
+    if user.pop('token_generation') != req.context.token_generation:
+        raise refusal('session_revoked')
     return user

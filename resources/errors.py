@@ -56,6 +56,11 @@ CATALOGUE = {
     'unauthorized': Code(falcon.HTTP_401, 'Log in first: send "Authorization: Bearer <token>".', bearer=True),
     'invalid_token': Code(falcon.HTTP_401, 'The token is not valid; log in again.', bearer=True),
     'token_expired': Code(falcon.HTTP_401, 'Your session expired; log in again.', bearer=True),
+    # A genuine, unexpired token whose user's sessions were ended since it was
+    # issued (a password change, `flashsale revoke-sessions`).
+    'session_revoked': Code(
+        falcon.HTTP_401, 'This session was ended (password changed or signed out); log in again.', bearer=True,
+    ),
     # A wrong password is not a token problem: no WWW-Authenticate.
     'invalid_credentials': Code(falcon.HTTP_401, 'Wrong email or password.'),
     'forbidden': Code(falcon.HTTP_403, 'Only admins can create flash sales.'),

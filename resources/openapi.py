@@ -17,15 +17,15 @@ _UUID = {'type': 'string', 'format': 'uuid'}
 # control characters are excluded because Python's strip() takes them for
 # spaces, which JSON Schema's \s does not.)
 _NOT_SPACE = r'[^@\s\x00-\x20\x7f-\x9f]'
+# A text field (email, password, sale name) has no control character (resources/parsing.py
+# refuses them with invalid_field). Said as a lookahead over the whole text: a pattern ending
+# in $ would also match a text ending in a newline.
+_NO_CONTROL = r'^(?![\s\S]*[\x00-\x1f\x7f-\x9f])'
 _EMAIL = {
-    'type': 'string', 'maxLength': 254, 'pattern': f'^{_NOT_SPACE}+@{_NOT_SPACE}+\\.{_NOT_SPACE}+$',
+    'type': 'string', 'maxLength': 254, 'pattern': _NO_CONTROL + f'{_NOT_SPACE}+@{_NOT_SPACE}+\\.{_NOT_SPACE}+$',
     'example': 'shopper@example.com', 'description': 'trimmed and lower-cased',
 }
 _TIME = {'type': 'string', 'format': 'date-time'}
-# Text fields refuse control characters, NUL and unpaired surrogates
-# (resources/parsing.py string_field); a pattern can state the first two.
-_NO_CONTROLS = r'[^\x00-\x1f\x7f-\x9f]'
-_PASSWORD_TEXT = f'^{_NO_CONTROLS}*$'
 
 
 def _ref(name):
@@ -76,14 +76,23 @@ SCHEMAS = {
         email=_EMAIL,
         password={
             'type': 'string', 'minLength': MIN_PASSWORD_BYTES, 'maxLength': MAX_PASSWORD_BYTES,
-            'pattern': _PASSWORD_TEXT, 'example': 'correct horse',
+            'pattern': _NO_CONTROL, 'example': 'correct horse',
+            'description': f'{MIN_PASSWORD_BYTES} to {MAX_PASSWORD_BYTES} bytes of UTF-8 (bcrypt reads no further)',
+        },
+    ),
+    'PasswordChange': _object(
+        ['currentPassword', 'newPassword'],
+        currentPassword={'type': 'string', 'maxLength': 1024, 'pattern': _NO_CONTROL, 'example': 'correct horse'},
+        newPassword={
+            'type': 'string', 'minLength': MIN_PASSWORD_BYTES, 'maxLength': MAX_PASSWORD_BYTES,
+            'pattern': _NO_CONTROL, 'example': 'battery staple',
             'description': f'{MIN_PASSWORD_BYTES} to {MAX_PASSWORD_BYTES} bytes of UTF-8 (bcrypt reads no further)',
         },
     ),
     'Login': _object(
         ['email', 'password'],
         email=_EMAIL,
-        password={'type': 'string', 'maxLength': 1024, 'pattern': _PASSWORD_TEXT, 'example': 'correct horse'},
+        password={'type': 'string', 'maxLength': 1024, 'pattern': _NO_CONTROL, 'example': 'correct horse'},
     ),
     'NewSale': _object(
         ['startDate', 'endDate', 'totalStock'],
@@ -91,7 +100,7 @@ SCHEMAS = {
         endDate={**_TIME, 'description': 'after startDate; in the years 2000 to 9998 (UTC)'},
         totalStock={'type': 'integer', 'minimum': 1, 'maximum': MAX_TOTAL_STOCK},
         name={'type': 'string', 'maxLength': 200,
-              'pattern': f'^{_NO_CONTROLS}*' r'[^\s\x00-\x20\x7f-\x9f]' f'{_NO_CONTROLS}*$',
+              'pattern': _NO_CONTROL + r'[\s\S]*[^\s\x00-\x20\x7f-\x9f]',
               'description': 'trimmed; not blank'},
     ),
     'SaleWithTime': _object(
@@ -132,7 +141,7 @@ def _ok(description, schema):
 
 
 _UNAVAILABLE = ('database_unavailable', 'overloaded')
-_UNAUTHORIZED = ('unauthorized', 'invalid_token', 'token_expired')
+_UNAUTHORIZED = ('unauthorized', 'invalid_token', 'token_expired', 'session_revoked')
 _BAD_BODY = (
     'invalid_json', 'invalid_body', 'missing_field', 'unknown_field', 'invalid_field', 'invalid_email',
     'invalid_password', 'payload_too_large', 'unsupported_media_type',
@@ -174,6 +183,23 @@ PATHS = {
         'responses': {
             '200': _ok('Logged in', _ref('Session')),
             **_errors(*_BAD_BODY, 'invalid_credentials', 'rate_limited', *_UNAVAILABLE),
+        },
+    }},
+    '/api/auth/refresh': {'post': {
+        'summary': 'A new token with a new expiry, for a valid one (no password). Takes no body; ignores one',
+        'security': _BEARER,
+        'responses': {
+            '200': _ok('Renewed', _ref('Session')),
+            **_errors(*_UNAUTHORIZED, *_UNAVAILABLE),
+        },
+    }},
+    '/api/me/password': {'post': {
+        'summary': "Change the caller's password; every other session ends (returns a new token)",
+        'security': _BEARER,
+        'requestBody': {'required': True, 'content': _json(_ref('PasswordChange'))},
+        'responses': {
+            '200': _ok('Changed', _ref('Session')),
+            **_errors(*_BAD_BODY, *_UNAUTHORIZED, 'invalid_credentials', 'rate_limited', *_UNAVAILABLE),
         },
     }},
     '/api/me': {'get': {

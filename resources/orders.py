@@ -4,6 +4,7 @@ import falcon
 
 from resources import sql
 from resources.credentials import current_user
+from resources.errors import ACCOUNT_GONE
 from resources.errors import refusal
 from resources.parsing import path_uuid
 
@@ -26,19 +27,24 @@ class Purchase:
 
     def on_post(self, req, resp, sale_id):
         sale_id = path_uuid(sale_id, 'sale_not_found')
+        # A sold-out answer from memory does not look the user up, so a
+        # revoked token may be told sold_out here: it changes nothing.
         if sale_id in self._sold_out:
             raise refusal('sold_out')
         # One statement per batch of this sale's concurrent purchases
-        # (resources/batching.py). A racing duplicate raises UniqueViolation
-        # here, which resources/errors.py maps to 409 already_purchased (see
+        # (resources/batching.py), which also checks the token's generation
+        # against revocation. A racing duplicate raises UniqueViolation here,
+        # which resources/errors.py maps to 409 already_purchased (see
         # sql.PURCHASE); a connection lost mid-statement is outcome_unknown.
-        row = self._batches.buy(sale_id, req.context.user_id)
+        row = self._batches.buy(sale_id, req.context.user_id, req.context.token_generation)
         outcome = row.pop('outcome')
         if outcome == 'sold_out' and len(self._sold_out) < 100_000:
             self._sold_out.add(sale_id)
         if outcome != 'created':
-            # Every other outcome is an error code of the catalogue.
-            raise refusal(outcome)
+            # Every other outcome is an error code of the catalogue (the
+            # buyer's account gone: invalid_token; a revoked token:
+            # session_revoked).
+            raise refusal(outcome, ACCOUNT_GONE if outcome == 'invalid_token' else None)
         resp.status = falcon.HTTP_201
         resp.media = {'order': row}
 

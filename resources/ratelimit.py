@@ -15,7 +15,7 @@ from collections import OrderedDict
 
 from resources.errors import refusal
 
-AUTH_ROUTES = frozenset({'/api/auth/register', '/api/auth/login'})
+AUTH_ROUTES = frozenset({'/api/auth/register', '/api/auth/login', '/api/me/password'})
 PURCHASE_ROUTE = '/api/flash-sales/{sale_id}/purchase'
 
 # Buckets kept per limit. A bucket untouched for burst/rate seconds is full

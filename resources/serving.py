@@ -502,7 +502,10 @@ def create_server(app, settings, sock=None):
         sock = listening_socket(settings)
     adj = Adjustments(
         sockets=[sock],
-        threads=settings.threads,
+        # THREADS for everything, plus one for each login the hashing queue
+        # may hold (resources/hashing.py): logins waiting their turn never
+        # take the threads purchases (and so their batches) and polls need.
+        threads=settings.threads + settings.hash_queue,
         ident='flashsale',
         max_request_body_size=settings.max_body_bytes,
         max_request_header_size=MAX_HEADER_BYTES,

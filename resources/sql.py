@@ -38,19 +38,51 @@ CREATE_USER = f'''
 '''
 
 # One row or none: what login needs, including the hash to check outside the
-# connection (bcrypt is slow on purpose; a connection must not wait on it).
+# connection (bcrypt is slow on purpose; a connection must not wait on it),
+# and the token generation to put in the new token.
 FIND_USER_FOR_LOGIN = f'''
-    SELECT {_USER_COLUMNS}, password_hash
+    SELECT {_USER_COLUMNS}, password_hash, token_generation
       FROM users
      WHERE email = %(email)s
 '''
 
-# One row or none: the user a verified token names. The admin flag is read from
+# One row or none: the user a verified token names, with the current token
+# generation (a token of an older one was revoked). The admin flag is read from
 # here on every admin request; it is never taken from the token.
 FIND_USER_BY_ID = f'''
-    SELECT {_USER_COLUMNS}
+    SELECT {_USER_COLUMNS}, token_generation
       FROM users
      WHERE id = %(user_id)s
+'''
+
+# One row or none: the hash a password change checks the current password
+# against, and the generation the caller's token must still be in.
+FIND_USER_FOR_PASSWORD_CHANGE = f'''
+    SELECT {_USER_COLUMNS}, password_hash, token_generation
+      FROM users
+     WHERE id = %(user_id)s
+'''
+
+# One row or none: the new password and a new token generation, which ends
+# every session of the old one. Guarded by the generation the caller's token
+# had when the current password was checked: if another change or a revoke
+# came in between, nothing is written (none: the caller's session ended).
+CHANGE_PASSWORD = f'''
+    UPDATE users
+       SET password_hash = %(password_hash)s,
+           token_generation = token_generation + 1,
+           updated_at = now()
+     WHERE id = %(user_id)s AND token_generation = %(generation)s
+    RETURNING {_USER_COLUMNS}, token_generation
+'''
+
+# One row or none: used by `flashsale revoke-sessions EMAIL`. Every token
+# issued so far for that user fails from the next request on.
+REVOKE_SESSIONS = f'''
+    UPDATE users
+       SET token_generation = token_generation + 1, updated_at = now()
+     WHERE email = %(email)s
+    RETURNING {_USER_COLUMNS}, token_generation
 '''
 
 # One row or none: used by `flashsale grant-admin EMAIL`.
@@ -153,7 +185,13 @@ FIND_SALE = f'''
 #    order in the same transaction (remaining_stock + orders = total_stock), at
 #    most one order per user per sale, stock never negative.
 #
-# 4. When nothing was placed, `outcome` explains why from the statement's own
+# 4. `buyer` is the token's check against revocation, inside the same
+#    statement (no extra round trip): the user must still exist, with the
+#    token's generation (users.token_generation, bumped by a password change
+#    or a revoke). One primary-key lookup; a purchase by a revoked token or a
+#    deleted user takes no lock on the sale row.
+#
+# 5. When nothing was placed, `outcome` explains why from the statement's own
 #    snapshot. If the sale is open, not yet bought by this user and the
 #    decrement still did nothing, the stock was 0 when the row lock was ours:
 #    sold out.
@@ -169,6 +207,9 @@ PURCHASE = '''
              WHERE flash_sale_id = %(sale_id)s AND user_id = %(user_id)s
         ) AS yes
     ),
+    buyer AS (
+        SELECT (SELECT token_generation FROM users WHERE id = %(user_id)s) AS generation
+    ),
     taken AS (
         UPDATE flash_sales
            SET remaining_stock = remaining_stock - 1
@@ -176,6 +217,7 @@ PURCHASE = '''
            AND remaining_stock > 0
            AND now() >= start_date AND now() < end_date
            AND NOT (SELECT yes FROM bought_before)
+           AND (SELECT generation FROM buyer) = %(generation)s
         RETURNING id
     ),
     placed AS (
@@ -184,6 +226,8 @@ PURCHASE = '''
         RETURNING id, user_id, flash_sale_id, created_at
     )
     SELECT CASE WHEN placed.id IS NOT NULL       THEN 'created'
+                WHEN buyer.generation IS NULL    THEN 'invalid_token'
+                WHEN buyer.generation <> %(generation)s THEN 'session_revoked'
                 WHEN sale.id IS NULL             THEN 'sale_not_found'
                 WHEN now() < sale.start_date     THEN 'sale_not_started'
                 WHEN now() >= sale.end_date      THEN 'sale_ended'
@@ -193,6 +237,7 @@ PURCHASE = '''
            placed.id, placed.user_id AS "userId",
            placed.flash_sale_id AS "flashSaleId", placed.created_at AS "createdAt"
       FROM bought_before
+     CROSS JOIN buyer
       LEFT JOIN sale ON true
       LEFT JOIN placed ON true
 '''
@@ -200,18 +245,26 @@ PURCHASE = '''
 # Many rows, one per request, in the order given: the outcomes of a BATCH of
 # purchases of one sale, the requests that arrived while the previous statement
 # for that sale was in flight (resources/batching.py). %(user_ids)s is their
-# user ids in arrival order; a user may appear more than once (several tabs).
-# Each row is (request, outcome, the order if one was placed), with the same
-# outcomes as PURCHASE plus 'retry' (below).
+# user ids in arrival order, %(generations)s their tokens' generations in the
+# same order; a user may appear more than once (several tabs). Each row is
+# (request, outcome, the order if one was placed), with the same outcomes as
+# PURCHASE plus 'retry' (below).
 #
 # Why a batch is exactly as correct as the same purchases run one by one, in
 # arrival order, at the moment this statement holds the sale row's lock:
 #
-# 1. `first` keeps each user's earliest request; `fresh` the users among them
-#    with no order in this statement's snapshot, ranked by arrival. A user's
-#    later requests in the batch get what a second click right after the first
-#    would get: already_purchased if the first placed an order, else the
-#    first's own answer (sold out stays sold out, a closed sale stays closed).
+# 0. `admitted` is PURCHASE's `buyer` check for every request at once: the
+#    user must still exist, with the request's token generation. A request
+#    that fails it is answered invalid_token or session_revoked, as alone,
+#    and takes no further part: it wants no unit, places no order and changes
+#    no other request's answer (the batch buys as if it had not come).
+#
+# 1. `first` keeps each user's earliest admitted request; `fresh` the users
+#    among them with no order in this statement's snapshot, ranked by arrival.
+#    A user's later admitted requests in the batch get what a second click
+#    right after the first would get: already_purchased if the first placed an
+#    order, else the first's own answer (sold out stays sold out, a closed sale
+#    stays closed).
 #
 # 2. `taken` is still one guarded UPDATE of the sale row, so the batch queues
 #    on the row lock like a single purchase, and under READ COMMITTED the
@@ -246,7 +299,8 @@ PURCHASE = '''
 # 4. Every invariant of PURCHASE holds for the same reasons: units leave the
 #    stock only in the transaction that writes their orders, one order per
 #    user (DISTINCT ON here, the unique index across statements), stock never
-#    below zero (the WHERE, and the CHECK constraint).
+#    below zero (the WHERE, and the CHECK constraint), no order for a revoked
+#    token (only admitted requests reach `fresh`).
 #
 # Why it is faster: the row lock is held until the commit is flushed, so one
 # sale sells at most one statement per commit time. A batch pays that lock and
@@ -255,8 +309,13 @@ PURCHASE = '''
 # (README.md, "Slow commits").
 PURCHASE_BATCH = '''
     WITH request AS (
-        SELECT r.user_id, r.n
-          FROM unnest(%(user_ids)s::uuid[]) WITH ORDINALITY AS r (user_id, n)
+        SELECT r.user_id, r.generation, r.n, users.token_generation AS current
+          FROM unnest(%(user_ids)s::uuid[], %(generations)s::integer[])
+               WITH ORDINALITY AS r (user_id, generation, n)
+          LEFT JOIN users ON users.id = r.user_id
+    ),
+    admitted AS (
+        SELECT user_id, n FROM request WHERE current = generation
     ),
     sale AS (
         SELECT id, start_date, end_date, remaining_stock
@@ -265,7 +324,7 @@ PURCHASE_BATCH = '''
     ),
     first AS (
         SELECT DISTINCT ON (user_id) user_id, n
-          FROM request
+          FROM admitted
          ORDER BY user_id, n
     ),
     fresh AS (
@@ -322,7 +381,9 @@ PURCHASE_BATCH = '''
           LEFT JOIN placed ON placed.user_id = first.user_id
     )
     SELECT request.n AS request,
-           CASE WHEN request.n = first.n             THEN decided.outcome
+           CASE WHEN request.current IS NULL         THEN 'invalid_token'
+                WHEN request.current <> request.generation THEN 'session_revoked'
+                WHEN request.n = first.n             THEN decided.outcome
                 WHEN decided.outcome = 'created'     THEN 'already_purchased'
                 ELSE decided.outcome
            END AS outcome,
@@ -331,8 +392,8 @@ PURCHASE_BATCH = '''
            CASE WHEN request.n = first.n THEN decided."flashSaleId" END AS "flashSaleId",
            CASE WHEN request.n = first.n THEN decided."createdAt" END AS "createdAt"
       FROM request
-      JOIN first ON first.user_id = request.user_id
-      JOIN decided ON decided.user_id = request.user_id
+      LEFT JOIN first ON first.user_id = request.user_id
+      LEFT JOIN decided ON decided.user_id = request.user_id
      ORDER BY request.n
 '''
 

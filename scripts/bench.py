@@ -24,6 +24,11 @@ It prints one table:
      counts, p99, invariants
   5. the server's resident memory (VmRSS, and the peak VmHWM) after the runs
 
+`--logins` runs the login benchmark instead (scripts/login_bench.py: bcrypt
+and the interpreter lock, logins/s at the default cost, purchases during a
+login storm, the opening-crowd scenario), with a server of its own at
+BCRYPT_ROUNDS=12.
+
 It reuses loadtest.py's client, setup and checks (scripts/invariants.py); --json writes every figure.
 
 --standby-cost measures something else instead: what a synchronous standby
@@ -86,12 +91,12 @@ def flashsale_command():
     return [found]
 
 
-def start_server(database_url, log_path, secret=None, checkout=ROOT):
-    """`flashsale serve` on a free port with BCRYPT_ROUNDS=4 and a fresh JWT_SECRET
-    (or `secret`), from `checkout` (default: this one)."""
+def start_server(database_url, log_path, secret=None, checkout=ROOT, bcrypt_rounds='4'):
+    """`flashsale serve` on a free port with BCRYPT_ROUNDS=4 (or `bcrypt_rounds`)
+    and a fresh JWT_SECRET (or `secret`), from `checkout` (default: this one)."""
     port = free_port()
     env = dict(os.environ, DATABASE_URL=database_url, JWT_SECRET=secret or secrets.token_urlsafe(48),
-               BCRYPT_ROUNDS='4', HOST='127.0.0.1', PORT=str(port))
+               BCRYPT_ROUNDS=bcrypt_rounds, HOST='127.0.0.1', PORT=str(port))
     log = open(log_path, 'w')
     command = flashsale_command() if checkout == ROOT else [sys.executable, str(Path(checkout) / 'flashsale.py')]
     proc = subprocess.Popen(command + ['serve'], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=checkout)
@@ -237,7 +242,8 @@ def direct_purchases(database_url, sale_id, user_ids, concurrency):
             for user_id in mine:
                 started = time.perf_counter()
                 try:
-                    row = conn.execute(flashsale_sql.PURCHASE, {'sale_id': sale_id, 'user_id': user_id}).fetchone()
+                    row = conn.execute(flashsale_sql.PURCHASE, {'sale_id': sale_id, 'user_id': user_id,
+                                                              'generation': 0}).fetchone()
                     outcome = row['outcome']
                 except psycopg.errors.UniqueViolation:
                     outcome = 'already_purchased'
@@ -342,8 +348,9 @@ def direct_batches(database_url, sale_id, user_ids, concurrency, batch):
             for i in range(0, len(mine), batch):
                 chunk = mine[i:i + batch]
                 while chunk:
-                    rows = conn.execute(flashsale_sql.PURCHASE_BATCH,
-                                        {'sale_id': sale_id, 'user_ids': chunk}).fetchall()
+                    rows = conn.execute(flashsale_sql.PURCHASE_BATCH, {
+                        'sale_id': sale_id, 'user_ids': chunk, 'generations': [0] * len(chunk),
+                    }).fetchall()
                     counts[k] += sum(1 for r in rows if r['outcome'] == 'created')
                     chunk = [u for u, r in zip(chunk, rows) if r['outcome'] == 'retry']
 
@@ -669,6 +676,9 @@ def parse_args(argv=None):
                         help='slow-commit mode: also run the HTTP figures against `flashsale serve` from this '
                              'other checkout (e.g. an export of main), interleaved, same settings')
     parser.add_argument('--direct-batch', type=int, default=64, help='users per batched statement, direct')
+    parser.add_argument('--logins', action='store_true',
+                        help='instead: the login benchmark (scripts/login_bench.py), with a server of its own '
+                             'at the default bcrypt cost')
     return parser.parse_args(argv)
 
 
@@ -679,6 +689,8 @@ def main(argv=None):
         return standby_cost(args, log)
     if args.commit_delay_ms is not None:
         return slow_commit_main(args, log)
+    if args.logins:
+        return bench_logins(args, log)
     proc = None
     if args.start_server:
         if not args.database_url:
@@ -714,6 +726,32 @@ def main(argv=None):
     if failed or results['crowd']['verdict'] != 'pass' or results['sold_out']['verdict'] != 'pass':
         return 1
     return 0
+
+
+def bench_logins(args, log):
+    import login_bench  # noqa: PLC0415
+
+    if not args.database_url:
+        from resources import embedded  # noqa: PLC0415
+
+        args.database_url = embedded.start(tempfile.mkdtemp(prefix='flashsale-bench-'), delete_on_exit=True)
+    secret = secrets.token_urlsafe(48)
+    log_path = os.path.join(tempfile.gettempdir(), f'flashsale-bench-logins-{os.getpid()}.log')
+    proc, base_url = start_server(args.database_url, log_path, secret=secret, bcrypt_rounds=str(login_bench.COST))
+    log(f'started flashsale serve (pid {proc.pid}) at {base_url}, BCRYPT_ROUNDS={login_bench.COST}; log: {log_path}')
+    processes = int(os.environ.get('HASH_PROCESSES') or max(1, len(os.sched_getaffinity(0))
+                                                            // int(os.environ.get('WORKERS') or 1)))
+    try:
+        results = asyncio.run(login_bench.run(base_url, args.database_url, secret, processes, log))
+    except loadtest.SetupError as exc:
+        raise SystemExit(f'bench: {exc}') from None
+    finally:
+        stop_server(proc)
+    print(login_bench.format_table(results))
+    if args.json_file:
+        with open(args.json_file, 'w') as fh:
+            json.dump(results, fh, indent=2, default=str)
+    return 0 if results['opening_crowd']['verdict'] == 'pass' else 1
 
 
 if __name__ == '__main__':

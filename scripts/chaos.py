@@ -132,7 +132,7 @@ def http_get(port, path):
 
 def prepare(url, secret, users, stock):
     """users ids and tokens, and an open sale, straight into the database."""
-    credentials = Credentials(secret, 3600, 4, 1)
+    credentials = Credentials(secret, 3600, 4)
     with psycopg.connect(url, autocommit=True) as conn:
         database.apply_schema(conn)
         ids = [row[0] for row in conn.execute(

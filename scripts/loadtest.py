@@ -19,6 +19,9 @@ Scenarios (``python scripts/loadtest.py SCENARIO --help`` for every flag):
   sold-out     the stock is bought before the run: everyone is refused
   opening      the sale starts --start-delay seconds into the run: the
                stampede at the start time
+  opening-crowd  people who are not logged in arrive at a fixed rate; each
+               logs in, registers or renews a token, then buys (its own
+               flags: scripts/opening_crowd.py, `opening-crowd --help`)
 
 Two load models:
 
@@ -37,11 +40,10 @@ Every run prepares its own users and sale through the API, so it needs an
 admin: ``--admin-email/--admin-password`` (log in), or ``--grant-admin`` (the
 client registers an admin user and runs ``flashsale grant-admin EMAIL``, which
 reads the same DATABASE_URL as the server; ``--database-url`` is passed to it
-when given). Registering users costs the server one bcrypt hash each, and it
-hashes at most BCRYPT_SLOTS (THREADS // 2 = 4 by default) at once, so users are
-registered 4 at a time: at the default cost (BCRYPT_ROUNDS=12, ~0.25 s of a
-core per hash) that is under 10 users/s on 2 cores, while BCRYPT_ROUNDS=4 gives
-~800/s. For big runs start the server with a low cost, e.g.
+when given). Registering users costs the server one bcrypt hash each (it
+queues a burst and serves it in turn): at the default cost (BCRYPT_ROUNDS=12,
+~0.25 s of a core per hash) that is under 10 users/s on 2 cores, while
+BCRYPT_ROUNDS=4 gives ~800/s. For big runs start the server with a low cost, e.g.
 
     BCRYPT_ROUNDS=4 DATABASE_URL=postgresql://... JWT_SECRET=... flashsale serve
 
@@ -936,8 +938,8 @@ def parse_args(argv=None):
     parser.add_argument('--database-url', default=None,
                         help='also count orders in this database (needs psycopg); passed to grant-admin')
     parser.add_argument('--register-concurrency', type=int, default=DEFAULT_REGISTER_CONCURRENCY,
-                        help='registrations at once (default 4: the server\'s BCRYPT_SLOTS default; '
-                             'more get 503 and are retried after Retry-After)')
+                        help=f'registrations at once (default {DEFAULT_REGISTER_CONCURRENCY}; beyond the '
+                             'server\'s HASH_QUEUE they get 503 and are retried after Retry-After)')
     parser.add_argument('--settle', type=float, default=1.0,
                         help='seconds to wait before reading the outcome back (the server caches '
                              'GET /api/flash-sales/{id} for POLL_CACHE_MS, 500 ms by default)')
@@ -951,6 +953,12 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ['opening-crowd']:
+        # A scenario of its own shape (people who log in, then buy): scripts/opening_crowd.py.
+        import opening_crowd  # noqa: PLC0415
+
+        return opening_crowd.main(argv[1:])
     args = parse_args(argv)
     log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:

@@ -119,7 +119,8 @@ def buy_leaky_cte(conn, sale_id, user_id, pause):
 def buy_shipped(conn, sale_id, user_id, pause):
     sent()
     try:
-        row = conn.execute(flashsale_sql.PURCHASE, {'sale_id': sale_id, 'user_id': user_id}).fetchone()
+        row = conn.execute(flashsale_sql.PURCHASE, {'sale_id': sale_id, 'user_id': user_id,
+                                                      'generation': 0}).fetchone()
     except psycopg.errors.UniqueViolation:
         return False  # the racing duplicate: the whole statement rolled back
     if row is None:
@@ -149,7 +150,7 @@ class BatchedBuyer:
 
     def __call__(self, conn, sale_id, user_id, pause):
         try:
-            return self.batches.buy(sale_id, user_id)['outcome'] == 'created'
+            return self.batches.buy(sale_id, user_id, 0)['outcome'] == 'created'  # new users: generation 0
         except psycopg.errors.UniqueViolation:
             return False
 

@@ -60,8 +60,6 @@ def settings(database_url):
         # Tests create and change sales between requests; each answer must be
         # fresh (tests/test_fast_paths.py covers the cache with an app of its own).
         poll_cache_ms=0,
-        # Tests race registrations; tests/test_fast_paths.py covers the bcrypt slots.
-        bcrypt_slots=64,
     )
 
 
@@ -96,7 +94,12 @@ def db(check_connection):
 
 @pytest.fixture(scope='session')
 def wsgi_app(settings, pool):
-    return flashsale.create_app(settings, pool)
+    # Its hashing processes started before the first test, as `serve` does.
+    hash_queue = flashsale.new_hash_queue(settings)
+    app = flashsale.create_app(settings, pool, hash_queue=hash_queue)
+    hash_queue.start()
+    yield app
+    hash_queue.close()
 
 
 @pytest.fixture
@@ -106,7 +109,7 @@ def client(wsgi_app):
 
 @pytest.fixture(scope='session')
 def credentials(settings):
-    return Credentials(settings.jwt_secret, settings.jwt_ttl_seconds, settings.bcrypt_rounds, 1)
+    return Credentials(settings.jwt_secret, settings.jwt_ttl_seconds, settings.bcrypt_rounds)
 
 
 def auth(token):
@@ -174,15 +177,17 @@ AppUnderTest = collections.namedtuple('AppUnderTest', 'wsgi client settings pool
 
 @pytest.fixture
 def make_app(settings, pool):
-    """make_app(filled=True, **changes) -> AppUnderTest(wsgi, client,
-    settings, pool): the app with these settings changed. On the session's
-    pool, unless a change is one of POOL_SETTINGS: then on a pool of its
-    own, closed at the end of the test, and filled before it is returned
-    unless filled=False (a database that takes no connection: a standby,
-    a server that is down)."""
-    pools = []
+    """make_app(filled=True, queue=None, **changes) -> AppUnderTest(wsgi,
+    client, settings, pool): the app with these settings changed. On the
+    session's pool, unless a change is one of POOL_SETTINGS: then on a pool of
+    its own, closed at the end of the test, and filled before it is returned
+    unless filled=False (a database that takes no connection: a standby, a
+    server that is down). `queue`: the hashing.HashQueue its logins use
+    (default: one of its own from the settings, closed at the end of the
+    test; its processes start at the first login)."""
+    pools, queues = [], []
 
-    def make(filled=True, **changes):
+    def make(filled=True, queue=None, **changes):
         changed = dataclasses.replace(settings, **changes)
         own = pool
         if POOL_SETTINGS & changes.keys():
@@ -190,10 +195,15 @@ def make_app(settings, pool):
             pools.append(own)
             if filled:
                 own.wait()
-        app = flashsale.create_app(changed, own)
+        if queue is None:
+            queue = flashsale.new_hash_queue(changed)
+            queues.append(queue)
+        app = flashsale.create_app(changed, own, hash_queue=queue)
         return AppUnderTest(app, webtest.TestApp(app), changed, own)
 
     yield make
+    for queue in queues:
+        queue.close()
     for own in pools:
         own.close(timeout=1)
 

@@ -242,6 +242,34 @@ def closed_loop(base_url, sale_id, tokens, connections):
     return answers
 
 
+def test_a_revoked_token_in_a_batch_is_refused_alone_and_the_rest_of_the_batch_buys(
+        server, make_users, make_sale, credentials, db, database_url):
+    """Seven purchases queue behind a held row and go in one statement: a
+    token of a revoked generation and one of a deleted user are refused and
+    take no unit, so the units left go to the next arrivals; a token of the
+    user's new generation buys (the generation comes with each request)."""
+    base, batches = server()
+    sale_id = make_sale(stock=4)
+    (first, t_first), (u1, t1), (revoked, t_revoked), (renewed, _), (u4, t4), (tabbed, t_tabbed_old), \
+        (deleted, t_deleted) = make_users(7)
+    db.execute('UPDATE users SET token_generation = 1 WHERE id = ANY(%s)', ([revoked, renewed, tabbed],))
+    db.execute('DELETE FROM users WHERE id = %s', (deleted,))
+    tokens = [t_first, t1, t_revoked, credentials.issue(renewed, 1), t_tabbed_old, t4,
+              credentials.issue(tabbed, 1), t_deleted]
+    holder, buyers = batch_behind_held_row(base, batches, db, database_url, sale_id, tokens)
+    holder.rollback()
+    results = buyers.join()
+    # The first alone takes one unit; the batch's three go to the first three
+    # members whose tokens are good, the revoked ones in between taking none.
+    assert [results[i][:2] for i in range(8)] == [
+        (201, None), (201, None), (401, 'session_revoked'), (201, None),
+        (401, 'session_revoked'), (201, None), (409, 'sold_out'), (401, 'invalid_token')]
+    assert statements(db, sale_id) == [1, 3]
+    assert sale_state(db, sale_id) == (4, 0, 4)
+    assert {r['user_id'] for r in db.execute('SELECT user_id FROM orders')} == {first, u1, renewed, u4}
+    assert_invariants(db, sale_id, results.values())
+
+
 def test_thousands_of_distinct_users_sell_exactly_the_stock_in_batches(server, make_users, make_sale, db):
     base, _ = server()
     sale_id = make_sale(stock=1777)

@@ -1,5 +1,5 @@
-"""The fast paths: the poll cache with ETags, the sold-out short-circuit,
-and the bcrypt slots that keep a login burst from taking every thread."""
+"""The fast paths: the poll cache with ETags, and the sold-out short-circuit.
+(The queue that keeps a login burst from taking every thread: test_hashing.py.)"""
 
 import time
 from datetime import datetime
@@ -102,30 +102,3 @@ def test_sold_out_from_memory_still_needs_a_valid_token(client, make_sale, make_
     [(_, token)] = make_users(1)
     client.post(f'/api/flash-sales/{sale_id}/purchase', headers=auth(token), status=409)
     assert client.post(f'/api/flash-sales/{sale_id}/purchase', status=401).json['code'] == 'unauthorized'
-
-
-def test_logins_beyond_the_bcrypt_slots_are_refused_at_once(make_app):
-    """One slot, bcrypt cost 12 (~0.2 s): of logins arriving together, those
-    that find the slot taken get 503 overloaded immediately instead of
-    holding a server thread while they wait."""
-    app = make_app(bcrypt_rounds=12, bcrypt_slots=1).wsgi
-    results = []
-
-    def login():
-        resp = webtest.TestApp(app).post_json('/api/auth/login', {'email': 'x@example.com', 'password': 'password123'},
-                                              status=[401, 503])
-        results.append((resp.status_int, resp.json['code'], time.monotonic(), resp.headers.get('Retry-After')))
-
-    run_together([login] * 4, released_together=True)
-    assert len(results) == 4, results
-    refused = [r for r in results if r[0] == 503]
-    [(_, code, slot_freed, _)] = [r for r in results if r[0] == 401]
-    assert code == 'invalid_credentials'
-    assert len(refused) == 3, results
-    for _, code, answered, retry in refused:
-        assert (code, retry) == ('overloaded', '1')
-        # "At once": while the one login that had the slot was still hashing,
-        # not after waiting for the slot to come free.
-        assert answered < slot_freed, (
-            f'a refused login was answered {answered - slot_freed:.3f} s after the login holding the only '
-            'bcrypt slot finished: it waited for the slot instead of being refused at once')

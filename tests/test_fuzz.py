@@ -10,9 +10,11 @@ test_the_fuzzing_ran_enough_cases reports how many cases ran.
 
 import collections
 import hashlib
+import secrets
 from datetime import datetime
 from datetime import timezone
 
+import bcrypt
 import hypothesis
 import pytest
 import schemathesis
@@ -46,10 +48,14 @@ schema.app = APP
 
 
 @pytest.fixture
-def world(make_user, make_sale):
+def world(make_user, make_sale, db):
     """An admin (whose token every authenticated case carries) and sales in
     every state, for valid sale ids to name."""
     admin_id, token = make_user(admin=True)
+    # A real hash, of a password no case will guess: POST /api/me/password
+    # checks it (and a change would end the session every case carries).
+    db.execute('UPDATE users SET password_hash = %s WHERE id = %s',
+               (bcrypt.hashpw(secrets.token_bytes(16).hex().encode(), bcrypt.gensalt(4)).decode(), admin_id))
     sales = [
         make_sale(stock=3),
         make_sale(stock=1, remaining=0),

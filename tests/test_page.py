@@ -9,6 +9,7 @@ Set SCREENSHOTS=docs to also save the page in each state as docs/page-*.png.
 
 import os
 import re
+import threading
 import time
 import uuid
 from datetime import datetime
@@ -16,9 +17,13 @@ from datetime import timedelta
 from datetime import timezone
 from pathlib import Path
 
+import jwt
 import pytest
 
+from conftest import TEST_SECRET
 from conftest import call
+from conftest import wait_for
+from resources import hashing
 
 try:
     from playwright.sync_api import expect
@@ -335,17 +340,102 @@ def test_a_busy_server_says_when_to_try_again(shopper_page, make_sale, db):
     page = shopper_page()
     expect(page.get_by_test_id('buy')).to_be_enabled()
 
+    purchases = []
+    page.on('response', lambda r: purchases.append(r.status) if r.url.endswith('/purchase') else None)
     # Hold the sale row: the purchase waits out the server's lock_timeout and
-    # the API answers 503 overloaded with Retry-After.
+    # the API answers 503 overloaded with Retry-After. The page says so and
+    # tries again by itself, as often as it takes.
     with db.transaction():
         db.execute('SELECT id FROM flash_sales WHERE id = %s FOR UPDATE', (sale_id,))
         page.get_by_test_id('buy').click()
         expect(page.get_by_test_id('buy-message')).to_have_text(
-            re.compile(r'^The shop is busy, try again in \d+ s\.$'), timeout=8000)
+            re.compile(r'^Busy, trying again in \d+ s…$'), timeout=8000)
+        expect(page.get_by_test_id('buy-hint')).to_have_text(re.compile(r'^Busy, trying again in \d+ s…$'))
+        assert purchases and set(purchases) == {503}
 
-    expect(page.get_by_test_id('buy')).to_be_enabled(timeout=4000)
+    # No second click: the retry after the lock went is the one that buys.
+    expect(page.get_by_test_id('order')).to_be_visible(timeout=15000)
+    expect(page.get_by_test_id('buy-message')).to_have_text('')
+    assert purchases[-1] == 201 and purchases.count(201) == 1
+    assert db.execute('SELECT count(*) AS n FROM orders').fetchone()['n'] == 1
+
+
+@pytest.fixture
+def tiny_queue_server(make_app, serve_in_thread):
+    """The app with room for one login at a time in its hashing queue, in the
+    real server: (base URL, the queue)."""
+    queue = hashing.HashQueue(processes=1, capacity=1, max_wait=30, niceness=0)
+    yield serve_in_thread(make_app(queue=queue, hash_queue=1)), queue
+    queue.close()
+
+
+def test_a_login_answered_busy_is_retried_by_the_page_until_it_succeeds(browser, tiny_queue_server, db):
+    """A real 503: the queue's one place is taken by a slow login (a stored
+    hash of cost 15, seconds of bcrypt), so the page's login is refused with
+    Retry-After. The page says so, waits, tries again, and logs in."""
+    base, queue = tiny_queue_server
+    email, _ = register(base)
+    db.execute("INSERT INTO users (email, password_hash) VALUES ('slow@example.com', %s)",
+               (hashing.hash_password(b'slow password', 15),))
+    slow = threading.Thread(target=call, args=(base, 'POST', '/api/auth/login',
+                                               {'email': 'slow@example.com', 'password': 'slow password'}))
+    context = browser.new_context(base_url=base)
+    context.set_default_timeout(5000)
+    try:
+        page = context.new_page()
+        logins = []
+        page.on('response', lambda r: logins.append(r.status) if r.url.endswith('/api/auth/login') else None)
+        page.goto('/')
+        page.locator('#login-email').fill(email)
+        page.locator('#login-password').fill(PASSWORD)
+        slow.start()
+        wait_for(lambda: queue.in_flight == 1, timeout=30, message='the slow login to take the one place')
+        page.locator('#login-submit').click()
+        expect(page.get_by_test_id('auth-message')).to_have_text(re.compile(r'^Busy, trying again in \d+ s…$'))
+        expect(page.get_by_test_id('account-email')).to_have_text(email, timeout=60000)
+        assert logins[0] == 503 and logins[-1] == 200 and set(logins) == {503, 200}
+    finally:
+        slow.join(timeout=120)
+        context.close()
+
+
+def test_an_open_page_renews_its_token_in_the_background(open_page, make_sale, live_server, db):
+    """A token past half its life (logged in long before the sale) is swapped
+    for a fresh one without the password, and the shopper stays logged in."""
+    make_sale()
+    email, token = register(live_server)
+    user_id = jwt.decode(token, TEST_SECRET, algorithms=['HS256'])['sub']
+    now = int(time.time())
+    old = jwt.encode({'sub': user_id, 'gen': 0, 'iat': now - 3000, 'exp': now + 600}, TEST_SECRET, algorithm='HS256')
+    page = open_page()
+    refreshes = []
+    page.on('response', lambda r: refreshes.append(r.status) if r.url.endswith('/api/auth/refresh') else None)
+    page.evaluate('token => localStorage.setItem("flashsale.token", token)', old)
+    page.reload()
+    expect(page.get_by_test_id('account-email')).to_have_text(email)
+    page.wait_for_function('old => localStorage.getItem("flashsale.token") !== old', arg=old)
+    renewed = page.evaluate('localStorage.getItem("flashsale.token")')
+    claims = jwt.decode(renewed, TEST_SECRET, algorithms=['HS256'])
+    assert claims['sub'] == user_id and claims['exp'] >= now + 3600
+    assert refreshes == [200]
+    expect(page.get_by_test_id('buy')).to_be_enabled()
+
+
+def test_a_revoked_session_sends_the_open_page_back_to_the_login_form(open_page, make_sale, live_server, db):
+    make_sale()
+    email, _ = register(live_server)
+    page = open_page()
+    # The page's own look for an order after the login has its answer first:
+    # revoked while it was in flight, that look would end the session, not
+    # the purchase this test is about.
+    with page.expect_response(lambda r: '/api/me/orders/' in r.url):
+        log_in(page, email)
+    expect(page.get_by_test_id('buy')).to_be_enabled()
+    db.execute('UPDATE users SET token_generation = token_generation + 1 WHERE email = %s', (email,))
     page.get_by_test_id('buy').click()
-    expect(page.get_by_test_id('order')).to_be_visible()
+    expect(page.get_by_test_id('auth-message')).to_have_text('Your session expired, please log in again.')
+    expect(page.get_by_test_id('login-form')).to_be_visible()
+    assert db.execute('SELECT count(*) AS n FROM orders').fetchone()['n'] == 0
 
 
 def test_shoppers_do_not_see_the_admin_panel_and_the_api_refuses_them(shopper_page, make_sale, live_server):
@@ -396,11 +486,18 @@ def test_an_admin_creates_a_sale_from_the_page_in_local_time(open_page, admin_em
 
 def test_the_admin_table_counts_items_sold(open_page, admin_email, make_sale, live_server):
     sale_id = make_sale(stock=4)
-    for _ in range(3):
+    for _ in range(2):
         buy(live_server, sale_id, register(live_server)[1])
     page = open_page()
     log_in(page, admin_email)
+    expect(page.get_by_test_id('sale-row-sold')).to_have_text('2 / 4')
+    # Someone else buys: the open table follows, with no Refresh click.
+    buy(live_server, sale_id, register(live_server)[1])
     expect(page.get_by_test_id('sale-row-sold')).to_have_text('3 / 4')
+    # And the admin's own purchase shows at once.
+    page.get_by_test_id('buy').click()
+    expect(page.get_by_test_id('order')).to_be_visible()
+    expect(page.get_by_test_id('sale-row-sold')).to_have_text('4 / 4')
 
 
 def test_form_errors_are_shown_in_words_next_to_the_field(open_page, live_server):

@@ -5,6 +5,12 @@
 const TOKEN_KEY = 'flashsale.token';
 const POLL_MS = 1500;
 const TICK_MS = 250;
+// How often an open page looks at its token, and how often the admin's table
+// of sales is read again while nothing tells us it changed.
+const RENEW_CHECK_MS = 30 * 1000;
+const ADMIN_TABLE_MS = 10 * 1000;
+// Retries of a login or a purchase the server answered "busy" (503/429).
+const BUSY_RETRIES = 20;
 
 const $ = (id) => document.getElementById(id);
 
@@ -19,6 +25,7 @@ const state = {
   order: null, // this user's order in state.sale, if any
   buying: false,
   busyUntil: 0, // local ms: the server asked us to wait until then
+  retryingIn: 0, // seconds until an automatic retry of a busy purchase, shown on the button
 };
 
 // ---------------------------------------------------------------- the API
@@ -70,7 +77,7 @@ async function api(method, path, { body, etag, auth = true } = {}) {
   return { status: response.status, etag: response.headers.get('ETag'), data };
 }
 
-const SESSION_CODES = new Set(['unauthorized', 'invalid_token', 'token_expired']);
+const SESSION_CODES = new Set(['unauthorized', 'invalid_token', 'token_expired', 'session_revoked']);
 const SESSION_EXPIRED = 'Your session expired, please log in again.';
 
 function isSessionError(error) {
@@ -113,6 +120,7 @@ const MESSAGES = {
   unauthorized: SESSION_EXPIRED,
   invalid_token: SESSION_EXPIRED,
   token_expired: SESSION_EXPIRED,
+  session_revoked: SESSION_EXPIRED,
   rate_limited: (error) => `Too many attempts. Try again in ${error.retryAfter} s.`,
   overloaded: busy,
   database_unavailable: busy,
@@ -129,6 +137,40 @@ const MESSAGES = {
   bad_gateway: "The shop didn't answer. If you were buying, reload to see whether it went through.",
   gateway_timeout: "The shop took too long to answer. If you were buying, reload to see whether it went through.",
 };
+
+// ---------------------------------------------------------------- busy: wait and try again
+
+const sleep = (ms) => new Promise((resolve) => { setTimeout(resolve, ms); });
+
+// The wait the server asked for, plus up to a second (or a quarter of the
+// wait) at random, so that a crowd told "2 s" does not come back in step.
+function retryDelayMs(error) {
+  const wait = error.retryAfter * 1000;
+  return wait + Math.random() * Math.min(1000, wait / 4);
+}
+
+// request() until it is answered with anything but "busy" (503 or 429 with
+// Retry-After), at most BUSY_RETRIES more times, waiting as the server said.
+// tell(seconds) is called every second of a wait, and tell(0) when it ends;
+// stillWanted() false stops the retries (the shopper moved on).
+async function retryWhileBusy(request, tell, stillWanted = () => true) {
+  for (let attempt = 0; ; attempt += 1) {
+    try {
+      return await request();
+    } catch (error) {
+      if (!isBusy(error) || attempt >= BUSY_RETRIES || !stillWanted()) throw error;
+      const until = Date.now() + retryDelayMs(error);
+      while (Date.now() < until && stillWanted()) {
+        tell(Math.ceil((until - Date.now()) / 1000));
+        await sleep(Math.min(1000, until - Date.now()));
+      }
+      tell(0);
+      if (!stillWanted()) throw error;
+    }
+  }
+}
+
+const busyText = (seconds) => `Busy, trying again in ${seconds} s…`;
 
 function messageFor(error) {
   // Not the API's (a proxy's own 502 or 503, say): by its status.
@@ -214,6 +256,7 @@ function buyBlocker(sale, phase) {
   if (phase === 'active' && sale.remainingStock <= 0) return 'Sold out. Better luck next time!';
   if (!state.user) return 'Log in or create an account to buy.';
   if (phase === 'upcoming') return 'The button unlocks when the sale starts.';
+  if (state.buying && state.retryingIn) return busyText(state.retryingIn);
   if (state.buying) return 'Placing your order…';
   const wait = Math.ceil((state.busyUntil - Date.now()) / 1000);
   if (wait > 0) return `The shop is busy, try again in ${wait} s.`;
@@ -314,6 +357,8 @@ async function refreshSale() {
   state.clockOffset = parseTime(result.data.serverTime) - Date.now();
   state.etag = result.etag;
   setSale(result.data.flashSale);
+  // The current sale changed (stock, or which sale): so did the admin's table.
+  if (state.user?.isAdmin) loadSales();
 }
 
 // Poll while the tab is visible; a hidden tab costs the server nothing.
@@ -360,9 +405,22 @@ async function buy() {
   setText($('buy-message'), '');
   render();
   try {
-    const { data } = await api('POST', `/api/flash-sales/${sale.id}/purchase`, { body: {} });
+    // Retrying a purchase is safe: it is one order per person, so a retry of
+    // one that did go through is answered already_purchased, never a second
+    // order (and a busy answer means nothing was bought).
+    const { data } = await retryWhileBusy(
+      () => api('POST', `/api/flash-sales/${sale.id}/purchase`, { body: {} }),
+      (seconds) => {
+        state.retryingIn = seconds;
+        showMessage($('buy-message'), seconds ? busyText(seconds) : 'Trying again…', 'info');
+        render();
+      },
+      () => state.sale?.id === sale.id && state.user !== null,
+    );
     state.order = data.order;
+    setText($('buy-message'), '');
     poll(); // show the new stock now, not in 1.5 s
+    if (state.user?.isAdmin) loadSales(); // and the admin's count of items sold
   } catch (error) {
     if (isSessionError(error)) return sessionExpired();
     if (error.code === 'already_purchased') await checkOrder();
@@ -371,6 +429,7 @@ async function buy() {
     showMessage($('buy-message'), messageFor(error));
   } finally {
     state.buying = false;
+    state.retryingIn = 0;
     render();
   }
 }
@@ -389,6 +448,7 @@ function signedIn(user) {
     loadSales();
   }
   checkOrder();
+  renewSession();
   render();
 }
 
@@ -402,6 +462,42 @@ function signOut() {
   setText($('buy-message'), '');
   showAuthForm('login');
   render();
+}
+
+// ---------------------------------------------------------------- keeping the session
+
+// The token's own claims (it is ours: no need to verify it here, the server does).
+function tokenClaims(token) {
+  try {
+    const payload = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
+    return JSON.parse(atob(payload));
+  } catch {
+    return null;
+  }
+}
+
+// A shopper who logs in an hour before the sale must still be logged in when
+// it opens: past half its life, the token is swapped for a fresh one (no
+// password, no bcrypt: POST /api/auth/refresh). A busy or unreachable server
+// is asked again at the next check; a refused token means log in again.
+let renewing = false;
+
+async function renewSession() {
+  const token = localStorage.getItem(TOKEN_KEY);
+  const claims = token && tokenClaims(token);
+  if (!state.user || renewing || !claims?.exp || !claims?.iat) return;
+  const halfLife = ((claims.exp - claims.iat) * 1000) / 2;
+  if (claims.exp * 1000 - Date.now() > halfLife) return;
+  renewing = true;
+  try {
+    const { data } = await api('POST', '/api/auth/refresh');
+    // Only if nobody logged in or out meanwhile (here or in another tab).
+    if (localStorage.getItem(TOKEN_KEY) === token) localStorage.setItem(TOKEN_KEY, data.token);
+  } catch (error) {
+    if (error.status === 401 && localStorage.getItem(TOKEN_KEY) === token) sessionExpired();
+  } finally {
+    renewing = false;
+  }
 }
 
 function sessionExpired() {
@@ -456,7 +552,13 @@ async function submitAuth(kind, event) {
 
   submit.disabled = true;
   try {
-    const { data } = await api('POST', `/api/auth/${kind}`, { body: { email, password }, auth: false });
+    // A busy answer (the queue for password checks is full) did nothing:
+    // trying again is safe for a registration too.
+    const { data } = await retryWhileBusy(
+      () => api('POST', `/api/auth/${kind}`, { body: { email, password }, auth: false }),
+      (seconds) => showMessage($('auth-message'), seconds ? busyText(seconds) : 'Trying again…', 'info'),
+    );
+    setText($('auth-message'), '');
     localStorage.setItem(TOKEN_KEY, data.token);
     form.reset();
     signedIn(data.user);
@@ -592,6 +694,10 @@ $('create-sale-form').addEventListener('submit', createSale);
 $('sales-refresh').addEventListener('click', loadSales);
 
 document.addEventListener('visibilitychange', poll);
+document.addEventListener('visibilitychange', () => { if (!document.hidden) renewSession(); });
+setInterval(renewSession, RENEW_CHECK_MS);
+// Sales other than the polled one change too (another admin's new sale).
+setInterval(() => { if (state.user?.isAdmin && !document.hidden) loadSales(); }, ADMIN_TABLE_MS);
 // Logging in or out in another tab changes the token under us.
 window.addEventListener('storage', (event) => {
   if (event.key === TOKEN_KEY) loadUser();
