@@ -129,8 +129,10 @@ def post_all(port, requests, timeout=120):
 
 def serve(database_url, tmp_path, **env):
     port = free_port()
+    # One process (WORKERS defaults to one per core): the tests count one
+    # process's queue, threads and hashing processes.
     proc = start_serve(clean_env(DATABASE_URL=database_url, JWT_SECRET=TEST_SECRET, PORT=str(port),
-                                 LOG_LEVEL='INFO', **env), tmp_path / 'serve.log')
+                                 LOG_LEVEL='INFO', **{'WORKERS': '1', **env}), tmp_path / 'serve.log')
     return proc, port
 
 
