@@ -539,23 +539,26 @@ def init_db(settings):
     print('schema applied')
 
 
-def grant_admin(settings, email):
+def _change_user(settings, email, statement, missing):
+    """Run `statement` (one row or none) for the user with `email`, on the
+    same database as `serve`; the user's row, or ConfigError(missing)."""
     url, settings = _database(settings)
     with _first_connection(settings, url) as conn:
         database.apply_schema(conn)
-        user = sql.one(conn, sql.GRANT_ADMIN, {'email': email.strip().lower()})
+        user = sql.one(conn, statement, {'email': email.strip().lower()})
     if user is None:
-        raise ConfigError(f'no user with email {email!r}: register first (POST /api/auth/register)')
+        raise ConfigError(missing)
+    return user
+
+
+def grant_admin(settings, email):
+    user = _change_user(settings, email, sql.GRANT_ADMIN,
+                        f'no user with email {email!r}: register first (POST /api/auth/register)')
     print(f'{user["email"]} is now an admin')
 
 
 def revoke_sessions(settings, email):
-    url, settings = _database(settings)
-    with _first_connection(settings, url) as conn:
-        database.apply_schema(conn)
-        user = sql.one(conn, sql.REVOKE_SESSIONS, {'email': email.strip().lower()})
-    if user is None:
-        raise ConfigError(f'no user with email {email!r}')
+    user = _change_user(settings, email, sql.REVOKE_SESSIONS, f'no user with email {email!r}')
     print(f'every session of {user["email"]} is ended: their tokens fail from now on')
 
 
