@@ -6,6 +6,8 @@ everything else keeps its threads while logins wait."""
 import functools
 import http.client
 import math
+import os
+import signal
 import threading
 import time
 from pathlib import Path
@@ -113,10 +115,11 @@ def test_a_job_not_served_within_the_wait_gets_503_and_its_slot_back(make_queue)
     assert queue.seconds_per_hash > 0.01  # the slow hash was measured when it ended
 
 
-def post_all(port, requests, timeout=120):
+def post_all(port, requests, timeout=120, results=None):
     """Send every (path, body) at once, one thread and connection each;
-    returns [(status, headers, body, seconds)] in order."""
-    results = [None] * len(requests)
+    returns [(status, headers, body, seconds)] in order (filled into
+    `results` as the answers come, if given)."""
+    results = [None] * len(requests) if results is None else results
 
     def post(index, path, body):
         answer, seconds = timed(lambda: call(f'http://127.0.0.1:{port}', 'POST', path, body, timeout=timeout))
@@ -176,44 +179,54 @@ def children(pid):
 
 
 def test_a_login_flood_is_refused_with_retry_after_in_bounded_threads_and_memory(database_url, tmp_path, make_sale):
-    """A queue of 4 and one hashing process at cost 13 (half a second a
-    hash): 4 of 300 logins arriving at once are queued, the rest get 503
-    overloaded with Retry-After at once. While the queued ones wait, every
-    other request is served: with THREADS=2, both threads would be taken if
-    the waiting logins used them. Threads, memory and hashing processes stay
-    where they were."""
+    """A queue of 4 and one hashing process: 4 of 300 logins arriving at once
+    are queued, the rest get 503 overloaded with Retry-After at once. While
+    the queued ones wait, every other request is served: with THREADS=2, both
+    threads would be taken if the waiting logins used them. Threads, memory
+    and hashing processes stay where they were.
+
+    The hashing process is stopped (SIGSTOP) for the whole flood, so no queued
+    login can finish and free its place while the 300 are still arriving: on
+    a busy machine, sending them takes longer than a hash."""
     make_sale(stock=5)
-    # A wait long enough and normal priority (see the test above): on a busy
-    # machine the queue's one deadline must not refuse one of the four.
     proc, port = serve(database_url, tmp_path, THREADS='2', POOL_SIZE='2', HASH_QUEUE='4', HASH_PROCESSES='1',
-                       BCRYPT_ROUNDS='13', HASH_WAIT_MS='120000', HASH_NICE='0')
+                       HASH_WAIT_MS='120000')
     try:
         # One login first: the executor's two threads start with the first job.
         [(status, *_)] = post_all(port, [('/api/auth/login', {'email': 'first@example.com', 'password': 'password123'})])
         assert status == 401
         threads_before, rss_before = server_threads_and_rss(proc.pid)
-        served_meanwhile = []
-        flood = threading.Thread(target=lambda: served_meanwhile.extend(post_all(
-            port, [('/api/auth/login', {'email': f'flood-{i}@example.com', 'password': 'password123'})
-                   for i in range(300)])))
-        flood.start()
-        # While the queued logins wait (4 hashes: two seconds), polls answer.
-        polls = []
-        conn = http.client.HTTPConnection('127.0.0.1', port, timeout=30)
-        while flood.is_alive() and len(polls) < 50:
-            conn.request('GET', '/api/flash-sales/current')
-            resp = conn.getresponse()
-            resp.read()
-            polls.append(resp.status)
-        conn.close()
+        hashers = [pid for child in children(proc.pid) for pid in children(child)]  # the forkserver's children
+        assert len(hashers) == 1, hashers
+        served_meanwhile = [None] * 300
+        os.kill(hashers[0], signal.SIGSTOP)
+        try:
+            flood = threading.Thread(target=post_all, args=(
+                port, [('/api/auth/login', {'email': f'flood-{i}@example.com', 'password': 'password123'})
+                       for i in range(300)]), kwargs={'results': served_meanwhile})
+            flood.start()
+            # While the queued logins wait, polls answer.
+            polls = []
+            conn = http.client.HTTPConnection('127.0.0.1', port, timeout=30)
+            for _ in range(50):
+                conn.request('GET', '/api/flash-sales/current')
+                resp = conn.getresponse()
+                resp.read()
+                polls.append(resp.status)
+            conn.close()
+            wait_for(lambda: sum(1 for r in served_meanwhile if r is not None) == 296, timeout=120,
+                     message='every login that found the queue full to be answered')
+        finally:
+            os.kill(hashers[0], signal.SIGCONT)
         flood.join(timeout=120)
+        assert not flood.is_alive(), 'the four queued logins were not answered'
         threads_after, rss_after = server_threads_and_rss(proc.pid)
         hashing_processes = children(proc.pid)
     finally:
         stop(proc)
     statuses = [status for status, *_ in served_meanwhile]
     refused = [(headers, body) for status, headers, body, _ in served_meanwhile if status == 503]
-    assert statuses.count(401) == 4  # served: no such user, after a real (decoy) hash each
+    assert statuses.count(401) == 4, statuses  # served: no such user, after a real (decoy) hash each
     assert len(refused) == 296
     assert all(body['code'] == 'overloaded' and int(headers['Retry-After']) >= 1 for headers, body in refused)
     assert polls == [200] * 50  # 50 polls answered while the logins waited
