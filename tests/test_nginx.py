@@ -2,7 +2,7 @@
 scripts/nginx.conf (its ports changed): the invariants hold across processes,
 polls are answered from nginx's one-second cache (never a request with a
 token), nginx's own refusals are JSON, and a POST is never passed on to a
-second process."""
+second process, whether the first one dropped it or never answered."""
 
 import collections
 import json
@@ -52,14 +52,19 @@ def nginx_binary():
     return nginx
 
 
-def start_nginx(tmp_path, upstream_ports, ready_path='/health'):
+def start_nginx(tmp_path, upstream_ports, ready_path='/health', changes=()):
     """The shipped nginx.conf in front of upstream_ports; returns (front URL,
     process) once ready_path answers 200 through it (None: once its port
-    accepts connections, with no request sent upstream)."""
+    accepts connections, with no request sent upstream). `changes`: more
+    (text, replacement) pairs, each of whose text must be in the file."""
     nginx = nginx_binary()
     front_port = free_port()
+    conf = NGINX_CONF.read_text()
+    for text, replacement in changes:
+        assert conf.count(text) == 1, f'{text!r} is not in scripts/nginx.conf exactly once'
+        conf = conf.replace(text, replacement)
     conf = (
-        NGINX_CONF.read_text()
+        conf
         .replace('127.0.0.1:8001', f'127.0.0.1:{upstream_ports[0]}')
         .replace('127.0.0.1:8002', f'127.0.0.1:{upstream_ports[1]}')
         .replace('127.0.0.1:8080', f'127.0.0.1:{front_port}')
@@ -258,15 +263,18 @@ def test_nginx_refuses_in_the_api_error_shape(behind_nginx):
     assert body == {'code': 'rate_limited', 'message': 'Too many requests; slow down.'}
 
 
-class DiesMidRequest:
-    """An upstream that reads a whole request, then drops the connection
-    without answering (as a process killed while it served the request):
-    every request it saw is recorded."""
+class BrokenUpstream:
+    """An upstream that reads a whole request and then never answers it:
+    `reset` drops the connection (as a process killed while it served the
+    request), `silent` keeps it open and says nothing (as a process that
+    hangs). Every request it saw is recorded."""
 
-    def __init__(self):
+    def __init__(self, mode='reset'):
+        self.mode = mode
         self.listener = socket.create_server(('127.0.0.1', 0))
         self.port = self.listener.getsockname()[1]
         self.seen = []
+        self.stop = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -294,15 +302,19 @@ class DiesMidRequest:
             while len(body) < length:
                 body += conn.recv(65536)
             self.seen.append(lines[0])
+            if self.mode == 'silent':
+                self.stop.wait(60)
+                return
             # Reset, not a clean close: the answer is gone for good.
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b'\x01\x00\x00\x00\x00\x00\x00\x00')
 
     def close(self):
+        self.stop.set()
         self.listener.close()
 
 
 def test_a_post_is_never_passed_on_to_a_second_process(database_url, tmp_path, make_users, make_sale, db):
-    dying = DiesMidRequest()
+    dying = BrokenUpstream('reset')
     app_port = free_port()
     log = AppLog(app_port, tmp_path / 'app.log')
     app = start_serve(app_env(database_url, app_port), log.path)
@@ -335,6 +347,47 @@ def test_a_post_is_never_passed_on_to_a_second_process(database_url, tmp_path, m
         app.terminate()
         app.wait(timeout=30)
         dying.close()
+
+
+def test_an_upstream_that_never_answers_is_a_json_504_and_the_post_is_not_sent_again(
+        database_url, tmp_path, make_users, make_sale, db):
+    """A process that hangs with a purchase: after proxy_read_timeout nginx
+    answers 504 in the API's shape, and does not pass the purchase on to the
+    other process (`timeout` is in proxy_next_upstream, but a POST that
+    reached an upstream is never sent twice). The read timeout is cut from
+    15 s to 1 s for the test; everything else is the shipped file."""
+    hung = BrokenUpstream('silent')
+    app_port = free_port()
+    log = AppLog(app_port, tmp_path / 'app.log')
+    app = start_serve(app_env(database_url, app_port), log.path)
+    front = None
+    try:
+        base_url, front = start_nginx(tmp_path, [hung.port, app_port], ready_path=None,
+                                      changes=[('proxy_read_timeout 15s;', 'proxy_read_timeout 1s;')])
+        sale_id = make_sale(stock=100)
+        answers = collections.Counter()
+        timed_out = None
+        # Round robin sends one of the first two purchases to the hung upstream.
+        for _, token in make_users(4):
+            status, headers, body = call(base_url, 'POST', f'/api/flash-sales/{sale_id}/purchase', token=token,
+                                         timeout=30)
+            answers[status] += 1
+            if status == 504:
+                timed_out = (headers, body)
+        assert answers[504] >= 1 and set(answers) == {201, 504}, answers
+        headers, body = timed_out
+        assert headers['content-type'] == 'application/json'
+        assert body['code'] == 'gateway_timeout' and 'GET /api/me/orders/' in body['message']
+        assert len([line for line in hung.seen if line.startswith('POST ')]) == answers[504]
+        assert log.count('/purchase ') == answers[201]
+        assert sale_state(db, sale_id) == (100, 100 - answers[201], answers[201])
+    finally:
+        if front is not None:
+            front.terminate()
+            front.wait(timeout=30)
+        app.terminate()
+        app.wait(timeout=30)
+        hung.close()
 
 
 def test_nginx_drops_idle_app_connections_before_the_app_does():
