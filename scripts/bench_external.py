@@ -131,8 +131,9 @@ class Servers:
     """The shape under test: `plain` (one `flashsale serve`, defaults) or
     `nginx` (two `flashsale serve` on their own ports behind scripts/nginx.conf)."""
 
-    def __init__(self, shape, database_url, workdir, env_extra=None):
+    def __init__(self, shape, database_url, workdir, env_extra=None, nginx_conf=NGINX_CONF):
         self.shape = shape
+        self.nginx_conf = Path(nginx_conf)
         self.database_url = database_url
         self.workdir = Path(workdir)
         self.secret = secrets.token_urlsafe(48)
@@ -175,7 +176,7 @@ class Servers:
         for port, proc in zip(app_ports, self.procs):
             self._wait(f'http://127.0.0.1:{port}/health', proc)
         self.setup_url = f'http://127.0.0.1:{app_ports[0]}'
-        conf = (NGINX_CONF.read_text()
+        conf = (self.nginx_conf.read_text()
                 .replace('127.0.0.1:8001', f'127.0.0.1:{app_ports[0]}')
                 .replace('127.0.0.1:8002', f'127.0.0.1:{app_ports[1]}')
                 .replace('127.0.0.1:8080', f'127.0.0.1:{front}'))
@@ -517,6 +518,8 @@ def parse_args(argv=None):
     parser.add_argument('--duration', type=int, default=8, help='seconds per wrk run')
     parser.add_argument('--buyers', type=int, default=2000, help='users registered for the purchase runs')
     parser.add_argument('--watchers', type=int, default=5000)
+    parser.add_argument('--nginx-conf', default=str(NGINX_CONF),
+                        help='(nginx shape) a variant of scripts/nginx.conf to measure, its ports as in the shipped one')
     parser.add_argument('--artillery-script', help='an Artillery script to run as the crowd test instead')
     parser.add_argument('--json', dest='json_file')
     return parser.parse_args(argv)
@@ -554,7 +557,7 @@ def main(argv=None):
         log('bench_external: no --database-url: starting a throwaway embedded PostgreSQL')
         args.database_url = embedded.start(tempfile.mkdtemp(prefix='flashsale-bench-'), delete_on_exit=True)
     workdir = tempfile.mkdtemp(prefix='flashsale-external-')
-    servers = Servers(args.shape, args.database_url, workdir).start()
+    servers = Servers(args.shape, args.database_url, workdir, nginx_conf=args.nginx_conf).start()
     log(f'bench_external: {args.shape} at {servers.base_url}; logs in {workdir}')
     try:
         results = asyncio.run(main_async(args, servers, workdir, log))
