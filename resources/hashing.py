@@ -110,11 +110,16 @@ class HashQueue:
         # the caller (credentials.Credentials: the decoy hash at start-up).
         self.seconds_per_hash = seconds_per_hash
         self._executor = None
+        self._waiting = set()  # futures of jobs admitted and not yet done
+        self._stopping = False
 
     def run(self, function, *args):
         """function(*args) in a hashing process, after the ones queued
         before it; 503 overloaded if that cannot happen within max_wait."""
         with self._lock:
+            if self._stopping:
+                # Shutting down: another process (or this one restarted) can serve it.
+                raise overloaded(1)
             ahead = self._in_flight
             if ahead >= self.capacity or self._wait(ahead) > self.max_wait:
                 # Refused at once: holding a thread until the deadline would
@@ -130,6 +135,7 @@ class HashQueue:
                 self._executor = None
                 raise overloaded(1) from None
             self._in_flight += 1
+            self._waiting.add(future)
         future.add_done_callback(self._finished)
         try:
             result, _ = future.result(timeout=self.max_wait)
@@ -140,6 +146,8 @@ class HashQueue:
             # its slot is freed when it ends.
             future.cancel()
             raise overloaded(self._retry_after(self._in_flight)) from None
+        except concurrent.futures.CancelledError:
+            raise overloaded(1) from None  # by stop(): the server is shutting down
         except concurrent.futures.BrokenExecutor:
             with self._lock:
                 if self._executor is executor:
@@ -178,6 +186,7 @@ class HashQueue:
     def _finished(self, future):
         with self._lock:
             self._in_flight -= 1
+            self._waiting.discard(future)
             if future is not None and not future.cancelled() and future.exception() is None:
                 _, seconds = future.result()
                 self.seconds_per_hash = 0.8 * self.seconds_per_hash + 0.2 * seconds
@@ -185,6 +194,16 @@ class HashQueue:
     @property
     def in_flight(self):
         return self._in_flight
+
+    def stop(self):
+        """SIGTERM: every login still queued is answered 503 overloaded now
+        (while the server can still send it), and so is every new one; the
+        hashes already running finish and are answered as usual."""
+        with self._lock:
+            self._stopping = True
+            waiting = list(self._waiting)
+        for future in waiting:
+            future.cancel()  # fails, harmlessly, for a job a process has started
 
     def close(self):
         with self._lock:

@@ -237,6 +237,11 @@ class Prepared:
         self.database_url = database_url
         self.run_id = uuid.uuid4().hex[:8]
         self.admin = None
+        self.batches = 0  # each call's users are new ones, also in a --repeat
+
+    def label(self, label):
+        self.batches += 1
+        return f'ext-{self.run_id}-{label}-{self.batches}'
 
     async def admin_token(self):
         if self.admin is None:
@@ -245,7 +250,7 @@ class Prepared:
         return self.admin
 
     async def users(self, count, label):
-        users = await self.api.register_users(count, f'ext-{self.run_id}-{label}', concurrency=8)
+        users = await self.api.register_users(count, self.label(label), concurrency=8)
         self.api.pool.close()
         return users
 
@@ -282,7 +287,7 @@ class ReferencePrepared(Prepared):
         with psycopg.connect(self.database_url, autocommit=True) as conn:
             rows = conn.execute(
                 "INSERT INTO users (email, password) SELECT %s || '-' || g || '@example.com', 'x' "
-                'FROM generate_series(1, %s) g RETURNING id, email', (f'ext-{self.run_id}-{label}', count),
+                'FROM generate_series(1, %s) g RETURNING id, email', (self.label(label), count),
             ).fetchall()
         secret = os.environ['REFERENCE_JWT_SECRET']
         now = int(time.time())

@@ -80,6 +80,11 @@ class Connection:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return cls(reader, writer)
 
+    def closed_by_server(self):
+        """True once the server's FIN has arrived (nothing is left unread on a
+        connection that sat idle), or the transport is closing."""
+        return self.reader.at_eof() or self.writer.is_closing()
+
     async def request(self, raw: bytes) -> Response:
         self.writer.write(raw)
         head = await self.reader.readuntil(b'\r\n\r\n')
@@ -206,6 +211,19 @@ class ConnectionPool:
         """One request on a pooled connection, kept for the next one if the answer allows it
         (a timeout cancelling the request closes the connection instead)."""
         conn = await self.acquire()
+        if conn.closed_by_server():
+            # It sat in the pool past the server's idle timeout (IDLE_TIMEOUT_MS)
+            # and the server closed it: a new connection in its place, never
+            # a request sent into a closed one.
+            conn.close()
+            self.discarded += 1
+            try:
+                conn = await Connection.open(self.host, self.port)
+            except BaseException:
+                self.connect_errors += 1
+                self.in_use -= 1
+                self._give_back(None)
+                raise
         reusable = False
         try:
             response = await conn.request(raw)

@@ -115,6 +115,34 @@ def test_a_job_not_served_within_the_wait_gets_503_and_its_slot_back(make_queue)
     assert queue.seconds_per_hash > 0.01  # the slow hash was measured when it ended
 
 
+def test_stopping_answers_every_queued_job_503_at_once_and_refuses_new_ones(make_queue):
+    """SIGTERM (the server calls stop()): the jobs still queued are answered
+    503 overloaded at once, while the server can still send the answer (left
+    to the shutdown, they would be cancelled into a 500 after the grace), new
+    jobs are refused, and the hash already running finishes. The executor
+    hands at most processes + 1 jobs to its processes ahead of time; those
+    run to the end."""
+    queue = make_queue(processes=1)
+    slow, slow_outcome = in_background(queue.run, SLOW, b'password123', 14)
+    wait_for(lambda: queue.in_flight == 1, timeout=60)
+    queued = []
+    for i in range(6):
+        queued.append(in_background(queue.run, time.monotonic))
+        wait_for(lambda: queue.in_flight == i + 2, timeout=60, message='the job to be queued')
+    queue.stop()
+    with pytest.raises(APIError) as refused:
+        queue.run(time.monotonic)
+    assert refused.value.error_code == 'overloaded' and refused.value.headers['Retry-After'] == '1'
+    for thread, _ in queued:
+        thread.join(timeout=120)
+    answers = [outcome[0] for _, outcome in queued]
+    assert all(isinstance(answer, float) or answer.error_code == 'overloaded' for answer in answers), answers
+    assert sum(isinstance(answer, APIError) for answer in answers) >= 4, answers
+    slow.join(timeout=120)
+    assert slow_outcome[0].startswith('$2b$14$')
+    wait_for(lambda: queue.in_flight == 0, timeout=60, message='the queue to empty')
+
+
 def post_all(port, requests, timeout=120, results=None):
     """Send every (path, body) at once, one thread and connection each;
     returns [(status, headers, body, seconds)] in order (filled into

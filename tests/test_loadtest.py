@@ -187,3 +187,32 @@ def test_percentile_is_nearest_rank():
     values = sorted(range(1, 101))
     assert [loadtest.percentile(values, p) for p in (50, 90, 99, 100)] == [50, 90, 99, 100]
     assert loadtest.percentile([], 50) is None
+
+
+def test_a_pooled_connection_the_server_closed_while_idle_is_replaced_not_used(make_app, serve_in_thread):
+    """The server closes a connection idle past IDLE_TIMEOUT_MS; the load
+    tools' pool must open a new one for the next request instead of sending
+    it into the closed one (which reads 0 bytes: a request lost)."""
+    import asyncio
+
+    import loadclient
+
+    base_url = serve_in_thread(make_app(idle_timeout_ms=200))
+    host, port = loadclient.split_base_url(base_url)[:2]
+    raw = loadclient.build_request('GET', '/health', f'{host}:{port}')
+
+    async def scenario():
+        pool = loadclient.ConnectionPool(host, port, size=0, max_size=1)
+        try:
+            first = await pool.send(raw)
+            [conn] = pool.idle
+            deadline = asyncio.get_running_loop().time() + 30
+            while not conn.reader.at_eof():  # the server's FIN has arrived
+                assert asyncio.get_running_loop().time() < deadline, 'the server never closed the idle connection'
+                await asyncio.sleep(0.05)
+            second = await pool.send(raw)
+            return first.status, second.status, pool.discarded
+        finally:
+            pool.close()
+
+    assert asyncio.run(scenario()) == (200, 200, 1)
