@@ -78,6 +78,20 @@ def test_jobs_are_served_first_come_first_served(make_queue):
     assert queue.in_flight == 0
 
 
+@pytest.mark.parametrize(('niceness', 'policy'), [(19, os.SCHED_IDLE), (0, os.SCHED_OTHER)])
+def test_hashes_run_at_the_lowest_priority_there_is_unless_told_otherwise(niceness, policy):
+    """HASH_NICE=19 (the default): nice 19 and SCHED_IDLE, so a waking request
+    thread takes the core from a hash at once; HASH_NICE=0: neither."""
+    queue = hashing.HashQueue(1, 8, 60.0, 0.5, niceness=niceness)
+    try:
+        pid = queue.run(os.getpid)
+        assert pid != os.getpid()
+        assert os.sched_getscheduler(pid) == policy
+        assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, 0) + niceness
+    finally:
+        queue.close()
+
+
 def test_a_full_queue_answers_503_at_once_with_an_honest_retry_after(make_queue):
     queue = make_queue(processes=1, capacity=3)
     runs = [in_background(queue.run, SLOW, b'password123', 13) for _ in range(3)]
