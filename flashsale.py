@@ -86,7 +86,7 @@ class Settings:
     hash_processes: int = 1  # bcrypt processes (nice 19); default: the cores this process may use, / WORKERS
     hash_queue: int = 64  # logins and registrations queued or hashing at once; more get 503 at once
     hash_wait: float = 20.0  # seconds a login may wait for its turn, then 503 with Retry-After
-    hash_nice: int = 19  # the hashing processes' niceness: they get the CPU nothing else wants
+    hash_nice: int = 19  # the hashing processes' niceness (19: also SCHED_IDLE): they get the CPU nothing else wants
     max_body_bytes: int = 16 * 1024
     data_dir: str = '.flashsale'  # the embedded database and its secret
     trusted_proxy: str | None = None  # e.g. 127.0.0.1 when behind nginx
