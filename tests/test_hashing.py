@@ -3,6 +3,7 @@ first come first served, in low-priority processes; a full queue answers 503
 with an honest Retry-After; the queue's threads and memory are bounded, and
 everything else keeps its threads while logins wait."""
 
+import collections
 import functools
 import http.client
 import math
@@ -277,6 +278,48 @@ def test_a_login_flood_is_refused_with_retry_after_in_bounded_threads_and_memory
     # The forkserver and multiprocessing's resource tracker (the hashing
     # process is the forkserver's child).
     assert len(hashing_processes) == 2
+
+
+def test_at_sigterm_the_queued_logins_are_answered_503_and_none_is_a_500(database_url, tmp_path):
+    """A real `flashsale serve` whose one hashing process is stopped (SIGSTOP):
+    of 10 logins, 6 find the queue of 4 full. Then SIGTERM: the logins still
+    waiting in the queue are answered 503 overloaded at once, those the
+    executor had already handed to the process finish once it runs again
+    (SIGCONT) and are answered as usual, the server exits 0, and nothing is
+    a 500 or an ERROR in the log."""
+    proc, port = serve(database_url, tmp_path, HASH_QUEUE='4', HASH_PROCESSES='1', HASH_WAIT_MS='120000')
+    hasher = None
+    try:
+        [(status, *_)] = post_all(port, [('/api/auth/login', {'email': 'first@example.com', 'password': 'password123'})])
+        assert status == 401
+        [hasher] = [pid for child in children(proc.pid) for pid in children(child)]
+        os.kill(hasher, signal.SIGSTOP)
+        results = [None] * 10
+        logins = threading.Thread(target=post_all, args=(
+            port, [('/api/auth/login', {'email': f'late-{i}@example.com', 'password': 'password123'})
+                   for i in range(10)]), kwargs={'results': results})
+        logins.start()
+        wait_for(lambda: sum(r is not None for r in results) == 6, timeout=120,
+                 message='the six logins that found the queue full to be answered')
+        proc.send_signal(signal.SIGTERM)
+        # The two the queue still held (the executor hands one process two
+        # jobs ahead of time: those two are its own).
+        wait_for(lambda: sum(r is not None for r in results) == 8, timeout=60,
+                 message='the queued logins to be answered at SIGTERM')
+        os.kill(hasher, signal.SIGCONT)
+        hasher = None
+        logins.join(timeout=120)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if hasher is not None:
+            os.kill(hasher, signal.SIGCONT)
+        if proc.poll() is None:
+            proc.kill()
+    statuses = collections.Counter(status for status, *_ in results)
+    assert statuses == {503: 8, 401: 2}, statuses
+    assert all(body['code'] == 'overloaded' for status, _, body, _ in results if status == 503)
+    log = (tmp_path / 'serve.log').read_text()
+    assert ' 500 ' not in log and 'ERROR' not in log, log[-3000:]
 
 
 def descendants(pid):
