@@ -18,6 +18,7 @@ import queue
 import secrets
 import signal
 import sys
+import time
 import uuid
 from datetime import datetime
 from datetime import timedelta
@@ -500,9 +501,15 @@ def _run_workers(settings, url, socks, stop):
     remaining = set(workers)
     while remaining:
         try:
-            pid, status = os.wait()
+            pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             break
+        if pid == 0:
+            # Not a blocking wait: a signal taken by another thread of this
+            # process would not interrupt it, and its handler (forwarding
+            # SIGTERM to the workers) runs only when this thread runs Python.
+            time.sleep(0.1)
+            continue
         remaining.discard(pid)
         if os.waitstatus_to_exitcode(status) != 0:
             failed = True
@@ -576,7 +583,16 @@ def _configure_logging(level):
     writer.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s %(message)s'))
     records = queue.SimpleQueue()
     listener = logging.handlers.QueueListener(records, writer)
-    listener.start()
+    # Its thread never takes SIGTERM/SIGINT (a new thread inherits the
+    # mask): a process-directed signal goes to a thread that does not block
+    # it, and one taken by this thread would not interrupt the main thread's
+    # blocking call (the parent's wait for its workers), whose handler would
+    # then never run.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        listener.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     atexit.register(listener.stop)  # writes out what is queued before exit
     enqueue = logging.handlers.QueueHandler(records)
     # The handler merges the message (and any traceback) before queueing; the

@@ -169,11 +169,14 @@ class HashQueue:
 
     def start(self):
         """Start the hashing processes now (they start at the first hash
-        otherwise): the first logins of an opening should not wait for them."""
+        otherwise): the first logins of an opening should not wait for them.
+        Not waited for: on a busy machine a SCHED_IDLE process may take
+        seconds to run its first job, and start-up (and a SIGTERM during it)
+        must not wait on that."""
         with self._lock:
             executor = self._started()
-        for future in [executor.submit(os.getpid) for _ in range(self.processes)]:
-            future.result(timeout=60)
+            for _ in range(self.processes):
+                executor.submit(os.getpid)
 
     def _wait(self, ahead):
         """Seconds until a job with `ahead` jobs before it is done."""
