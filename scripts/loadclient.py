@@ -217,13 +217,9 @@ class ConnectionPool:
             # a request sent into a closed one.
             conn.close()
             self.discarded += 1
-            try:
-                conn = await Connection.open(self.host, self.port)
-            except BaseException:
-                self.connect_errors += 1
-                self.in_use -= 1
-                self._give_back(None)
-                raise
+            self.in_use -= 1
+            conn = await self._connect_in_slot()  # which frees the slot if it fails
+            self.in_use += 1
         reusable = False
         try:
             response = await conn.request(raw)
