@@ -12,9 +12,7 @@ import dataclasses
 import functools
 import json
 import logging
-import logging.handlers
 import os
-import queue
 import secrets
 import signal
 import sys
@@ -34,6 +32,7 @@ from resources import database
 from resources import errors
 from resources import hashing
 from resources import health
+from resources import logwriter
 from resources import middleware
 from resources import orders
 from resources import openapi
@@ -574,15 +573,10 @@ def revoke_sessions(settings, email):
 
 
 def _configure_logging(level):
-    """Log lines go through a queue to one writer thread. With a handler
-    writing to stderr directly, every request thread would take the
-    handler's lock for a write() per access-log line, and under load the
-    threads would queue on that lock for a third of a sold-out answer's
-    time."""
-    writer = logging.StreamHandler()
+    """Log lines go to stderr through one writer thread, in batches
+    (resources/logwriter.py)."""
+    writer = logwriter.BatchedWriter()
     writer.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s %(message)s'))
-    records = queue.SimpleQueue()
-    listener = logging.handlers.QueueListener(records, writer)
     # Its thread never takes SIGTERM/SIGINT (a new thread inherits the
     # mask): a process-directed signal goes to a thread that does not block
     # it, and one taken by this thread would not interrupt the main thread's
@@ -590,16 +584,12 @@ def _configure_logging(level):
     # then never run.
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
-        listener.start()
+        writer.start()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    atexit.register(listener.stop)  # writes out what is queued before exit
-    enqueue = logging.handlers.QueueHandler(records)
-    # The handler merges the message (and any traceback) before queueing; the
-    # writer adds the time, level and logger name.
-    enqueue.setFormatter(logging.Formatter('%(message)s'))
-    logging.basicConfig(level=level, handlers=[enqueue], force=True)
-    return listener
+    atexit.register(writer.stop)  # writes out what is waiting before exit
+    logging.basicConfig(level=level, handlers=[writer], force=True)
+    return writer
 
 
 def _settings_help():

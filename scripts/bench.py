@@ -69,6 +69,7 @@ sys.path.insert(0, str(ROOT / 'scripts'))
 
 import invariants  # noqa: E402
 import loadtest  # noqa: E402
+from wrk_purchases import run_wrk  # noqa: E402
 
 
 # --- the server ---------------------------------------------------------------
@@ -174,6 +175,23 @@ def cpu_seconds_of(pid):
             continue
         total += int(fields[11]) + int(fields[12])  # utime, stime
     return total / os.sysconf('SC_CLK_TCK')
+
+
+class CpuSplit(tuple):
+    """CPU seconds of (the server, PostgreSQL, this load tool), read together;
+    subtracting two readings gives what each used in between."""
+
+    def __sub__(self, other):
+        return CpuSplit(a - b for a, b in zip(self, other, strict=True))
+
+
+def cpu_split_probe(server_pid, postmaster_pid):
+    def probe():
+        # This process and the children it has waited for (wrk).
+        mine = os.times()
+        client = mine.user + mine.system + mine.children_user + mine.children_system
+        return CpuSplit((cpu_seconds_of(server_pid), cpu_seconds_of(postmaster_pid), client))
+    return probe
 
 
 def cpu_ms_per_answer(result):
@@ -359,14 +377,40 @@ def direct_batches(database_url, sale_id, user_ids, concurrency, batch):
             'created': sum(counts), 'invariant_ok': sum(counts) == len(user_ids)}
 
 
-def statement_sizes(database_url, sale_id):
-    """(statements, mean orders per statement, largest): the orders one
-    transaction wrote share its id, xmin."""
+# Purchases/s no run here reaches: wrk gets that many (sale, user) pairs per second.
+WRK_MAX_RATE = 4000
+
+
+def wrk_purchases_run(base_url, sales, users, connections, seconds, database_url, probe):
+    """`seconds` of purchases through wrk (a C client: the cores it leaves go
+    to the server), each request one user's first purchase, sale after sale;
+    then every sale read back from the database: remaining + orders ==
+    total, no user twice, and every 201 an order. wrk stops at its deadline
+    without reading the answers in flight: up to `connections` orders may
+    have no 201 counted, never the other way round."""
+    workdir = tempfile.mkdtemp(prefix='flashsale-bench-wrk-')
+    before = probe()
+    result = run_wrk(base_url, [(sale, u.token) for sale in sales for u in users], workdir, connections, seconds,
+                     threads=min(2, connections))
+    cpu = probe() - before
+    shutil.rmtree(workdir, ignore_errors=True)
+    states = [loadtest.read_database(database_url, sale) for sale in sales]
+    created = result['statuses'].get('201', 0)
+    orders = sum(s['orders'] for s in states)
+    ok = (all(s['remaining'] + s['orders'] == s['total'] and s['duplicates'] == 0 for s in states)
+          and 0 <= orders - created <= connections and set(result['statuses']) <= {'201'})
+    return {'rate': result['rate'], 'answered': sum(result['statuses'].values()), 'cpu': cpu,
+            'latency_ms': {'p50': result['p50_ms'], 'p99': result['p99_ms']}, 'verdict': 'pass' if ok else 'fail'}
+
+
+def statement_sizes(database_url, *sale_ids):
+    """(statements, mean orders per statement, largest) of these sales' orders:
+    the orders one transaction wrote share its id, xmin."""
     import psycopg
 
     with psycopg.connect(database_url, autocommit=True) as conn:
         sizes = [n for (n,) in conn.execute(
-            'SELECT count(*) FROM orders WHERE flash_sale_id = %s GROUP BY xmin::text', (sale_id,))]
+            'SELECT count(*) FROM orders WHERE flash_sale_id = ANY(%s::uuid[]) GROUP BY xmin::text', (list(sale_ids),))]
     if not sizes:
         return {'statements': 0, 'mean': None, 'max': None}
     return {'statements': len(sizes), 'mean': round(sum(sizes) / len(sizes), 1), 'max': max(sizes)}
@@ -380,33 +424,52 @@ def set_commit_delay(database_url, delay_ms):
         conn.execute('SELECT pg_reload_conf()')
 
 
-async def slow_commit_bench(args, servers, database_url, log):
+async def slow_commit_bench(args, servers, database_url, postmaster_pid, log):
     """At 0 ms and at --commit-delay-ms: HTTP purchases at each level for every
-    server (interleaved), then the single and the batched statement direct."""
+    server (interleaved), then the single and the batched statement direct.
+    servers: (name, base URL, pid)."""
     api = loadtest.Api(servers[0][1])
     run_id = uuid.uuid4().hex[:8]
-    results = {'delays': [], 'servers': [name for name, _ in servers]}
+    results = {'delays': [], 'servers': [name for name, _, _ in servers]}
     try:
         admin = await api.admin_token(None, None, True, shlex.join(flashsale_command()), database_url, run_id)
         log(f'registering {args.purchases} users ...')
         users = await api.register_users(args.purchases, f'bench-{run_id}', args.register_concurrency)
         api.pool.close()
-        for name, base in servers:
+        for name, base, _ in servers:
             await loadtest.run_plain_async(base, '/health', connections=8, requests=300)  # warm-up
         for delay in (0, args.commit_delay_ms):
             set_commit_delay(database_url, delay)
             row = {'delay_ms': delay, 'http': [], 'direct': []}
             for level in [1] + args.levels:
-                for name, base in servers:
-                    log(f'commit {delay} ms: HTTP purchases at {level} connections, {name} ...')
+                for name, base, pid in servers:
+                    log(f'commit {delay} ms: HTTP purchases at {level} connections, {name} ({args.client}) ...')
                     count = min(len(users), 400) if level == 1 else len(users)
-                    run = await loadtest.run_scenario_async(
-                        'throughput', base_url=base, prepared_users=users[:count], admin_token=admin,
-                        users=count, requests=count, connections=level, timeout=args.timeout)
+                    probe = cpu_split_probe(pid, postmaster_pid)
+                    if args.client == 'wrk':
+                        # wrk runs for a set time: enough (sale, user) pairs
+                        # for any rate here, sale after sale.
+                        sales = []
+                        for _ in range(-(-WRK_MAX_RATE * args.wrk_seconds // len(users))):
+                            now, _ = await api.server_clock()
+                            sales.append((await api.create_sale(admin, len(users), now - timedelta(seconds=1),
+                                                                timedelta(minutes=10), f'bench wrk {run_id}'))['id'])
+                        api.pool.close()
+                        out = await asyncio.to_thread(wrk_purchases_run, base, sales, users, level, args.wrk_seconds,
+                                                      database_url, probe)
+                    else:
+                        run = await loadtest.run_scenario_async(
+                            'throughput', base_url=base, prepared_users=users[:count], admin_token=admin,
+                            users=count, requests=count, connections=level, timeout=args.timeout, probe=probe)
+                        sales = [run['sale']['id']]
+                        out = {'rate': run['answered_rate'], 'answered': run['answered'], 'cpu': run['probe_delta'],
+                               'latency_ms': run['latency_ms'], 'verdict': run['invariants']['verdict']}
                     row['http'].append({
-                        'server': name, 'concurrency': level, 'rate': run['answered_rate'],
-                        'latency_ms': run['latency_ms'], 'verdict': run['invariants']['verdict'],
-                        'statements': statement_sizes(database_url, run['sale']['id'])})
+                        'server': name, 'concurrency': level, 'rate': out['rate'],
+                        'cpu_ms': dict(zip(('server', 'postgres', 'client'),
+                                           (round(s * 1000 / out['answered'], 3) for s in out['cpu']))),
+                        'latency_ms': out['latency_ms'], 'verdict': out['verdict'],
+                        'statements': statement_sizes(database_url, *sales)})
             user_ids = [u.id for u in users]
             for label, runner in (('single', lambda sale: direct_purchases(database_url, sale, user_ids, 8)),
                                   ('batched', lambda sale: direct_batches(database_url, sale, user_ids, 8,
@@ -431,13 +494,15 @@ def format_slow_commit(results, delay):
     out = [f'slow commits: a private PostgreSQL (in /dev/shm, fsync on, commit_siblings=0), commit_delay 0 or {delay} ms '
            f'(every commit waits that long before its flush, the sale row locked), {os.cpu_count()} cores shared '
            'by client, server and PostgreSQL', '']
-    out.append('  commit | server  conn |  HTTP req/s  p50 ms  p99 ms | statements  mean batch  max | checks')
+    out.append('  commit | server  conn |  HTTP req/s  p50 ms  p99 ms | statements  mean batch  max | '
+               'CPU ms per purchase: server  postgres  client | checks')
     for row in results['delays']:
         for h in row['http']:
             st = h['statements']
             out.append(f'  {row["delay_ms"]:>3g} ms | {h["server"]:<7} {h["concurrency"]:>4} | {h["rate"]:>11,.0f} '
                        f'{h["latency_ms"]["p50"]:>7.2f} {h["latency_ms"]["p99"]:>7.1f} | {st["statements"]:>10} '
-                       f'{st["mean"] or 0:>10} {st["max"] or 0:>4} | {h["verdict"]}')
+                       f'{st["mean"] or 0:>10} {st["max"] or 0:>4} | {" " * 20}{h["cpu_ms"]["server"]:>6.3f} '
+                       f'{h["cpu_ms"]["postgres"]:>9.3f} {h["cpu_ms"]["client"]:>7.3f} | {h["verdict"]}')
         for d in row['direct']:
             st = d['statements']
             out.append(f'  {row["delay_ms"]:>3g} ms | direct {d["statement"]:<8} x{d["concurrency"]} sessions: '
@@ -483,9 +548,9 @@ def slow_commit_main(args, log):
             log_path = os.path.join(tempfile.gettempdir(), f'flashsale-bench-{os.getpid()}-{name}.log')
             proc, base = start_server(cluster.url, log_path, secret=secret, checkout=checkout)
             procs.append(proc)
-            servers.append((name, base))
+            servers.append((name, base, proc.pid))
             log(f'started {name} server (pid {proc.pid}) at {base}; its log: {log_path}')
-        results = asyncio.run(slow_commit_bench(args, servers, cluster.url, log))
+        results = asyncio.run(slow_commit_bench(args, servers, cluster.url, cluster.pid(), log))
     finally:
         for proc in procs:
             stop_server(proc)
@@ -675,6 +740,10 @@ def parse_args(argv=None):
     parser.add_argument('--compare-with', metavar='CHECKOUT',
                         help='slow-commit mode: also run the HTTP figures against `flashsale serve` from this '
                              'other checkout (e.g. an export of main), interleaved, same settings')
+    parser.add_argument('--client', choices=['wrk', 'python'], default='wrk',
+                        help='slow-commit mode: the HTTP load generator: wrk (default; a C client, see '
+                             'scripts/wrk_purchases.py) or loadtest.py\'s Python client')
+    parser.add_argument('--wrk-seconds', type=int, default=5, help='slow-commit mode: seconds per wrk run')
     parser.add_argument('--direct-batch', type=int, default=64, help='users per batched statement, direct')
     parser.add_argument('--logins', action='store_true',
                         help='instead: the login benchmark (scripts/login_bench.py), with a server of its own '

@@ -1,6 +1,8 @@
 import time
+import uuid
 
 import bcrypt
+import falcon.testing
 import jwt
 import pytest
 import webtest
@@ -8,6 +10,7 @@ import webtest
 from conftest import TEST_SECRET
 from conftest import auth
 from conftest import run_together
+from conftest import wait_for
 
 
 def register(client, email='shopper@example.com', password='password123', status=201):
@@ -175,3 +178,42 @@ def test_token_of_deleted_user_is_401(client, make_user, db):
     db.execute('DELETE FROM users WHERE id = %s', (user_id,))
     resp = client.get('/api/me', headers=auth(token), status=401)
     assert resp.json['code'] == 'invalid_token'
+
+
+def test_a_token_once_verified_still_expires_at_its_exp(client, make_user):
+    """Verified tokens are remembered (resources/credentials.py); the
+    remembered one is refused from its exp second on, as PyJWT refuses it."""
+    user_id, _ = make_user()
+    exp = int(time.time()) + 2
+    token = jwt.encode({'sub': str(user_id), 'iat': int(time.time()), 'exp': exp}, TEST_SECRET, algorithm='HS256')
+    assert client.get('/api/me', headers=auth(token)).json['user']['id'] == str(user_id)
+    wait_for(lambda: time.time() >= exp, timeout=10, message='the token\'s exp second')
+    resp = client.get('/api/me', headers=auth(token), status=401)
+    assert resp.json['code'] == 'token_expired'
+
+
+def test_a_remembered_token_matches_only_itself(client, make_user):
+    user_id, token = make_user()
+    assert client.get('/api/me', headers=auth(token)).status_code == 200
+    header, payload, signature = token.split('.')
+    # Another signature, the payload kept; and the same token with a
+    # character appended: neither is the remembered token.
+    other = jwt.encode(jwt.decode(token, options={'verify_signature': False}), 'z' * 48, algorithm='HS256')
+    for forged in (f'{header}.{payload}.{other.split(".")[2]}', f'{token}x', f'{header}.{payload}.'):
+        resp = client.get('/api/me', headers=auth(forged), status=401)
+        assert resp.json['code'] == 'invalid_token', forged
+    assert client.get('/api/me', headers=auth(f'  {token}  ')).status_code == 200
+
+
+def test_the_remembered_tokens_are_bounded(monkeypatch, settings):
+    from resources import credentials as module
+
+    monkeypatch.setattr(module, 'MAX_VERIFIED_TOKENS', 3)
+    creds = module.Credentials(settings.jwt_secret, settings.jwt_ttl_seconds, settings.bcrypt_rounds)
+    tokens = [creds.issue(uuid.uuid4()) for _ in range(7)]
+    sizes = []
+    for token in tokens:
+        session = creds.session(falcon.testing.create_req(headers={'Authorization': f'Bearer {token}'}))
+        assert str(session.user_id) == jwt.decode(token, options={'verify_signature': False})['sub']
+        sizes.append(len(creds._verified))
+    assert max(sizes) == 3 and sizes[-1] <= 3, sizes
