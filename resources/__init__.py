@@ -20,6 +20,7 @@ The plumbing, each module named for what it does:
                  caller's token once per request
     ratelimit    the per-address and per-user token buckets
     middleware   security headers, the access log, static-file methods
+    logwriter    the log lines, written to stderr in batches by one thread
     cache        the answers everyone polls, shared for a moment
     database     the connection pool, and applying schema.sql
     embedded     the development PostgreSQL (only without DATABASE_URL)
