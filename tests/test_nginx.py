@@ -108,12 +108,15 @@ class AppLog:
         self.markers = 0
 
     def settled(self):
-        """The log's text, after a request made straight to the app now has
-        its line (lines go out through one writer thread, in order)."""
+        """The log's text, once a request made straight to the app now (a
+        marker, with a request id of its own) has its line: lines go out
+        in order, through one writer thread, so every line before it is
+        in too."""
         self.markers += 1
-        assert call(f'http://127.0.0.1:{self.port}', 'GET', '/health', timeout=10).status == 200
-        wait_for(lambda: self.path.read_text().count('GET /health 200') >= self.markers,
-                 message='the app to log the marker request')
+        marker = f'marker-{os.getpid()}-{id(self)}-{self.markers}'
+        assert call(f'http://127.0.0.1:{self.port}', 'GET', '/health', headers={'X-Request-ID': marker},
+                    timeout=10).status == 200
+        wait_for(lambda: f'id={marker}\n' in self.path.read_text(), message='the app to log the marker request')
         return self.path.read_text()
 
     def count(self, needle):
