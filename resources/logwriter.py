@@ -50,10 +50,11 @@ class BatchedWriter(logging.Handler):
     def handle(self, record):
         # Without logging.Handler's lock: emit() only appends to the deque,
         # which is safe from any thread.
-        if self.filter(record):
-            self.emit(record)
-            return True
-        return False
+        passed = self.filter(record)
+        if passed:
+            # (From Python 3.12 a filter may hand back a record to use instead.)
+            self.emit(passed if isinstance(passed, logging.LogRecord) else record)
+        return passed
 
     def emit(self, record):
         try:

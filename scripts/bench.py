@@ -347,9 +347,11 @@ def standby_cost(args, log):
 # --- slow commits ----------------------------------------------------------------
 
 
-def direct_batches(database_url, sale_id, user_ids, concurrency, batch):
-    """sql.PURCHASE_BATCH over every user once, `batch` users per statement, from
-    `concurrency` threads with a connection each."""
+def direct_batches(database_url, sale_ids, user_ids, concurrency, batch):
+    """sql.PURCHASE_BATCH over every user once in each sale (sale after sale),
+    `batch` users per statement, from `concurrency` threads with a connection
+    each. Several sales, so that the run is long enough to time: one sale's
+    2,000 users are only 32 statements."""
     import psycopg
     from psycopg.rows import dict_row
 
@@ -363,19 +365,25 @@ def direct_batches(database_url, sale_id, user_ids, concurrency, batch):
                              options='-c TimeZone=UTC') as conn:
             mine = user_ids[k::concurrency]
             barrier.wait()
-            for i in range(0, len(mine), batch):
-                chunk = mine[i:i + batch]
-                while chunk:
-                    rows = conn.execute(flashsale_sql.PURCHASE_BATCH, {
-                        'sale_id': sale_id, 'user_ids': chunk, 'generations': [0] * len(chunk),
-                    }).fetchall()
-                    counts[k] += sum(1 for r in rows if r['outcome'] == 'created')
-                    chunk = [u for u, r in zip(chunk, rows) if r['outcome'] == 'retry']
+            for sale_id in sale_ids:
+                for i in range(0, len(mine), batch):
+                    chunk = mine[i:i + batch]
+                    while chunk:
+                        rows = conn.execute(flashsale_sql.PURCHASE_BATCH, {
+                            'sale_id': sale_id, 'user_ids': chunk, 'generations': [0] * len(chunk),
+                        }).fetchall()
+                        counts[k] += sum(1 for r in rows if r['outcome'] == 'created')
+                        chunk = [u for u, r in zip(chunk, rows) if r['outcome'] == 'retry']
 
     elapsed = run_released(worker, concurrency, barrier)
-    return {'concurrency': concurrency, 'batch': batch, 'rate': round(len(user_ids) / elapsed, 1),
-            'created': sum(counts), 'invariant_ok': sum(counts) == len(user_ids)}
+    wanted = len(user_ids) * len(sale_ids)
+    return {'concurrency': concurrency, 'batch': batch, 'rate': round(wanted / elapsed, 1),
+            'created': sum(counts), 'invariant_ok': sum(counts) == wanted}
 
+
+# The batched statement straight through psycopg sells every user in this
+# many sales, one after another (see direct_batches).
+DIRECT_BATCHED_SALES = 5
 
 # Purchases/s no run here reaches: wrk gets that many (sale, user) pairs per second.
 WRK_MAX_RATE = 4000
@@ -471,17 +479,20 @@ async def slow_commit_bench(args, servers, database_url, postmaster_pid, log):
                         'latency_ms': out['latency_ms'], 'verdict': out['verdict'],
                         'statements': statement_sizes(database_url, *sales)})
             user_ids = [u.id for u in users]
-            for label, runner in (('single', lambda sale: direct_purchases(database_url, sale, user_ids, 8)),
-                                  ('batched', lambda sale: direct_batches(database_url, sale, user_ids, 8,
-                                                                          args.direct_batch))):
+            for label, runner, count in (
+                    ('single', lambda sales: direct_purchases(database_url, sales[0], user_ids, 8), 1),
+                    ('batched', lambda sales: direct_batches(database_url, sales, user_ids, 8, args.direct_batch),
+                     DIRECT_BATCHED_SALES)):
                 log(f'commit {delay} ms: direct, {label} statement ...')
-                now, _ = await api.server_clock()
-                sale = await api.create_sale(admin, len(user_ids), now - timedelta(seconds=1),
-                                             timedelta(minutes=10), f'bench direct {run_id}')
+                sales = []
+                for _ in range(count):
+                    now, _ = await api.server_clock()
+                    sales.append((await api.create_sale(admin, len(user_ids), now - timedelta(seconds=1),
+                                                        timedelta(minutes=10), f'bench direct {run_id}'))['id'])
                 api.pool.close()
-                out = await asyncio.to_thread(runner, sale['id'])
+                out = await asyncio.to_thread(runner, sales)
                 out['statement'] = label
-                out['statements'] = statement_sizes(database_url, sale['id'])
+                out['statements'] = statement_sizes(database_url, *sales)
                 row['direct'].append(out)
             results['delays'].append(row)
     finally:
