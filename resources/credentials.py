@@ -33,8 +33,8 @@ Session = collections.namedtuple('Session', 'user_id generation')
 # purchase's CPU in the server. The key is the whole token, signature and
 # all, so only a token that passed jwt.decode() can ever match; what the
 # database says of it (revoked, account gone) is still asked on every
-# request. Full, the map starts again empty.
-MAX_VERIFIED_TOKENS = 65_536
+# request. Full (about 8 MiB: 530 bytes a token), the map starts again empty.
+MAX_VERIFIED_TOKENS = 16_384
 
 
 class Credentials:
