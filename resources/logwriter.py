@@ -13,7 +13,9 @@ Lines keep their order (one deque, one writer). A line waits at most
 `interval` before it is written; stop() writes what is left. If stderr
 blocks (a pipe nobody reads), at most `max_lines` wait; beyond that, lines
 are dropped and counted, and the writer says how many once it can write
-again, rather than letting memory grow without bound.
+again, rather than letting memory grow without bound. (The count is kept
+without a lock, by the threads that drop and the writer that reports it: a
+drop counted at the very moment of a report may be left out of it.)
 """
 
 import collections

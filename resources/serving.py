@@ -87,7 +87,8 @@ _SHED_AT = 0.9
 _SHED_TO = 0.8
 _ACCEPTS_PER_WAKE = 64
 _BATCH_FROM = 256  # open connections
-SEND_BYTES = 16 * 1024
+# Answers below this are sent by the socket loop in one send() (create_server).
+_SEND_BYTES = 16 * 1024
 # How often the deadlines are checked (waitress' cleanup_interval, seconds).
 _SWEEP_SECONDS = 1
 
@@ -528,7 +529,7 @@ def create_server(app, settings, sock=None):
     # more purchases, a third more GET /health). Set on the object, not as
     # an argument: waitress 3 warns that the argument will go, and once it
     # has, the attribute is simply no longer read.
-    adj.send_bytes = SEND_BYTES
+    adj.send_bytes = _SEND_BYTES
     server = _Listener(
         app, _sock=sock, adj=adj, bind_socket=False,
         sockinfo=(sock.family, sock.type, sock.proto, sock.getsockname()),

@@ -69,6 +69,7 @@ sys.path.insert(0, str(ROOT / 'scripts'))
 
 import invariants  # noqa: E402
 import loadtest  # noqa: E402
+from wrk_purchases import purchases_held  # noqa: E402
 from wrk_purchases import run_wrk  # noqa: E402
 
 
@@ -403,10 +404,7 @@ def wrk_purchases_run(base_url, sales, users, connections, seconds, database_url
     cpu = probe() - before
     shutil.rmtree(workdir, ignore_errors=True)
     states = [loadtest.read_database(database_url, sale) for sale in sales]
-    created = result['statuses'].get('201', 0)
-    orders = sum(s['orders'] for s in states)
-    ok = (all(s['remaining'] + s['orders'] == s['total'] and s['duplicates'] == 0 for s in states)
-          and 0 <= orders - created <= connections and set(result['statuses']) <= {'201'})
+    ok = purchases_held(states, result['statuses'], connections)
     return {'rate': result['rate'], 'answered': sum(result['statuses'].values()), 'cpu': cpu,
             'latency_ms': {'p50': result['p50_ms'], 'p99': result['p99_ms']}, 'verdict': 'pass' if ok else 'fail'}
 
@@ -439,6 +437,17 @@ async def slow_commit_bench(args, servers, database_url, postmaster_pid, log):
     api = loadtest.Api(servers[0][1])
     run_id = uuid.uuid4().hex[:8]
     results = {'delays': [], 'servers': [name for name, _, _ in servers]}
+
+    async def new_sales(count, stock, label):
+        """`count` sales open now, for ten minutes: their ids."""
+        ids = []
+        for _ in range(count):
+            now, _ = await api.server_clock()
+            ids.append((await api.create_sale(admin, stock, now - timedelta(seconds=1), timedelta(minutes=10),
+                                              f'bench {label} {run_id}'))['id'])
+        api.pool.close()
+        return ids
+
     try:
         admin = await api.admin_token(None, None, True, shlex.join(flashsale_command()), database_url, run_id)
         log(f'registering {args.purchases} users ...')
@@ -452,20 +461,15 @@ async def slow_commit_bench(args, servers, database_url, postmaster_pid, log):
             for level in [1] + args.levels:
                 for name, base, pid in servers:
                     log(f'commit {delay} ms: HTTP purchases at {level} connections, {name} ({args.client}) ...')
-                    count = min(len(users), 400) if level == 1 else len(users)
                     probe = cpu_split_probe(pid, postmaster_pid)
                     if args.client == 'wrk':
                         # wrk runs for a set time: enough (sale, user) pairs
                         # for any rate here, sale after sale.
-                        sales = []
-                        for _ in range(-(-WRK_MAX_RATE * args.wrk_seconds // len(users))):
-                            now, _ = await api.server_clock()
-                            sales.append((await api.create_sale(admin, len(users), now - timedelta(seconds=1),
-                                                                timedelta(minutes=10), f'bench wrk {run_id}'))['id'])
-                        api.pool.close()
+                        sales = await new_sales(-(-WRK_MAX_RATE * args.wrk_seconds // len(users)), len(users), 'wrk')
                         out = await asyncio.to_thread(wrk_purchases_run, base, sales, users, level, args.wrk_seconds,
                                                       database_url, probe)
                     else:
+                        count = min(len(users), 400) if level == 1 else len(users)
                         run = await loadtest.run_scenario_async(
                             'throughput', base_url=base, prepared_users=users[:count], admin_token=admin,
                             users=count, requests=count, connections=level, timeout=args.timeout, probe=probe)
@@ -484,12 +488,7 @@ async def slow_commit_bench(args, servers, database_url, postmaster_pid, log):
                     ('batched', lambda sales: direct_batches(database_url, sales, user_ids, 8, args.direct_batch),
                      DIRECT_BATCHED_SALES)):
                 log(f'commit {delay} ms: direct, {label} statement ...')
-                sales = []
-                for _ in range(count):
-                    now, _ = await api.server_clock()
-                    sales.append((await api.create_sale(admin, len(user_ids), now - timedelta(seconds=1),
-                                                        timedelta(minutes=10), f'bench direct {run_id}'))['id'])
-                api.pool.close()
+                sales = await new_sales(count, len(user_ids), 'direct')
                 out = await asyncio.to_thread(runner, sales)
                 out['statement'] = label
                 out['statements'] = statement_sizes(database_url, *sales)

@@ -1,6 +1,6 @@
 """wrk driving purchases: each request a given (sale, token) pair's purchase,
-counted by status. bench.py and bench_external.py use it; wrk is from
-Debian's packages (apt-get install wrk).
+counted by status, and the invariants such a run must keep. bench.py and
+bench_external.py use it; wrk is from Debian's packages (apt-get install wrk).
 
 wrk is a C load generator: at 64 connections it uses a tenth of the CPU per
 request that loadtest.py's Python client does, so on a machine whose cores
@@ -89,3 +89,17 @@ def run_wrk(base_url, pairs, workdir, connections, duration, cycle=False, thread
     seconds = result['duration_us'] / 1e6
     result['rate'] = round(sum(result['statuses'].values()) / seconds, 1)
     return result
+
+
+def purchases_held(states, statuses, connections, bought=('201',)):
+    """The invariants of a wrk purchase run, from its sales read back
+    (loadtest.read_database) and wrk's answers by status: in every sale
+    remaining + orders == total and no user twice; no answer but a purchase
+    (`bought`: the reference app answers one 200); and every purchase
+    answered is an order. wrk stops at its deadline without reading the
+    answers in flight, so up to `connections` orders may have no answer
+    counted, never the other way round."""
+    answered = sum(statuses.get(code, 0) for code in bought)
+    orders = sum(s['orders'] for s in states)
+    return (all(s['remaining'] + s['orders'] == s['total'] and s['duplicates'] == 0 for s in states)
+            and 0 <= orders - answered <= connections and set(statuses) <= set(bought))
