@@ -134,11 +134,13 @@ class Server:
         """Serving from now on, on granian's own threads."""
         self._worker.serve_str(self._scheduler, self._loop, self._signal)
 
-    def stop(self, grace_seconds):
-        """No new connections; the requests in flight are answered. True
-        once they are, False if grace_seconds passed first."""
+    def begin_stop(self):
+        """No new connections from now on; the requests in flight are answered."""
         self._signal.set()
-        return self._drained.wait(grace_seconds)
+
+    def stopped(self, wait):
+        """Whether every request in flight has been answered, waiting up to `wait` seconds."""
+        return self._drained.wait(wait)
 
 
 def create_server(app, settings, sock):
@@ -159,8 +161,13 @@ def run(server, grace_seconds, signals=None, on_stop=None):
         log.info('%s: stopping; finishing the requests in flight', signal.Signals(signals[0]).name)
         if on_stop is not None:
             on_stop()
-        if not server.stop(grace_seconds):
-            log.warning('stopping with requests unfinished after %.1f s', grace_seconds)
+        deadline = time.monotonic() + grace_seconds
+        server.begin_stop()
+        # Until they are answered, the grace is over, or Ctrl-C again.
+        while not server.stopped(_TICK):
+            if time.monotonic() > deadline or signal.SIGINT in signals[1:]:
+                log.warning('stopping with requests unfinished')
+                break
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

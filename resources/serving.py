@@ -457,10 +457,20 @@ def listening_sockets(settings, count):
     """`count` TCP sockets bound to HOST:PORT, one per worker process, with
     SO_REUSEPORT: the kernel spreads new connections over them evenly. (One
     shared socket would go to whichever process wakes first: with a fast
-    loop, one process took a whole burst while the other idled.)"""
+    loop, one process took a whole burst while the other idled.)
+    SO_REUSEPORT would also let a second flashsale (or anything else that
+    sets it) bind the same port and take a share of the connections: a port
+    anything is bound to is refused first (OSError, EADDRINUSE)."""
     family = socket.AF_INET6 if ':' in settings.host else socket.AF_INET
-    socks = []
     port = settings.port
+    if port:
+        # Without SO_REUSEPORT, binding fails while any socket holds the
+        # port, whether or not it set SO_REUSEPORT. (Two servers starting in
+        # the same instant could both pass this; one after the other cannot.)
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((settings.host, port))
+    socks = []
     for _ in range(count):
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -541,8 +551,10 @@ def create_server(app, settings, sock=None):
 def run(server, grace_seconds, signals=None, on_stop=None):
     """Serve until SIGTERM or SIGINT, then stop gracefully: no new
     connections, requests in flight (received, queued or running) finish and
-    their answers are sent, for up to grace_seconds; a second signal stops
-    waiting. Returns when done. `signals`: those received already (start-up
+    their answers are sent, for up to grace_seconds; Ctrl-C again (a
+    SIGINT after the first signal) stops waiting. A repeated SIGTERM is the
+    same stop: systemd sends one to every process of the service, and the
+    parent of the workers passes its own on. Returns when done. `signals`: those received already (start-up
     recorded them), to which the ones to come are added. `on_stop()` is
     called when the stop begins."""
     signals = [] if signals is None else signals
@@ -573,7 +585,7 @@ def run(server, grace_seconds, signals=None, on_stop=None):
                     channel.close_when_flushed = True
             if not channels:
                 break
-            if time.monotonic() > deadline or len(signals) > 1:
+            if time.monotonic() > deadline or signal.SIGINT in signals[1:]:
                 busy = sum(1 for c in channels if c.requests)
                 log.warning('stopping with %d request(s) unfinished', busy)
                 break

@@ -396,6 +396,34 @@ def call(base_url, method, path, body=None, token=None, headers=None, timeout=30
         conn.close()
 
 
+def buy_over_http(base_url, sale_id, token, timeout=60):
+    """One purchase on a new connection: (status, code, order, pid of the
+    server process that answered, from its request id), or (None,
+    'no_answer', None, None) when the connection failed before an answer."""
+    try:
+        resp = call(base_url, 'POST', f'/api/flash-sales/{sale_id}/purchase', token=token, timeout=timeout)
+    except (OSError, http.client.HTTPException):
+        return None, 'no_answer', None, None
+    body = resp.json or {}
+    return resp.status, body.get('code'), body.get('order'), int(resp.headers['X-Request-ID'].split('-')[0], 16)
+
+
+def requests_read_by_server(port):
+    """How many established connections to the server on `port` (this
+    machine, IPv4) have nothing left unread on the server's side: requests
+    it has read and not yet answered, once the clients have all sent."""
+    local = f':{port:04X}'
+    count = 0
+    with open('/proc/net/tcp') as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            # local address, remote, state (01: established), tx_queue:rx_queue
+            if fields[1].endswith(local) and fields[3] == '01' and fields[4].split(':')[1] == '00000000':
+                count += 1
+    return count
+
+
 def raw_http(base_url, data):
     """Send raw bytes to the server; return (status, headers, body bytes) of its answer."""
     address = urllib.parse.urlsplit(base_url)
