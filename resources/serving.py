@@ -13,9 +13,10 @@ What waitress does not do on its own:
   connections closed unanswered; and the listening socket stays open until
   the process exits, so the kernel keeps accepting connections nobody will
   serve. run() here closes the listening socket first (new connections are
-  refused: a proxy tries another process), closes idle keep-alive
-  connections, serves every request already received, running or queued,
-  sends the answers, and only then returns (tests/test_faults.py).
+  refused: a proxy tries another process), serves every request already
+  received, running or queued, and those that still come on open
+  connections before they have been idle for _STOP_IDLE_SECONDS, each
+  answer with Connection: close, and only then returns (tests/test_faults.py).
 - Hold against hostile clients on its port (tests/test_edge.py): deadlines
   for a request's headers and body (waitress closes only connections silent
   for two minutes, so a client trickling a byte every few seconds held one
@@ -42,6 +43,7 @@ from waitress.parser import ParsingError
 from waitress.receiver import ChunkedReceiver
 from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask
+from waitress.task import WSGITask
 from waitress.utilities import BadRequest
 from waitress.utilities import RequestEntityTooLarge
 
@@ -91,6 +93,12 @@ _BATCH_FROM = 256  # open connections
 _SEND_BYTES = 16 * 1024
 # How often the deadlines are checked (waitress' cleanup_interval, seconds).
 _SWEEP_SECONDS = 1
+# While stopping, a keep-alive connection is closed once it has been idle
+# this long: a request that comes on it before is served (its answer says
+# Connection: close). Closing one at once races a client that is sending
+# on it: nginx cannot retry a POST it has sent, and answers 502. The
+# shipped nginx.conf closes its idle upstream connections sooner (2 s).
+_STOP_IDLE_SECONDS = 3.0
 
 
 class _ChunkedReceiver(ChunkedReceiver):
@@ -191,7 +199,18 @@ class _JSONErrorTask(ErrorTask):
         )
 
 
+class _Task(WSGITask):
+    def build_response_header(self):
+        # Stopping: the connection's last answer says so, and the client
+        # sends its next request elsewhere (nginx: to another upstream)
+        # rather than on a connection about to close.
+        if self.channel.server.stopping:
+            self.set_close_on_finish()
+        return super().build_response_header()
+
+
 class _Channel(HTTPChannel):
+    task_class = _Task
     error_task_class = _JSONErrorTask
     parser_class = _Parser
     request_started = 0.0  # when the first byte of the request being received came
@@ -263,6 +282,7 @@ class _Listener(TcpWSGIServer):
     every _SWEEP_SECONDS; handle_accept() for each new connection."""
 
     channel_class = _Channel
+    stopping = False  # run() has begun to stop: every answer closes its connection
 
     def configure(self, settings):
         self.header_timeout = settings.header_timeout_ms / 1000
@@ -566,6 +586,7 @@ def run(server, grace_seconds, signals=None, on_stop=None):
         while not signals:
             poller.poll(_TICK)
         log.info('%s: stopping; finishing the requests in flight', signal.Signals(signals[0]).name)
+        server.stopping = True
         if on_stop is not None:
             on_stop()
         # Closes the listening socket only. (server.close() would also close
@@ -573,15 +594,18 @@ def run(server, grace_seconds, signals=None, on_stop=None):
         # set first: after close() its fd is no longer ours to name.
         poller.forget(server._fileno)
         wasyncore.dispatcher.close(server)
+        began = time.time()  # waitress' clock (last_activity)
         deadline = time.monotonic() + grace_seconds
         while True:
+            now = time.time()
             channels = [d for d in list(socket_map.values()) if isinstance(d, HTTPChannel)]
             for channel in channels:
-                # No request received and waiting, being served or half
-                # read: close the connection once its last answer is sent.
-                # (Only the loop's thread adds requests; a worker removes one
-                # after its answer is in the channel's buffer.)
-                if not channel.requests and channel.request is None:
+                # Nothing received and waiting, being served or half read,
+                # for _STOP_IDLE_SECONDS: closed once its last answer is
+                # sent. (Only the loop's thread adds requests; a worker
+                # removes one after its answer is in the channel's buffer.)
+                if (not channel.requests and channel.request is None
+                        and now - max(channel.last_activity, began) > _STOP_IDLE_SECONDS):
                     channel.close_when_flushed = True
             if not channels:
                 break
