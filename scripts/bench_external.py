@@ -335,7 +335,7 @@ async def crowd(servers, prepared, workdir, script=None, log=print):
 async def purchases(servers, prepared, workdir, connections, duration, users_count, log=print):
     """Distinct users' first purchases: users x sales pairs, sale by sale (one hot row at a time)."""
     users = await prepared.users(users_count, 'buyers')
-    expected = int(duration * 3000)  # more pairs than any run here can use
+    expected = int(duration * 12000)  # more pairs than any run here can use (granian: 5,000/s and more)
     sales = [await prepared.sale(users_count, f'purchases {k}') for k in range(max(1, -(-expected // users_count)))]
     pairs = [(sale, u.token) for sale in sales for u in users]
     log(f'purchases (wrk): {connections} connections, {duration} s, {len(pairs)} distinct (user, sale) pairs ...')
