@@ -441,10 +441,11 @@ def _serve_process(settings, url, sock, stop):
         # finish and send the answers in flight, then close the pool (and stop
         # the embedded database) on the way out, exit status 0.
         # Purchases still queued for a statement get their answer within
-        # half the grace, and logins still queued for a hash get 503 at
-        # once, so it is sent before the server stops.
+        # half the grace, logins still queued for a hash get 503 at once
+        # and those being hashed by then, so it is sent before the server
+        # stops.
         def on_stop():
-            hash_queue.stop()
+            hash_queue.stop(settings.shutdown_timeout / 2)
             batches.stop(settings.shutdown_timeout / 2)
 
         engine.run(server, settings.shutdown_timeout, stop, on_stop=on_stop)

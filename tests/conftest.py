@@ -301,8 +301,7 @@ def serve_env(database_url, **extra):
     secret, one process unless `extra` says WORKERS (the default, one per
     core, would fork every test's server, and a connection table or a
     process' log is one process')."""
-    return clean_env(DATABASE_URL=database_url, JWT_SECRET=TEST_SECRET, BCRYPT_ROUNDS='4',
-                     **{'WORKERS': '1', **extra})
+    return clean_env(DATABASE_URL=database_url, JWT_SECRET=TEST_SECRET, **{'BCRYPT_ROUNDS': '4', 'WORKERS': '1', **extra})
 
 
 def start_serve(env, log_path, timeout=60):

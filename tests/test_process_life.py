@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -197,3 +198,48 @@ def test_granian_refuses_the_limits_of_waitress_raw_port(database_url):
                             env=serve_env(database_url, PORT='0', SERVER='gunicorn'),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and 'SERVER must be waitress or granian' in result.stderr
+
+
+@pytest.mark.parametrize('server', SERVERS)
+def test_sigterm_on_a_busy_host_answers_the_logins_being_hashed_within_the_grace(server, database_url, tmp_path):
+    """Three CPU burners at normal priority leave the SCHED_IDLE hashing
+    processes nothing: the registrations being hashed at SIGTERM are
+    answered (503 with Retry-After unless their hash ended) within the
+    grace, and the server exits, without waiting for the hashes."""
+    log_path = tmp_path / 'serve.log'
+    proc = start_serve(serve_env(database_url, PORT=str(free_port()), SERVER=server, BCRYPT_ROUNDS='15',
+                                 HASH_PROCESSES='1', SHUTDOWN_TIMEOUT_MS='2000'), log_path)
+    base_url = re.search(r'listening on (\S+)', log_path.read_text()).group(1)
+    port = int(base_url.rsplit(':', 1)[1])
+    burners = [subprocess.Popen([sys.executable, '-c', 'while True: pass']) for _ in range(3)]
+    results = [None] * 3
+
+    def register(index):
+        try:
+            resp = call(base_url, 'POST', '/api/auth/register', timeout=60,
+                        body={'email': f'busy-{index}-{os.getpid()}@example.com', 'password': 'a long password'})
+            results[index] = (resp.status, resp.headers.get('Retry-After'))
+        except OSError as exc:
+            results[index] = (None, type(exc).__name__)
+
+    threads = [threading.Thread(target=register, args=(i,)) for i in range(3)]
+    try:
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: requests_read_by_server(port) >= 3, timeout=30, message='3 registrations read')
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        for thread in threads:
+            thread.join(30)
+        answered_in = time.monotonic() - signalled
+        assert proc.wait(timeout=30) == 0, log_path.read_text()
+        exited_in = time.monotonic() - signalled
+    finally:
+        for burner in burners:
+            burner.kill()
+            burner.wait()
+        proc.kill()
+    assert all(status in (201, 503) for status, _ in results), results
+    assert all(after for status, after in results if status == 503), results
+    # Half the grace for the hashes, the rest for sending; a busy host's slack.
+    assert answered_in < 2.0 + 3.0 and exited_in < 2.0 + 5.0, (answered_in, exited_in)
