@@ -147,27 +147,24 @@ def create_server(app, settings, sock):
     return Server(app, settings, sock)
 
 
-def run(server, grace_seconds, signals=None, on_stop=None):
-    """Serve until SIGTERM or SIGINT (appended to `signals`), then stop:
-    on_stop(), no new connections, and the requests in flight answered, for
-    up to grace_seconds. Same contract as serving.run."""
-    signals = [] if signals is None else signals
-    previous = {sig: signal.signal(sig, lambda signum, frame: signals.append(signum))
-                for sig in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        server.start()
-        while not signals:
-            time.sleep(_TICK)
-        log.info('%s: stopping; finishing the requests in flight', signal.Signals(signals[0]).name)
-        if on_stop is not None:
-            on_stop()
-        deadline = time.monotonic() + grace_seconds
-        server.begin_stop()
-        # Until they are answered, the grace is over, or Ctrl-C again.
-        while not server.stopped(_TICK):
-            if time.monotonic() > deadline or signal.SIGINT in signals[1:]:
-                log.warning('stopping with requests unfinished')
-                break
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+def serve(server, grace_seconds, stops, on_stop=None):
+    """Serve until `stops` (a list, appended to by a signal handler or by
+    another thread) is not empty, then stop: on_stop(), no new connections,
+    and the requests in flight answered, for up to grace_seconds; a SIGINT
+    after the first entry (Ctrl-C again) stops waiting. The same contract
+    as serving.serve."""
+    server.start()
+    while not stops:
+        time.sleep(_TICK)
+    first = stops[0]
+    log.info('%s: stopping; finishing the requests in flight',
+             signal.Signals(first).name if isinstance(first, int) else first)
+    if on_stop is not None:
+        on_stop()
+    deadline = time.monotonic() + grace_seconds
+    server.begin_stop()
+    # Until they are answered, the grace is over, or Ctrl-C again.
+    while not server.stopped(_TICK):
+        if time.monotonic() > deadline or signal.SIGINT in stops[1:]:
+            log.warning('stopping with requests unfinished')
+            break
