@@ -539,21 +539,38 @@ def create_server(app, settings, sock=None):
 
 
 def run(server, grace_seconds, signals=None, on_stop=None):
-    """Serve until SIGTERM or SIGINT, then stop gracefully: no new
-    connections, requests in flight (received, queued or running) finish and
-    their answers are sent, for up to grace_seconds; a second signal stops
-    waiting. Returns when done. `signals`: those received already (start-up
-    recorded them), to which the ones to come are added. `on_stop()` is
-    called when the stop begins."""
+    """serve() until SIGTERM or SIGINT: the first starts the graceful stop,
+    a second stops waiting. `signals`: those received already (start-up
+    recorded them), to which the ones to come are added. Installs its
+    handlers, so only from the main thread (signal.signal's rule)."""
     signals = [] if signals is None else signals
     previous = {sig: signal.signal(sig, lambda signum, frame: signals.append(signum))
                 for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        serve(server, grace_seconds, signals, on_stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _stop_reason(reason):
+    return signal.Signals(reason).name if isinstance(reason, int) else str(reason)
+
+
+def serve(server, grace_seconds, stops, on_stop=None):
+    """Serve until `stops` (a list, appended to by a signal handler or by
+    another thread) is not empty, then stop gracefully: no new connections,
+    requests in flight (received, queued or running) finish and their
+    answers are sent, for up to grace_seconds; a second entry in `stops`
+    stops waiting. Returns when done. `on_stop()` is called when the stop
+    begins. From any thread: the loop looks at `stops` every _TICK, so a
+    stop asked for from a thread, or a signal, takes effect within it."""
     socket_map = server._map
     poller = (_Poller if hasattr(select, 'epoll') else _Poll2)(socket_map)
     try:
-        while not signals:
+        while not stops:
             poller.poll(_TICK)
-        log.info('%s: stopping; finishing the requests in flight', signal.Signals(signals[0]).name)
+        log.info('%s: stopping; finishing the requests in flight', _stop_reason(stops[0]))
         if on_stop is not None:
             on_stop()
         # Closes the listening socket only. (server.close() would also close
@@ -573,7 +590,7 @@ def run(server, grace_seconds, signals=None, on_stop=None):
                     channel.close_when_flushed = True
             if not channels:
                 break
-            if time.monotonic() > deadline or len(signals) > 1:
+            if time.monotonic() > deadline or len(stops) > 1:
                 busy = sum(1 for c in channels if c.requests)
                 log.warning('stopping with %d request(s) unfinished', busy)
                 break
@@ -582,5 +599,3 @@ def run(server, grace_seconds, signals=None, on_stop=None):
     finally:
         wasyncore.close_all(socket_map)
         poller.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

@@ -24,6 +24,7 @@ import psycopg
 import pytest
 
 import flashsale
+from conftest import ServerInThread
 from conftest import TEST_SECRET
 from conftest import auth
 from conftest import free_port
@@ -53,14 +54,14 @@ def server(settings, database_url):
         mine = dataclasses.replace(settings, **{'threads': 64, 'pool_size': 8, 'port': 0, **overrides})
         pool = database.open_pool(mine, database_url)
         batches = flashsale.purchase_batches(mine, pool)
-        srv = serving.create_server(flashsale.create_app(mine, pool, batches), mine)
-        threading.Thread(target=srv.run, daemon=True).start()
+        srv = ServerInThread(flashsale.create_app(mine, pool, batches), mine,
+                             on_stop=lambda: batches.stop(mine.shutdown_timeout / 2))
         made.append((srv, pool))
-        return f'http://127.0.0.1:{srv.effective_port}', batches
+        return srv.base_url, batches
 
     yield start
     for srv, pool in made:
-        srv.close()
+        srv.stop()
         pool.close(timeout=1)
 
 
