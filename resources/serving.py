@@ -28,6 +28,7 @@ What waitress does not do on its own:
 import heapq
 import json
 import logging
+import re
 import resource
 import select
 import signal
@@ -150,20 +151,35 @@ class _Parser(HTTPRequestParser):
         if b'\r\n ' in header_plus or b'\r\n\t' in header_plus:
             raise ParsingError('obs-fold in a header')
         super().parse_header(header_plus)
-        headers = self.headers
         if self.chunked:
             # Content-Length and Transfer-Encoding together is how a request
             # is smuggled past a proxy that reads the other one (RFC 9112
             # §6.1); refused, and the connection closed with the answer.
-            if 'CONTENT_LENGTH' in headers:
+            if _field_lines(header_plus, b'content-length'):
                 raise ParsingError('both Content-Length and Transfer-Encoding')
             self.body_rcv = _ChunkedReceiver(self.body_rcv.getbuf(), self.adj.max_request_body_size)
-        elif 'TRANSFER_ENCODING' in headers:
-            # HTTP/1.0 has no Transfer-Encoding; waitress ignores it there.
-            raise ParsingError('Transfer-Encoding in HTTP/1.0')
+        elif _field_lines(header_plus, b'transfer-encoding'):
+            # Not ending in chunked: HTTP/1.0 has none (waitress ignores it
+            # there), and an empty one is malformed (waitress ignores it).
+            raise ParsingError('Transfer-Encoding without chunked')
         # RFC 9112 §3.2: exactly one Host in an HTTP/1.1 request.
-        if self.version == '1.1' and ('HOST' not in headers or ',' in headers['HOST']):
+        if self.version == '1.1' and (_field_lines(header_plus, b'host') != 1 or ',' in self.headers.get('HOST', '')):
             raise ParsingError('HTTP/1.1 needs one Host header')
+
+
+def _field_lines(header_plus, name):
+    """How many lines of the request's header (`header_plus`, the request
+    line first) are the field `name` (lower case), counted in the bytes
+    received, so that the checks above do not depend on what waitress keeps
+    in its parsed headers: it joins repeated fields into one, and its main
+    branch drops Content-Length from a chunked request. Each field is a
+    line of its own, after a CRLF: waitress' parse refuses a space before
+    the colon and a bare CR or LF, and obs-fold is refused first."""
+    return len(_FIELD_LINE[name].findall(header_plus))
+
+
+_FIELD_LINE = {name: re.compile(b'\r\n' + re.escape(name) + b':', re.IGNORECASE)
+               for name in (b'content-length', b'transfer-encoding', b'host')}
 
 
 class _JSONErrorTask(ErrorTask):
