@@ -413,7 +413,7 @@ def serve(settings, stop):
 
 def _engine(settings):
     """The module that serves HTTP: resources/serving.py (waitress) or
-    resources/granian_server.py; each has create_server() and run()."""
+    resources/granian_server.py; each has create_server() and serve()."""
     if settings.server == 'granian':
         from resources import granian_server  # noqa: PLC0415
 
@@ -448,7 +448,7 @@ def _serve_process(settings, url, sock, stop):
             hash_queue.stop(settings.shutdown_timeout / 2)
             batches.stop(settings.shutdown_timeout / 2)
 
-        engine.run(server, settings.shutdown_timeout, stop, on_stop=on_stop)
+        engine.serve(server, settings.shutdown_timeout, stop, on_stop=on_stop)
     finally:
         if hash_queue is not None:
             hash_queue.close()

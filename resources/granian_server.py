@@ -159,10 +159,10 @@ def serve(server, grace_seconds, stops, on_stop=None):
     first = stops[0]
     log.info('%s: stopping; finishing the requests in flight',
              signal.Signals(first).name if isinstance(first, int) else first)
-    if on_stop is not None:
-        on_stop()
     deadline = time.monotonic() + grace_seconds
     server.begin_stop()
+    if on_stop is not None:
+        on_stop()
     # Until they are answered, the grace is over, or Ctrl-C again.
     while not server.stopped(_TICK):
         if time.monotonic() > deadline or signal.SIGINT in stops[1:]:

@@ -98,17 +98,8 @@ def accepts(port, proc):
         return False
 
 
-SERVERS = ['waitress', 'granian']
-
-
 def app_env(database_url, port, server='waitress'):
     return serve_env(database_url, PORT=str(port), TRUSTED_PROXY='127.0.0.1', THREADS='4', SERVER=server)
-
-
-@pytest.fixture(params=SERVERS)
-def server(request):
-    """The server behind nginx: each test that takes it runs under both."""
-    return request.param
 
 
 class AppLog:
@@ -137,12 +128,12 @@ class AppLog:
 
 
 @pytest.fixture
-def behind_nginx(database_url, tmp_path, server):
+def behind_nginx(database_url, tmp_path, each_server):
     app_ports = [free_port(), free_port()]
     apps = []
     for port in app_ports:
         log_path = tmp_path / f'app-{port}.log'
-        apps.append((start_serve(app_env(database_url, port, server), log_path), AppLog(port, log_path)))
+        apps.append((start_serve(app_env(database_url, port, each_server), log_path), AppLog(port, log_path)))
     front = None
     try:
         base_url, front = start_nginx(tmp_path, app_ports)
@@ -336,14 +327,14 @@ class BrokenUpstream:
     ('silent', 504, 'gateway_timeout', [('proxy_read_timeout 15s;', 'proxy_read_timeout 1s;')]),
 ])
 def test_a_post_is_never_passed_on_to_a_second_process(database_url, tmp_path, make_users, make_sale, db,
-                                                       mode, status, code, changes, server):
+                                                       mode, status, code, changes, each_server):
     """An upstream that gets a purchase and never answers it: the buyer gets
     nginx's error in the API's shape, and nginx does not send the purchase on
     to the other process, which may have bought already."""
     broken = BrokenUpstream(mode)
     app_port = free_port()
     log = AppLog(app_port, tmp_path / 'app.log')
-    app = start_serve(app_env(database_url, app_port, server), log.path)
+    app = start_serve(app_env(database_url, app_port, each_server), log.path)
     front = None
     try:
         base_url, front = start_nginx(tmp_path, [broken.port, app_port], ready_path=None, changes=changes)

@@ -19,12 +19,10 @@ from conftest import call
 from conftest import free_port
 from conftest import hold_sale_row
 from conftest import requests_read_by_server
+from conftest import SERVERS
 from conftest import serve_env
 from conftest import start_serve
 from conftest import wait_for
-
-SERVERS = ['waitress', 'granian']
-
 
 def start_workers(database_url, tmp_path, server, **extra):
     """`flashsale serve` with WORKERS=2 under `server`: (process, base URL,
