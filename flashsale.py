@@ -545,8 +545,8 @@ def _stop_with_parent(prctl, parent):
 def init_db(settings):
     url, settings = _database(settings)
     with _first_connection(settings, url) as conn:
-        database.apply_schema(conn)
-    print('schema applied')
+        applied = database.apply_schema(conn)
+    print('schema applied' if applied else 'schema.sql is already applied: nothing to change')
 
 
 def _change_user(settings, email, statement, missing):
@@ -604,7 +604,7 @@ def main(argv=None):
     commands.add_parser('serve', help='run the HTTP server (settings: flashsale serve --help)',
                         description='Run the HTTP server.', epilog=_settings_help(),
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands.add_parser('init-db', help='apply schema.sql to the database (safe to repeat)')
+    commands.add_parser('init-db', help='apply schema.sql to the database, if it changed (safe to repeat)')
     grant = commands.add_parser('grant-admin', help='give an existing user admin rights')
     grant.add_argument('email')
     revoke = commands.add_parser('revoke-sessions', help='end every session of a user (their tokens fail)')
@@ -632,7 +632,7 @@ def main(argv=None):
             revoke_sessions(settings, args.email)
         else:
             grant_admin(settings, args.email)
-    except ConfigError as exc:
+    except (ConfigError, database.SchemaLocked) as exc:
         print(f'flashsale: {exc}', file=sys.stderr)
         return 2
     return 0

@@ -305,6 +305,13 @@ def serve_env(database_url, **extra):
                      **{'WORKERS': '1', **extra})
 
 
+def run_cli(*args, env):
+    """A `flashsale` command run to its end: its CompletedProcess (text output)."""
+    return subprocess.run(
+        [sys.executable, '-m', 'flashsale', *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
 def start_serve(env, log_path, timeout=60):
     """`flashsale serve` as a real process with `env`, its output in log_path
     (truncated first); returns the process once it says it is listening."""

@@ -3,8 +3,6 @@
 import os
 import re
 import signal
-import subprocess
-import sys
 
 import pytest
 
@@ -12,6 +10,7 @@ from conftest import call
 from conftest import clean_env
 from conftest import free_port
 from conftest import race_and_check
+from conftest import run_cli
 from conftest import sale_state
 from conftest import run_together
 from conftest import serve_env
@@ -44,12 +43,6 @@ def test_health_is_503_when_the_database_is_unreachable(make_app):
     assert took < 3
     assert resp.json['code'] == 'database_unavailable'
     assert resp.headers['Retry-After']
-
-
-def run_cli(*args, env):
-    return subprocess.run(
-        [sys.executable, '-m', 'flashsale', *args], env=env, capture_output=True, text=True, timeout=60
-    )
 
 
 @pytest.mark.parametrize('secret', [None, 'too-short'])
