@@ -599,6 +599,10 @@ def _settings_help():
 
 
 def main(argv=None):
+    # A reader of this process' output that is gone (`flashsale serve | true`)
+    # must not end it: what it would have read is dropped (resources/logwriter.py).
+    sys.stdout = logwriter.ReaderGoneSafe(sys.stdout)
+    sys.stderr = logwriter.ReaderGoneSafe(sys.stderr)
     parser = argparse.ArgumentParser(prog='flashsale', description=__doc__.split('\n')[0])
     commands = parser.add_subparsers(dest='command', required=True)
     commands.add_parser('serve', help='run the HTTP server (settings: flashsale serve --help)',

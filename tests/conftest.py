@@ -312,12 +312,13 @@ def run_cli(*args, env):
     )
 
 
-def start_serve(env, log_path, timeout=60):
+def start_serve(env, log_path, timeout=60, stderr=subprocess.STDOUT):
     """`flashsale serve` as a real process with `env`, its output in log_path
-    (truncated first); returns the process once it says it is listening."""
+    (truncated first; its log lines too, unless `stderr` is another file);
+    returns the process once it says it is listening."""
     with open(log_path, 'w') as log:
         proc = subprocess.Popen(
-            [sys.executable, '-m', 'flashsale', 'serve'], env=env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, '-m', 'flashsale', 'serve'], env=env, stdout=log, stderr=stderr
         )
     deadline = time.monotonic() + timeout
     while 'listening on' not in Path(log_path).read_text():
