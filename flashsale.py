@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import sys
@@ -110,7 +111,28 @@ class Settings:
         settings = cls(**values)
         if settings.jwt_secret and len(settings.jwt_secret.encode()) < MIN_JWT_SECRET_BYTES:
             raise ConfigError(f'JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes long')
+        for origin in settings.cors_origins:
+            _check_origin(origin)
         return settings
+
+
+# An origin as a browser sends it: scheme://host[:port], in lower case (an
+# IDN in punycode), no path, no trailing slash. Falcon's CORSMiddleware
+# compares it as written, so anything else never matches.
+_ORIGIN = re.compile(r'^[a-z][a-z0-9+.-]*://[a-z0-9.\-\[\]:]+$')
+
+
+def _check_origin(origin):
+    if origin == '*':
+        # Falcon takes '*' only as a string, not in a list (a ValueError in
+        # every worker). And an API that holds accounts and orders is not
+        # for every site on the web to call: the origins are named.
+        raise ConfigError('CORS_ORIGINS=* is refused: list the origins that may call the API from a browser, '
+                          'e.g. CORS_ORIGINS=https://shop.example.com,https://admin.example.com')
+    if not _ORIGIN.match(origin):
+        raise ConfigError(f'CORS_ORIGINS: {origin!r} is not an origin as a browser sends it: '
+                          'scheme://host[:port] in lower case, without a path or a trailing slash, '
+                          'e.g. https://shop.example.com')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,7 +270,9 @@ def create_app(settings, pool, batches=None, hash_queue=None):
 
     stack = [middleware.RequestLog(), middleware.SecurityHeaders(), middleware.StaticMethods()]
     if settings.cors_origins:
-        stack.append(falcon.CORSMiddleware(allow_origins=list(settings.cors_origins)))
+        stack.append(falcon.CORSMiddleware(allow_origins=list(settings.cors_origins),
+                                           expose_headers=middleware.CORS_EXPOSED_HEADERS))
+        stack.append(middleware.VaryByOrigin())
     # Authentication before the rate limits: they key purchases by its user id.
     stack.append(Authentication(credentials))
     stack.append(RateLimits(settings))
@@ -293,10 +317,14 @@ def _database(settings):
     from resources import embedded  # noqa: PLC0415 (never imported in production)
 
     log.info('DATABASE_URL is not set: using the embedded PostgreSQL in %s', settings.data_dir)
-    url = embedded.start(settings.data_dir)
-    if not settings.jwt_secret:
-        settings = dataclasses.replace(settings, jwt_secret=embedded.jwt_secret(settings.data_dir))
-    return url, settings
+    if not settings.jwt_secret:  # before the database starts: a refusal then costs nothing
+        try:
+            secret = embedded.jwt_secret(settings.data_dir, MIN_JWT_SECRET_BYTES)
+        except OSError as exc:
+            raise ConfigError(f'cannot keep the development JWT secret in {exc.filename or settings.data_dir}: '
+                              f'{exc.strerror or exc}; free space or fix FLASHSALE_DATA_DIR, or set JWT_SECRET') from None
+        settings = dataclasses.replace(settings, jwt_secret=secret)
+    return embedded.start(settings.data_dir), settings
 
 
 @contextlib.contextmanager
