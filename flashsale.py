@@ -229,7 +229,9 @@ VARIABLES = (
 
 def _json_default(value):
     if isinstance(value, datetime):
-        return value.astimezone(timezone.utc).isoformat(timespec='milliseconds').replace('+00:00', 'Z')
+        # To the microsecond, as PostgreSQL stores a timestamptz: a time
+        # read back is the time written, and two distinct ones stay distinct.
+        return value.astimezone(timezone.utc).isoformat(timespec='microseconds').replace('+00:00', 'Z')
     if isinstance(value, uuid.UUID):
         return str(value)
     raise TypeError(f'{type(value).__name__} is not JSON serializable')
@@ -583,7 +585,7 @@ def _change_user(settings, email, statement, missing):
     url, settings = _database(settings)
     with _first_connection(settings, url) as conn:
         database.apply_schema(conn)
-        user = sql.one(conn, statement, {'email': email.strip().lower()})
+        user = sql.one(conn, statement, {'email': accounts.normalised_email(email)})
     if user is None:
         raise ConfigError(missing)
     return user
