@@ -57,3 +57,11 @@ CREATE TABLE IF NOT EXISTS orders (
 
 -- "my orders" looks orders up by user; the unique index above serves lookups by sale.
 CREATE INDEX IF NOT EXISTS orders_user_id_idx ON orders (user_id);
+
+-- The SHA-256 of the schema.sql last applied, in one row: start-up applies
+-- this file only when it differs (resources/database.py, apply_schema).
+CREATE TABLE IF NOT EXISTS schema_applied (
+    only_row   boolean     PRIMARY KEY DEFAULT true CHECK (only_row),
+    sha256     text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);

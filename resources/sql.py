@@ -18,6 +18,22 @@ one explicitly.
 # (concurrent CREATE TABLE IF NOT EXISTS can otherwise collide on the catalog).
 LOCK_SCHEMA = 'SELECT pg_advisory_xact_lock(hashtext(\'flashsale schema\'))'
 
+# One value (or UndefinedTable before the first apply): the SHA-256 of the
+# schema.sql last applied. A plain read of a table nothing but an apply
+# writes: it waits for no lock a backup or a purchase holds.
+APPLIED_SCHEMA = 'SELECT sha256 FROM schema_applied'
+
+# One value: this connection's lock_timeout as PostgreSQL writes it ('2s'),
+# for a message that says how long a lock was waited for.
+LOCK_TIMEOUT = "SELECT current_setting('lock_timeout')"
+
+# Nothing: the schema.sql with this digest is applied (run in the
+# transaction that applied it, so the record never runs ahead of the tables).
+RECORD_SCHEMA = '''
+    INSERT INTO schema_applied (sha256) VALUES (%(sha256)s)
+    ON CONFLICT (only_row) DO UPDATE SET sha256 = EXCLUDED.sha256, applied_at = now()
+'''
+
 # The database's clock. Every time decision (sale status, the purchase window,
 # serverTime) is made with now() in PostgreSQL, never with the app's clock, so
 # several app processes can never disagree about whether a sale has started.

@@ -304,12 +304,20 @@ def serve_env(database_url, **extra):
     return clean_env(DATABASE_URL=database_url, JWT_SECRET=TEST_SECRET, **{'BCRYPT_ROUNDS': '4', 'WORKERS': '1', **extra})
 
 
-def start_serve(env, log_path, timeout=60):
+def run_cli(*args, env):
+    """A `flashsale` command run to its end: its CompletedProcess (text output)."""
+    return subprocess.run(
+        [sys.executable, '-m', 'flashsale', *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def start_serve(env, log_path, timeout=60, stderr=subprocess.STDOUT):
     """`flashsale serve` as a real process with `env`, its output in log_path
-    (truncated first); returns the process once it says it is listening."""
+    (truncated first; its log lines too, unless `stderr` is another file);
+    returns the process once it says it is listening."""
     with open(log_path, 'w') as log:
         proc = subprocess.Popen(
-            [sys.executable, '-m', 'flashsale', 'serve'], env=env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, '-m', 'flashsale', 'serve'], env=env, stdout=log, stderr=stderr
         )
     deadline = time.monotonic() + timeout
     while 'listening on' not in Path(log_path).read_text():

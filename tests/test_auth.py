@@ -36,6 +36,21 @@ def test_register_duplicate_email_is_409_email_taken(client, db):
     assert db.execute('SELECT count(*) AS n FROM users').fetchone()['n'] == 1
 
 
+@pytest.mark.parametrize('invisible', ['\u200b', '\ufeff', '\u2060', '\u200d', '\u202e', '\u00ad'],
+                         ids=['zero-width-space', 'bom', 'word-joiner', 'zero-width-joiner', 'bidi-override', 'soft-hyphen'])
+def test_invisible_format_characters_make_no_second_account(client, db, invisible):
+    """Unicode category Cf survives strip() and shows nothing: dropped from
+    an email, wherever it is, so it names the account it looks like."""
+    user_id = register(client).json['user']['id']
+    for spelling in (f'shopper@example.com{invisible}', f'{invisible}shopper@example.com',
+                     f'shop{invisible}per@example{invisible}.com'):
+        resp = register(client, email=spelling, status=409)
+        assert resp.json['code'] == 'email_taken'
+        login = client.post_json('/api/auth/login', {'email': spelling, 'password': 'password123'}, status=200)
+        assert login.json['user']['id'] == user_id
+    assert db.execute('SELECT email FROM users').fetchall() == [{'email': 'shopper@example.com'}]
+
+
 def test_racing_registrations_of_one_email_create_one_user(wsgi_app, db):
     results = []
 

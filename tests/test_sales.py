@@ -98,11 +98,26 @@ def test_admin_creates_a_sale(client, make_user, db):
     body = new_sale_body(startDate='2030-01-01T10:00:00+07:00', endDate='2030-01-01T12:00:00Z')
     resp = client.post_json('/api/flash-sales', body, headers=auth(token), status=201)
     sale = resp.json['flashSale']
-    assert sale['startDate'] == '2030-01-01T03:00:00.000Z'
-    assert sale['endDate'] == '2030-01-01T12:00:00.000Z'
+    assert sale['startDate'] == '2030-01-01T03:00:00.000000Z'
+    assert sale['endDate'] == '2030-01-01T12:00:00.000000Z'
     assert (sale['totalStock'], sale['remainingStock'], sale['status']) == (50, 50, 'upcoming')
     row = db.execute('SELECT total_stock, remaining_stock, name FROM flash_sales WHERE id = %s', (sale['id'],)).fetchone()
     assert row == {'total_stock': 50, 'remaining_stock': 50, 'name': 'Winter boots'}
+
+
+def test_times_read_back_to_the_microsecond_they_were_written(client, make_user, db):
+    """A sale whose end is 1 µs after its start is a valid sale, and reads
+    back with the two times distinct: times are written as stored."""
+    _, token = make_user(admin=True)
+    start, end = '2030-01-01T10:00:00.123456Z', '2030-01-01T10:00:00.123457Z'
+    resp = client.post_json('/api/flash-sales', new_sale_body(startDate=start, endDate=end),
+                            headers=auth(token), status=201)
+    sale_id = resp.json['flashSale']['id']
+    row = db.execute('SELECT start_date, end_date, created_at FROM flash_sales WHERE id = %s', (sale_id,)).fetchone()
+    assert row['end_date'] - row['start_date'] == timedelta(microseconds=1)
+    for sale in (resp.json['flashSale'], client.get(f'/api/flash-sales/{sale_id}', status=200).json['flashSale']):
+        assert (sale['startDate'], sale['endDate']) == (start, end)
+        assert parse(sale['createdAt']) == row['created_at']  # the database's now(), to the microsecond
 
 
 def test_name_is_optional(client, make_user):
