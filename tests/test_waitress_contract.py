@@ -73,6 +73,9 @@ CONTRACT = {
         'HTTPChannel': None,
         'HTTPChannel.__init__': '(self, server, sock, addr, adj, map=None)',
         'HTTPChannel.error_task_class': None,
+        # serving._Task: every answer of a stopping server closes its connection
+        'HTTPChannel.task_class': None,
+        'HTTPChannel().server': None,
         'HTTPChannel.parser_class': None,
         # overridden by serving._Channel
         'HTTPChannel.received': '(self, data)',
@@ -164,6 +167,9 @@ CONTRACT = {
         'ErrorTask().request': None,
         'ErrorTask().channel': None,
         'ErrorTask().response_headers': None,
+        'WSGITask': None,
+        'WSGITask.build_response_header': '(self)',
+        'WSGITask.set_close_on_finish': '(self)',
         # flashsale.main quietens it by its name
         'queue_logger': None,
         'queue_logger.name': None,
