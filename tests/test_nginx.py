@@ -9,19 +9,18 @@ import http.client
 import json
 import os
 import re
-import shutil
 import signal
 import socket
-import subprocess
 import threading
 import time
-from pathlib import Path
 
 import flashsale
 import invariants
 import pytest
 
+from conftest import NGINX_CONF
 from conftest import answer
+from conftest import app_env
 from conftest import call
 from conftest import connect
 from conftest import free_port
@@ -29,78 +28,9 @@ from conftest import race_and_check
 from conftest import raw_http
 from conftest import sale_state
 from conftest import send
-from conftest import serve_env
+from conftest import start_nginx
 from conftest import start_serve
 from conftest import wait_for
-
-NGINX_CONF = Path(__file__).resolve().parent.parent / 'scripts' / 'nginx.conf'
-
-
-def answers_health(base_url, proc):
-    """True once GET /health through nginx is 200; fails if nginx exited."""
-    if proc.poll() is not None:
-        pytest.fail(f'{proc.args} exited with {proc.returncode}')
-    try:
-        return call(base_url, 'GET', '/health', timeout=2).status == 200
-    except OSError:
-        return False
-
-
-def nginx_binary():
-    nginx = shutil.which('nginx') or ('/usr/sbin/nginx' if os.path.exists('/usr/sbin/nginx') else None)
-    if nginx is None:
-        if os.environ.get('CI'):
-            pytest.fail('nginx is missing in CI (.ci/run installs it)')
-        pytest.skip('nginx is not installed (apt-get install nginx-light)')
-    return nginx
-
-
-def start_nginx(tmp_path, upstream_ports, ready_path='/health', changes=()):
-    """The shipped nginx.conf in front of upstream_ports; returns (front URL,
-    process) once ready_path answers 200 through it (None: once its port
-    accepts connections, with no request sent upstream). `changes`: more
-    (text, replacement) pairs, each of whose text must be in the file."""
-    nginx = nginx_binary()
-    front_port = free_port()
-    conf = NGINX_CONF.read_text()
-    for text, replacement in changes:
-        assert conf.count(text) == 1, f'{text!r} is not in scripts/nginx.conf exactly once'
-        conf = conf.replace(text, replacement)
-    conf = (
-        conf
-        .replace('127.0.0.1:8001', f'127.0.0.1:{upstream_ports[0]}')
-        .replace('127.0.0.1:8002', f'127.0.0.1:{upstream_ports[1]}')
-        .replace('127.0.0.1:8080', f'127.0.0.1:{front_port}')
-    )
-    assert f'127.0.0.1:{front_port}' in conf and f'127.0.0.1:{upstream_ports[1]}' in conf
-    (tmp_path / 'nginx.conf').write_text(conf)
-    (tmp_path / 'nginx-tmp').mkdir()
-    # As root (CI), nginx's workers would run as nobody, who cannot write the
-    # cache under the test's private temporary directory.
-    globals_ = 'daemon off;' + (' user root;' if os.geteuid() == 0 else '')
-    front = subprocess.Popen([nginx, '-p', str(tmp_path), '-c', 'nginx.conf', '-g', globals_])
-    base_url = f'http://127.0.0.1:{front_port}'
-    if ready_path:
-        wait_for(lambda: answers_health(base_url, front), timeout=30, message='nginx to answer GET /health')
-    else:
-        wait_for(lambda: accepts(front_port, front), timeout=30, message='nginx to listen')
-    return base_url, front
-
-
-def accepts(port, proc):
-    """True once 127.0.0.1:port accepts a connection; fails if proc exited."""
-    if proc.poll() is not None:
-        pytest.fail(f'{proc.args} exited with {proc.returncode}')
-    try:
-        socket.create_connection(('127.0.0.1', port), timeout=2).close()
-        return True
-    except OSError:
-        return False
-
-
-def app_env(database_url, port, server='waitress'):
-    return serve_env(database_url, PORT=str(port), TRUSTED_PROXY='127.0.0.1', THREADS='4', SERVER=server)
-
 
 class AppLog:
     """An app process' access log, read once every line written so far is in it."""

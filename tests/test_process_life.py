@@ -104,10 +104,10 @@ def test_a_killed_worker_is_replaced_and_the_other_keeps_selling(
         lost = [a for a in answers if a.kind == 'no_answer']
         assert len(lost) <= 16, lost
         # The users left without an answer settle it by buying again.
-        for index, answer in enumerate(answers):
-            if answer.kind == 'no_answer':
+        for index, lost_one in enumerate(answers):
+            if lost_one.kind == 'no_answer':
                 status, code, order, _ = buy_over_http(base_url, sale_id, users[index][1])
-                answers.append(invariants.Answer(answer.user, 'created' if status == 201 else code,
+                answers.append(invariants.Answer(lost_one.user, 'created' if status == 201 else code,
                                                  (order or {}).get('id')))
         state, orders = invariants.read_sale(db, sale_id)
         checks = invariants.check_sale(state, orders, answers, unknown_ok=True)
