@@ -97,7 +97,10 @@ class Settings:
     idle_timeout_ms: int = 10_000  # a connection waiting for its next request
     auth_rate_per_minute: int = 30  # register + login per client address (0: off)
     purchase_rate_per_second: int = 5  # purchases per user, twice that at once (0: off)
-    rate_limit_exempt: tuple = ('127.0.0.1', '::1')  # client addresses no limit applies to
+    # Client addresses no limit applies to: none by default. Behind a proxy on
+    # the same host every client would be loopback, so a loopback default
+    # would turn every limit off there (README, "Rate limits").
+    rate_limit_exempt: tuple = ()
     shutdown_timeout: float = 10.0  # seconds SIGTERM waits for requests in flight
     purchase_batch_max: int = 64  # purchases of one sale in one statement, at most
     log_level: str = 'INFO'
@@ -110,7 +113,19 @@ class Settings:
         settings = cls(**values)
         if settings.jwt_secret and len(settings.jwt_secret.encode()) < MIN_JWT_SECRET_BYTES:
             raise ConfigError(f'JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes long')
+        _check_exemption(settings)
         return settings
+
+
+def _check_exemption(settings):
+    """An exemption that covers the proxy exempts every client it forwards
+    without X-Forwarded-For; with every proxy trusted ('*'), any client can
+    claim an exempt address in that header."""
+    proxy = settings.trusted_proxy
+    if proxy and settings.rate_limit_exempt and (proxy == '*' or proxy in settings.rate_limit_exempt):
+        raise ConfigError(f'RATE_LIMIT_EXEMPT must not cover TRUSTED_PROXY ({proxy}): every client behind '
+                          'the proxy would be exempt; set RATE_LIMIT_EXEMPT= (empty), or AUTH_RATE_PER_MINUTE=0 '
+                          'and PURCHASE_RATE_PER_SECOND=0 for a load test through the proxy')
 
 
 @dataclasses.dataclass(frozen=True)

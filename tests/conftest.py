@@ -35,6 +35,7 @@ from private_postgres import free_port  # noqa: F401 (for the tests)
 from invariants import sale_state  # noqa: F401 (for the tests: scripts/invariants.py, one checker for all)
 
 TEST_SECRET = 'test-secret-' + 'x' * 40
+LOOPBACK = ('127.0.0.1', '::1')
 
 
 @pytest.fixture(scope='session')
@@ -60,6 +61,9 @@ def settings(database_url):
         # Tests create and change sales between requests; each answer must be
         # fresh (tests/test_fast_paths.py covers the cache with an app of its own).
         poll_cache_ms=0,
+        # The tests register and log in from loopback (WebTest's REMOTE_ADDR
+        # too) far faster than any limit; tests/test_limits.py limits them.
+        rate_limit_exempt=LOOPBACK,
     )
 
 
@@ -300,9 +304,10 @@ def serve_env(database_url, **extra):
     """The environment of a `flashsale serve` on the tests' database and
     secret, one process unless `extra` says WORKERS (the default, one per
     core, would fork every test's server, and a connection table or a
-    process' log is one process')."""
+    process' log is one process'), loopback exempt from the rate limits
+    unless `extra` says RATE_LIMIT_EXEMPT (nothing is, by default)."""
     return clean_env(DATABASE_URL=database_url, JWT_SECRET=TEST_SECRET, BCRYPT_ROUNDS='4',
-                     **{'WORKERS': '1', **extra})
+                     **{'WORKERS': '1', 'RATE_LIMIT_EXEMPT': ','.join(LOOPBACK), **extra})
 
 
 def start_serve(env, log_path, timeout=60):
