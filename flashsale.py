@@ -266,7 +266,7 @@ def create_app(settings, pool, batches=None, hash_queue=None):
         stack.append(falcon.CORSMiddleware(allow_origins=list(settings.cors_origins)))
     # Authentication before the rate limits: they key purchases by its user id.
     stack.append(Authentication(credentials))
-    stack.append(RateLimits(settings))
+    stack.append(RateLimits(settings, pool))
     app = _App(middleware=stack, cors_enable=False)
 
     json_handler = falcon.media.JSONHandler(

@@ -419,6 +419,52 @@ LIST_MY_ORDERS = f'''
      ORDER BY created_at DESC, id
 '''
 
+# --- rate limits ------------------------------------------------------------
+
+# A bucket's tokens now: what it held, plus what it earned since it was
+# counted, up to the burst. Time never runs backwards here: a statement that
+# waited for the row's lock may have started (now()) before the one it waited
+# for counted.
+_REFILLED = '''least(%(burst)s::float8, bucket.tokens + %(rate)s::float8
+                        * greatest(0, extract(epoch FROM now() - bucket.counted_at)::float8))'''
+
+# One row: `wait`, 0 if the client address had a token (now spent), else the
+# seconds until it will have one (nothing spent). The register/login limit
+# of resources/ratelimit.py, one token bucket per address, shared by every
+# process and host on this database.
+#
+# Why one statement is exact under concurrency: the INSERT ... ON CONFLICT DO
+# UPDATE takes the address's row lock, so two takes of one address run one
+# after the other, and each reads the tokens the previous one left (READ
+# COMMITTED re-reads the locked row). A new address inserts a full bucket
+# less one; two racing inserts of it become an insert and an update.
+#
+# `pruned` keeps the table as small as the addresses seen within one refill
+# (a row older than that is full again, the same as no row): each take
+# deletes up to two such rows of other addresses, oldest first, so the
+# expired rows only ever shrink while any are left. SKIP LOCKED: a take never
+# waits for another take's pruning, nor for an address being counted. (Not
+# its own address: one statement may not change a row twice.)
+TAKE_AUTH_TOKEN = f'''
+    WITH pruned AS (
+        DELETE FROM auth_rate_buckets
+         WHERE address IN (
+            SELECT address FROM auth_rate_buckets
+             WHERE counted_at < now() - make_interval(secs => %(refill_seconds)s::float8)
+               AND address <> %(address)s
+             ORDER BY counted_at
+             LIMIT 2
+               FOR UPDATE SKIP LOCKED)
+    )
+    INSERT INTO auth_rate_buckets AS bucket (address, tokens, counted_at)
+    VALUES (%(address)s, %(burst)s::float8 - 1, now())
+    ON CONFLICT (address) DO UPDATE
+       SET tokens = {_REFILLED} - CASE WHEN {_REFILLED} >= 1 THEN 1 ELSE 0 END,
+           refused = {_REFILLED} < 1,
+           counted_at = greatest(bucket.counted_at, now())
+    RETURNING CASE WHEN refused THEN (1 - tokens) / %(rate)s::float8 ELSE 0 END AS wait
+'''
+
 # --- executors, named by how many rows come back ----------------------------
 
 

@@ -92,7 +92,7 @@ def db(check_connection):
     (TRUNCATE waits for no one: the pool's idle connections hold no lock)."""
     if check_connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
         check_connection.rollback()  # a test that failed inside a transaction of its own
-    check_connection.execute('TRUNCATE orders, flash_sales, users')
+    check_connection.execute('TRUNCATE orders, flash_sales, users, auth_rate_buckets')
     return check_connection
 
 
