@@ -250,16 +250,18 @@ class _App(falcon.App):
         super().add_route(uri_template, resource, **kwargs)
 
 
-def create_app(settings, pool, batches=None, hash_queue=None):
+def create_app(settings, pool, batches=None, hash_queue=None, poll_cache=None):
     """The WSGI app. `pool` is an open psycopg_pool.ConnectionPool; the
     settings must carry the JWT secret. `batches`: purchase_batches(), by
     default made here (the server passes its own, to stop it on SIGTERM).
     `hash_queue`: the hashing.HashQueue to use (default: one of its own, from
-    the settings; its processes start at the first login unless started)."""
+    the settings; its processes start at the first login unless started).
+    `poll_cache`: the PollCache of the polled answers (default: one of its
+    own, from the settings)."""
     credentials = Credentials(
         settings.jwt_secret, settings.jwt_ttl_seconds, settings.bcrypt_rounds, hash_queue or new_hash_queue(settings)
     )
-    poll_cache = PollCache(settings.poll_cache_ms / 1000, _json_default)
+    poll_cache = new_poll_cache(settings) if poll_cache is None else poll_cache
 
     stack = [middleware.RequestLog(), middleware.SecurityHeaders(), middleware.StaticMethods()]
     if settings.cors_origins:
@@ -291,6 +293,10 @@ def create_app(settings, pool, batches=None, hash_queue=None):
     app.add_route('/openapi.json', openapi.Document())
     page.add_routes(app)
     return app
+
+
+def new_poll_cache(settings):
+    return PollCache(settings.poll_cache_ms / 1000, _json_default)
 
 
 def new_hash_queue(settings):

@@ -176,13 +176,14 @@ def make_sale(db):
 # of its own (lock and statement timeouts are set per connection).
 POOL_SETTINGS = {'database_url', 'pool_size', 'pool_timeout', 'statement_timeout_ms', 'lock_timeout_ms'}
 
-AppUnderTest = collections.namedtuple('AppUnderTest', 'wsgi client settings pool')
+AppUnderTest = collections.namedtuple('AppUnderTest', 'wsgi client settings pool poll_cache')
 
 
 @pytest.fixture
 def make_app(settings, pool):
-    """make_app(filled=True, queue=None, **changes) -> AppUnderTest(wsgi,
-    client, settings, pool): the app with these settings changed. On the
+    """make_app(filled=True, queue=None, poll_cache=None, **changes) ->
+    AppUnderTest(wsgi, client, settings, pool, poll_cache): the app with these
+    settings changed, and its PollCache (default: one from the settings). On the
     session's pool, unless a change is one of POOL_SETTINGS: then on a pool of
     its own, closed at the end of the test, and filled before it is returned
     unless filled=False (a database that takes no connection: a standby, a
@@ -191,7 +192,7 @@ def make_app(settings, pool):
     test; its processes start at the first login)."""
     pools, queues = [], []
 
-    def make(filled=True, queue=None, **changes):
+    def make(filled=True, queue=None, poll_cache=None, **changes):
         changed = dataclasses.replace(settings, **changes)
         own = pool
         if POOL_SETTINGS & changes.keys():
@@ -202,8 +203,9 @@ def make_app(settings, pool):
         if queue is None:
             queue = flashsale.new_hash_queue(changed)
             queues.append(queue)
-        app = flashsale.create_app(changed, own, hash_queue=queue)
-        return AppUnderTest(app, webtest.TestApp(app), changed, own)
+        poll_cache = flashsale.new_poll_cache(changed) if poll_cache is None else poll_cache
+        app = flashsale.create_app(changed, own, hash_queue=queue, poll_cache=poll_cache)
+        return AppUnderTest(app, webtest.TestApp(app), changed, own, poll_cache)
 
     yield make
     for queue in queues:
