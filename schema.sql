@@ -40,6 +40,8 @@ CREATE TABLE IF NOT EXISTS flash_sales (
 
 CREATE INDEX IF NOT EXISTS flash_sales_end_date_idx ON flash_sales (end_date);
 CREATE INDEX IF NOT EXISTS flash_sales_start_date_idx ON flash_sales (start_date);
+-- The list of sales, newest first, a page at a time (sql.LIST_SALES_AFTER).
+CREATE INDEX IF NOT EXISTS flash_sales_created_at_id_idx ON flash_sales (created_at DESC, id);
 
 CREATE TABLE IF NOT EXISTS orders (
     id            uuid        PRIMARY KEY DEFAULT gen_random_uuid(),

@@ -1,5 +1,8 @@
 """Flash sales: the current one, the list, one by id, and creating one (admins)."""
 
+import base64
+import binascii
+import uuid
 from datetime import datetime
 from datetime import timezone
 
@@ -10,10 +13,16 @@ from resources.credentials import current_user
 from resources.errors import invalid
 from resources.errors import refusal
 from resources.parsing import path_uuid
+from resources.parsing import query_int
+from resources.parsing import query_text
 from resources.parsing import read_object
 from resources.parsing import string_field
 
 MAX_TOTAL_STOCK = 1_000_000
+# The list of sales, a page at a time: a shop's history grows without end,
+# and one answer of 20,000 sales was 4.8 MB and 0.27 s of a core.
+PAGE_SIZE = 50
+MAX_PAGE_SIZE = 200
 # Outside these, a date may not survive the trip: year 1 at +01:00 is 1 BC in
 # UTC, which PostgreSQL stores and Python cannot read back, so every list of
 # sales would fail from then on (tests/test_fuzz.py sends such dates).
@@ -43,6 +52,29 @@ def _respond_polled(req, resp, cache, key, load, missing):
         resp.status = falcon.HTTP_304
         return
     resp.media = {**payload, 'serverTime': server_time}
+
+
+def _cursor(row):
+    """Where the page after `row` starts: its place in the list's order, as
+    an opaque string (base64url of created_at and id)."""
+    place = f"{row['createdAt'].isoformat()}|{row['id']}"
+    return base64.urlsafe_b64encode(place.encode()).decode().rstrip('=')
+
+
+def _after(cursor):
+    """The params of sql.LIST_SALES_AFTER for a cursor _cursor() made, None
+    for none; any other string is 400."""
+    if cursor is None:
+        return None
+    try:
+        place = base64.urlsafe_b64decode(cursor + '=' * (-len(cursor) % 4)).decode()
+        created, _, sale_id = place.partition('|')
+        created_at = datetime.fromisoformat(created)
+        if created_at.tzinfo is None:
+            raise ValueError(created)
+        return {'created_at': created_at, 'id': uuid.UUID(sale_id)}
+    except (ValueError, binascii.Error):  # UnicodeDecodeError is a ValueError
+        raise refusal('invalid_parameter', '"cursor" must be a nextCursor this list gave.', field='cursor') from None
 
 
 def _aware_datetime(body, name):
@@ -98,12 +130,20 @@ class Collection:
         self._settings = settings
 
     def on_get(self, req, resp):
+        limit = query_int(req, 'limit', default=PAGE_SIZE, low=1, high=MAX_PAGE_SIZE)
+        after = _after(query_text(req, 'cursor'))
+        # One row more than the page: whether there is a next one.
         with self._pool.connection() as conn:
-            rows = sql.many(conn, sql.LIST_SALES)
-            server_time = sql.value(conn, sql.SERVER_TIME)
-        for row in rows:
+            if after is None:
+                rows = sql.many(conn, sql.LIST_SALES, {'limit': limit + 1})
+            else:
+                rows = sql.many(conn, sql.LIST_SALES_AFTER, {**after, 'limit': limit + 1})
+            server_time = rows[0]['serverTime'] if rows else sql.value(conn, sql.SERVER_TIME)
+        page = rows[:limit]
+        for row in page:
             row.pop('serverTime')
-        resp.media = {'flashSales': rows, 'serverTime': server_time}
+        next_cursor = _cursor(page[-1]) if len(rows) > limit else None
+        resp.media = {'flashSales': page, 'nextCursor': next_cursor, 'serverTime': server_time}
 
     def on_post(self, req, resp):
         with self._pool.connection() as conn:

@@ -137,11 +137,30 @@ CURRENT_SALE = f'''
      LIMIT 1
 '''
 
-# Many rows: every sale, newest first.
+# Many rows: the newest %(limit)s sales, newest first (the first page of
+# the list). One index range scan (flash_sales_created_at_id_idx), however
+# many sales there are.
 LIST_SALES = f'''
     SELECT {_SALE_COLUMNS}
       FROM flash_sales
      ORDER BY created_at DESC, id
+     LIMIT %(limit)s
+'''
+
+# Many rows: the next %(limit)s sales in the same order after the one at
+# (%(created_at)s, %(id)s), the last of the page before: a keyset, not an
+# OFFSET, so a page deep in the list costs what the first does, and a sale
+# created meanwhile neither repeats nor skips one. The order is created_at
+# descending, then id ascending, so "after" is an earlier created_at, or the
+# same one and a greater id; said with the first condition alone as well, so
+# that it bounds the index scan.
+LIST_SALES_AFTER = f'''
+    SELECT {_SALE_COLUMNS}
+      FROM flash_sales
+     WHERE created_at <= %(created_at)s
+       AND (created_at < %(created_at)s OR id > %(id)s)
+     ORDER BY created_at DESC, id
+     LIMIT %(limit)s
 '''
 
 # One row or none.
