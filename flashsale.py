@@ -285,7 +285,8 @@ def create_app(settings, pool, batches=None, hash_queue=None, poll_cache=None):
     app.add_route('/api/me/password', accounts.Password(pool, credentials, settings))
     app.add_route('/api/me/orders', orders.MyOrders(pool))
     app.add_route('/api/me/orders/{sale_id}', orders.MyOrder(pool))
-    app.add_route('/api/flash-sales', sales.Collection(pool, settings))
+    pages = new_poll_cache(settings, sales.CACHED_PAGES)
+    app.add_route('/api/flash-sales', sales.Collection(pool, settings, pages))
     app.add_route('/api/flash-sales/current', sales.Current(pool, poll_cache))
     app.add_route('/api/flash-sales/{sale_id}', sales.Item(pool, poll_cache))
     batches = batches or purchase_batches(settings, pool)
@@ -295,8 +296,11 @@ def create_app(settings, pool, batches=None, hash_queue=None, poll_cache=None):
     return app
 
 
-def new_poll_cache(settings):
-    return PollCache(settings.poll_cache_ms / 1000, _json_default)
+def new_poll_cache(settings, entries=None):
+    """The cache of polled answers; `entries`: how many it keeps (default:
+    resources/cache.py's)."""
+    bounds = {} if entries is None else {'max_found': entries, 'max_missing': entries}
+    return PollCache(settings.poll_cache_ms / 1000, _json_default, **bounds)
 
 
 def new_hash_queue(settings):

@@ -122,6 +122,37 @@ def test_a_sale_created_while_walking_is_neither_repeated_nor_skipped_by_the_wal
     assert rest['nextCursor'] is None
 
 
+def test_the_list_says_each_sale_as_the_sale_itself_does(client, db):
+    """The list's JSON is made by the database (sql.LIST_SALES), a sale's by
+    the app: the same objects, times to the millisecond (truncated) with Z."""
+    db.execute("INSERT INTO flash_sales (name, start_date, end_date, total_stock, remaining_stock, created_at) VALUES "
+               "('Open', now() - interval '1 hour', now() + interval '1 hour', 5, 2, now()), "
+               "('Later', '2030-01-01 10:00:00.999999+00', '2030-01-01 12:00:00.0005+00', 7, 7, "
+               " '2026-01-01 00:00:00.123999+00'), "
+               "('Over', '2001-02-03 04:05:06+05:30', '2001-02-03 05:05:06+05:30', 1, 0, '2001-01-01 00:00:00+00')")
+    listed = client.get('/api/flash-sales', status=200).json['flashSales']
+    assert len(listed) == 3
+    for sale in listed:
+        assert sale == client.get(f"/api/flash-sales/{sale['id']}", status=200).json['flashSale']
+    assert {s['status'] for s in listed} == {'active', 'upcoming', 'ended'}
+    assert listed[1]['startDate'] == '2030-01-01T10:00:00.999Z'
+
+
+def test_anonymous_pages_are_shared_for_the_cache_time_and_a_token_reads_fresh(make_app, make_sale, make_user):
+    client = make_app(poll_cache_ms=60_000).client  # the whole test within one cache time
+
+    def names(**kwargs):
+        return [sale['name'] for sale in client.get('/api/flash-sales', status=200, **kwargs).json['flashSales']]
+
+    make_sale(name='first')
+    assert names() == ['first']
+    make_sale(name='second')
+    assert names() == ['first']
+    # With a token (the admin's table), fresh; another page size is another page.
+    assert names(headers=auth(make_user()[1])) == ['second', 'first']
+    assert names(params={'limit': 10}) == ['second', 'first']
+
+
 def test_an_empty_list_is_one_page(client):
     resp = client.get('/api/flash-sales', status=200).json
     assert (resp['flashSales'], resp['nextCursor']) == ([], None) and resp['serverTime'].endswith('Z')
