@@ -405,6 +405,8 @@ def serve(settings, stop):
         if stop:
             return
         with _first_connection(settings, url) as conn:
+            if problem := database.connection_budget_problem(conn, settings):
+                raise ConfigError(problem)
             database.apply_schema(conn)
             if not settings.database_url:
                 _seed_demo(conn, settings)

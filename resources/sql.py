@@ -18,6 +18,18 @@ one explicitly.
 # (concurrent CREATE TABLE IF NOT EXISTS can otherwise collide on the catalog).
 LOCK_SCHEMA = 'SELECT pg_advisory_xact_lock(hashtext(\'flashsale schema\'))'
 
+# One row: the connections the server takes from clients like this service
+# (max_connections less those reserved for superusers and, from PostgreSQL
+# 16, for roles with pg_use_reserved_connections), and how many client
+# connections are open now, this one included.
+CONNECTION_BUDGET = '''
+    SELECT current_setting('max_connections')::int AS max_connections,
+           current_setting('max_connections')::int
+             - current_setting('superuser_reserved_connections')::int
+             - coalesce(current_setting('reserved_connections', true)::int, 0) AS available,
+           (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend') AS in_use
+'''
+
 # The database's clock. Every time decision (sale status, the purchase window,
 # serverTime) is made with now() in PostgreSQL, never with the app's clock, so
 # several app processes can never disagree about whether a sale has started.
