@@ -98,7 +98,10 @@ class Settings:
     idle_timeout_ms: int = 10_000  # a connection waiting for its next request
     auth_rate_per_minute: int = 30  # register + login per client address (0: off)
     purchase_rate_per_second: int = 5  # purchases per user, twice that at once (0: off)
-    rate_limit_exempt: tuple = ('127.0.0.1', '::1')  # client addresses no limit applies to
+    # Client addresses no limit applies to: none by default. Behind a proxy on
+    # the same host every client would be loopback, so a loopback default
+    # would turn every limit off there (README, "Rate limits").
+    rate_limit_exempt: tuple = ()
     shutdown_timeout: float = 10.0  # seconds SIGTERM waits for requests in flight
     purchase_batch_max: int = 64  # purchases of one sale in one statement, at most
     log_level: str = 'INFO'
@@ -123,6 +126,7 @@ class Settings:
             raise ConfigError(f'JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes long')
         for origin in settings.cors_origins:
             _check_origin(origin)
+        _check_exemption(settings)
         return settings
 
 
@@ -143,6 +147,17 @@ def _check_origin(origin):
         raise ConfigError(f'CORS_ORIGINS: {origin!r} is not an origin as a browser sends it: '
                           'scheme://host[:port] in lower case, without a path or a trailing slash, '
                           'e.g. https://shop.example.com')
+
+
+def _check_exemption(settings):
+    """An exemption that covers the proxy exempts every client it forwards
+    without X-Forwarded-For; with every proxy trusted ('*'), any client can
+    claim an exempt address in that header."""
+    proxy = settings.trusted_proxy
+    if proxy and settings.rate_limit_exempt and (proxy == '*' or proxy in settings.rate_limit_exempt):
+        raise ConfigError(f'RATE_LIMIT_EXEMPT must not cover TRUSTED_PROXY ({proxy}): every client behind '
+                          'the proxy would be exempt; set RATE_LIMIT_EXEMPT= (empty), or AUTH_RATE_PER_MINUTE=0 '
+                          'and PURCHASE_RATE_PER_SECOND=0 for a load test through the proxy')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,16 +289,18 @@ class _App(falcon.App):
         super().add_route(uri_template, resource, **kwargs)
 
 
-def create_app(settings, pool, batches=None, hash_queue=None):
+def create_app(settings, pool, batches=None, hash_queue=None, poll_cache=None):
     """The WSGI app. `pool` is an open psycopg_pool.ConnectionPool; the
     settings must carry the JWT secret. `batches`: purchase_batches(), by
     default made here (the server passes its own, to stop it on SIGTERM).
     `hash_queue`: the hashing.HashQueue to use (default: one of its own, from
-    the settings; its processes start at the first login unless started)."""
+    the settings; its processes start at the first login unless started).
+    `poll_cache`: the PollCache of the polled answers (default: one of its
+    own, from the settings)."""
     credentials = Credentials(
         settings.jwt_secret, settings.jwt_ttl_seconds, settings.bcrypt_rounds, hash_queue or new_hash_queue(settings)
     )
-    poll_cache = PollCache(settings.poll_cache_ms / 1000, _json_default)
+    poll_cache = new_poll_cache(settings) if poll_cache is None else poll_cache
 
     stack = [middleware.RequestLog(), middleware.SecurityHeaders(), middleware.StaticMethods()]
     if settings.cors_origins:
@@ -292,7 +309,7 @@ def create_app(settings, pool, batches=None, hash_queue=None):
         stack.append(middleware.VaryByOrigin())
     # Authentication before the rate limits: they key purchases by its user id.
     stack.append(Authentication(credentials))
-    stack.append(RateLimits(settings))
+    stack.append(RateLimits(settings, pool))
     app = _App(middleware=stack, cors_enable=False)
 
     json_handler = falcon.media.JSONHandler(
@@ -309,7 +326,8 @@ def create_app(settings, pool, batches=None, hash_queue=None):
     app.add_route('/api/me/password', accounts.Password(pool, credentials, settings))
     app.add_route('/api/me/orders', orders.MyOrders(pool))
     app.add_route('/api/me/orders/{sale_id}', orders.MyOrder(pool))
-    app.add_route('/api/flash-sales', sales.Collection(pool, settings))
+    pages = new_poll_cache(settings, sales.CACHED_PAGES)
+    app.add_route('/api/flash-sales', sales.Collection(pool, settings, pages))
     app.add_route('/api/flash-sales/current', sales.Current(pool, poll_cache))
     app.add_route('/api/flash-sales/{sale_id}', sales.Item(pool, poll_cache))
     batches = batches or purchase_batches(settings, pool)
@@ -317,6 +335,13 @@ def create_app(settings, pool, batches=None, hash_queue=None):
     app.add_route('/openapi.json', openapi.Document())
     page.add_routes(app)
     return app
+
+
+def new_poll_cache(settings, entries=None):
+    """The cache of polled answers; `entries`: how many it keeps (default:
+    resources/cache.py's)."""
+    bounds = {} if entries is None else {'max_found': entries, 'max_missing': entries}
+    return PollCache(settings.poll_cache_ms / 1000, _json_default, **bounds)
 
 
 def new_hash_queue(settings):
@@ -430,6 +455,8 @@ def serve(settings, stop):
         if stop:
             return
         with _first_connection(settings, url) as conn:
+            if problem := database.connection_budget_problem(conn, settings):
+                raise ConfigError(problem)
             database.apply_schema(conn)
             if not settings.database_url:
                 _seed_demo(conn, settings)

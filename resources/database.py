@@ -320,3 +320,24 @@ def _applied_digest(cur):
             return sql.value(cur, sql.APPLIED_SCHEMA)
     except psycopg.errors.UndefinedTable:
         return None
+
+
+def connection_budget_problem(conn, settings):
+    """What is wrong with the connections the service will open, in one
+    line, or None. Every process opens POOL_SIZE at start and keeps them
+    (open_pool), and WORKERS follows the cores: from 13 cores up the
+    defaults alone pass PostgreSQL's default max_connections of 100, and
+    the pools would then fail to fill, request by request. Connections
+    other clients (another host, a rolling restart) hold now are only
+    warned of: they may be gone by the time the pools fill."""
+    budget = sql.one(conn, sql.CONNECTION_BUDGET)
+    needed = settings.pool_size * settings.workers
+    if needed > budget['available']:
+        return (f'POOL_SIZE ({settings.pool_size}) x WORKERS ({settings.workers}) = {needed} database connections, '
+                f"but the database takes {budget['available']} (max_connections {budget['max_connections']} less "
+                f"{budget['max_connections'] - budget['available']} reserved); lower POOL_SIZE or WORKERS, "
+                'or raise max_connections')
+    if needed + budget['in_use'] > budget['available']:
+        log.warning('%d database connections are in use and this server will open %d more: the database takes %d; '
+                    'some may be refused until others close', budget['in_use'], needed, budget['available'])
+    return None

@@ -95,10 +95,13 @@ def flashsale_command():
 
 def start_server(database_url, log_path, secret=None, checkout=ROOT, bcrypt_rounds='4'):
     """`flashsale serve` on a free port with BCRYPT_ROUNDS=4 (or `bcrypt_rounds`)
-    and a fresh JWT_SECRET (or `secret`), from `checkout` (default: this one)."""
+    and a fresh JWT_SECRET (or `secret`), from `checkout` (default: this one).
+    Loopback, where the bench registers its users and sends its load from, is
+    exempt from the rate limits unless RATE_LIMIT_EXEMPT says otherwise."""
     port = free_port()
-    env = dict(os.environ, DATABASE_URL=database_url, JWT_SECRET=secret or secrets.token_urlsafe(48),
-               BCRYPT_ROUNDS=bcrypt_rounds, HOST='127.0.0.1', PORT=str(port))
+    env = dict({'RATE_LIMIT_EXEMPT': '127.0.0.1,::1'}, **os.environ, DATABASE_URL=database_url,
+               JWT_SECRET=secret or secrets.token_urlsafe(48), BCRYPT_ROUNDS=bcrypt_rounds, HOST='127.0.0.1',
+               PORT=str(port))
     log = open(log_path, 'w')
     command = flashsale_command() if checkout == ROOT else [sys.executable, str(Path(checkout) / 'flashsale.py')]
     proc = subprocess.Popen(command + ['serve'], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=checkout)

@@ -43,9 +43,10 @@ reads the same DATABASE_URL as the server; ``--database-url`` is passed to it
 when given). Registering users costs the server one bcrypt hash each (it
 queues a burst and serves it in turn): at the default cost (BCRYPT_ROUNDS=12,
 ~0.25 s of a core per hash) that is under 10 users/s on 2 cores, while
-BCRYPT_ROUNDS=4 gives ~800/s. For big runs start the server with a low cost, e.g.
+BCRYPT_ROUNDS=4 gives ~800/s. For big runs start the server with a low cost,
+and with loopback (where this client runs) exempt from the rate limits, e.g.
 
-    BCRYPT_ROUNDS=4 DATABASE_URL=postgresql://... JWT_SECRET=... flashsale serve
+    BCRYPT_ROUNDS=4 RATE_LIMIT_EXEMPT=127.0.0.1,::1 DATABASE_URL=postgresql://... JWT_SECRET=... flashsale serve
 
 and then, for example:
 
@@ -904,7 +905,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog='For big runs start the server with BCRYPT_ROUNDS=4: every user of the run is registered.',
+        epilog='For big runs start the server with BCRYPT_ROUNDS=4 (every user of the run is registered) '
+               'and RATE_LIMIT_EXEMPT=127.0.0.1,::1 (nothing is exempt by default).',
     )
     parser.add_argument('scenario', choices=list(SCENARIOS))
     parser.add_argument('--base-url', default=os.environ.get('FLASHSALE_URL', DEFAULT_BASE_URL))

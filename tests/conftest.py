@@ -36,6 +36,7 @@ from private_postgres import free_port  # noqa: F401 (for the tests)
 from invariants import sale_state  # noqa: F401 (for the tests: scripts/invariants.py, one checker for all)
 
 TEST_SECRET = 'test-secret-' + 'x' * 40
+LOOPBACK = ('127.0.0.1', '::1')
 
 
 @pytest.fixture(scope='session')
@@ -61,6 +62,9 @@ def settings(database_url):
         # Tests create and change sales between requests; each answer must be
         # fresh (tests/test_fast_paths.py covers the cache with an app of its own).
         poll_cache_ms=0,
+        # The tests register and log in from loopback (WebTest's REMOTE_ADDR
+        # too) far faster than any limit; tests/test_limits.py limits them.
+        rate_limit_exempt=LOOPBACK,
     )
 
 
@@ -89,7 +93,7 @@ def db(check_connection):
     (TRUNCATE waits for no one: the pool's idle connections hold no lock)."""
     if check_connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
         check_connection.rollback()  # a test that failed inside a transaction of its own
-    check_connection.execute('TRUNCATE orders, flash_sales, users')
+    check_connection.execute('TRUNCATE orders, flash_sales, users, auth_rate_buckets')
     return check_connection
 
 
@@ -173,13 +177,14 @@ def make_sale(db):
 # of its own (lock and statement timeouts are set per connection).
 POOL_SETTINGS = {'database_url', 'pool_size', 'pool_timeout', 'statement_timeout_ms', 'lock_timeout_ms'}
 
-AppUnderTest = collections.namedtuple('AppUnderTest', 'wsgi client settings pool')
+AppUnderTest = collections.namedtuple('AppUnderTest', 'wsgi client settings pool poll_cache')
 
 
 @pytest.fixture
 def make_app(settings, pool):
-    """make_app(filled=True, queue=None, **changes) -> AppUnderTest(wsgi,
-    client, settings, pool): the app with these settings changed. On the
+    """make_app(filled=True, queue=None, poll_cache=None, **changes) ->
+    AppUnderTest(wsgi, client, settings, pool, poll_cache): the app with these
+    settings changed, and its PollCache (default: one from the settings). On the
     session's pool, unless a change is one of POOL_SETTINGS: then on a pool of
     its own, closed at the end of the test, and filled before it is returned
     unless filled=False (a database that takes no connection: a standby, a
@@ -188,7 +193,7 @@ def make_app(settings, pool):
     test; its processes start at the first login)."""
     pools, queues = [], []
 
-    def make(filled=True, queue=None, **changes):
+    def make(filled=True, queue=None, poll_cache=None, **changes):
         changed = dataclasses.replace(settings, **changes)
         own = pool
         if POOL_SETTINGS & changes.keys():
@@ -199,8 +204,9 @@ def make_app(settings, pool):
         if queue is None:
             queue = flashsale.new_hash_queue(changed)
             queues.append(queue)
-        app = flashsale.create_app(changed, own, hash_queue=queue)
-        return AppUnderTest(app, webtest.TestApp(app), changed, own)
+        poll_cache = flashsale.new_poll_cache(changed) if poll_cache is None else poll_cache
+        app = flashsale.create_app(changed, own, hash_queue=queue, poll_cache=poll_cache)
+        return AppUnderTest(app, webtest.TestApp(app), changed, own, poll_cache)
 
     yield make
     for queue in queues:
@@ -301,8 +307,10 @@ def serve_env(database_url, **extra):
     """The environment of a `flashsale serve` on the tests' database and
     secret, one process unless `extra` says WORKERS (the default, one per
     core, would fork every test's server, and a connection table or a
-    process' log is one process')."""
-    return clean_env(DATABASE_URL=database_url, JWT_SECRET=TEST_SECRET, **{'BCRYPT_ROUNDS': '4', 'WORKERS': '1', **extra})
+    process' log is one process'), loopback exempt from the rate limits
+    unless `extra` says RATE_LIMIT_EXEMPT (nothing is, by default)."""
+    return clean_env(DATABASE_URL=database_url, JWT_SECRET=TEST_SECRET,
+                     **{'BCRYPT_ROUNDS': '4', 'WORKERS': '1', 'RATE_LIMIT_EXEMPT': ','.join(LOOPBACK), **extra})
 
 
 def run_cli(*args, env):
@@ -470,7 +478,10 @@ def accepts(port, proc):
 
 
 def app_env(database_url, port, server='waitress'):
-    return serve_env(database_url, PORT=str(port), TRUSTED_PROXY='127.0.0.1', THREADS='4', SERVER=server)
+    """A `flashsale serve` behind nginx. No exemption: one covering the
+    proxy's address is refused (flashsale.py)."""
+    return serve_env(database_url, PORT=str(port), TRUSTED_PROXY='127.0.0.1', RATE_LIMIT_EXEMPT='', THREADS='4',
+                     SERVER=server)
 
 
 

@@ -11,6 +11,7 @@ from conftest import TEST_SECRET
 from conftest import auth
 from conftest import run_together
 from conftest import wait_for
+from resources.credentials import Credentials
 
 
 def register(client, email='shopper@example.com', password='password123', status=201):
@@ -230,5 +231,22 @@ def test_the_remembered_tokens_are_bounded(monkeypatch, settings):
     for token in tokens:
         session = creds.session(falcon.testing.create_req(headers={'Authorization': f'Bearer {token}'}))
         assert str(session.user_id) == jwt.decode(token, options={'verify_signature': False})['sub']
-        sizes.append(len(creds._verified))
-    assert max(sizes) == 3 and sizes[-1] <= 3, sizes
+        sizes.append(creds.verified_tokens())
+    # Full, the oldest goes, not all of them.
+    assert sizes == [1, 2, 3, 3, 3, 3, 3], sizes
+    assert list(creds._verified) == tokens[-3:]
+
+
+def test_expired_tokens_leave_the_memory_first(settings):
+    creds = Credentials(settings.jwt_secret, settings.jwt_ttl_seconds, settings.bcrypt_rounds)
+
+    def verify(token):
+        creds.session(falcon.testing.create_req(headers={'Authorization': f'Bearer {token}'}))
+
+    exp = int(time.time()) + 1
+    verify(jwt.encode({'sub': str(uuid.uuid4()), 'iat': exp - 1, 'exp': exp}, TEST_SECRET, algorithm='HS256'))
+    assert creds.verified_tokens() == 1
+    wait_for(lambda: time.time() >= exp, timeout=10, message="the token's exp second")
+    later = creds.issue(uuid.uuid4())
+    verify(later)
+    assert list(creds._verified) == [later]

@@ -31,6 +31,7 @@ from conftest import send
 from conftest import start_nginx
 from conftest import start_serve
 from conftest import wait_for
+from resources import ratelimit
 
 class AppLog:
     """An app process' access log, read once every line written so far is in it."""
@@ -366,3 +367,43 @@ def test_a_rolling_restart_behind_nginx_fails_no_purchase(database_url, tmp_path
         for app in apps:
             app.terminate()
             app.wait(timeout=30)
+
+
+def nginx_locations(conf):
+    """[(modifier, path, body)] of every location block of an nginx.conf
+    (modifier '' for a prefix location)."""
+    return re.findall(r'^\s*location\s+(=|~\*|~|\^~)?\s*(\S+)\s*\{(.*?)^\s*\}', conf, re.M | re.S)
+
+
+def test_nginx_limits_exactly_the_routes_the_app_limits():
+    """scripts/nginx.conf and resources/ratelimit.py agree: the same routes,
+    POSTs only, at the app's default rate and burst."""
+    conf = NGINX_CONF.read_text()
+    limited = [(modifier, path, body) for modifier, path, body in nginx_locations(conf) if 'limit_req ' in body]
+    # Exact locations: a prefix or a pattern would limit routes the app does not.
+    assert {modifier for modifier, _, _ in limited} == {'='}, limited
+    assert {path for _, path, _ in limited} == ratelimit.AUTH_ROUTES
+    per_minute = flashsale.Settings().auth_rate_per_minute
+    for _, path, body in limited:
+        assert re.search(rf'^\s*limit_req zone=auth burst={per_minute} nodelay;', body, re.M), (path, body)
+    key, rate = re.search(r'^\s*limit_req_zone (\S+) zone=auth:\S+ rate=(\d+)r/m;', conf, re.M).groups()
+    assert int(rate) == per_minute
+    # The app counts POSTs only (a GET there is its 405): so does nginx. A
+    # request whose key is empty is not counted.
+    choices = re.search(r'^\s*map \$request_method \%s \{(.*?)\}' % key, conf, re.M | re.S).group(1)
+    assert dict(re.findall(r'(\S+)\s+(\S+);', choices)) == {'POST': '$binary_remote_addr', 'default': '""'}
+
+
+def test_refresh_is_not_limited_behind_nginx_and_a_password_change_is(behind_nginx):
+    base_url, _ = behind_nginx
+    status, _, body = call(base_url, 'POST', '/api/auth/register', {'email': 'me@example.com', 'password': 'password123'})
+    assert status == 201, body
+    token = body['token']
+    per_minute = flashsale.Settings().auth_rate_per_minute
+    for _ in range(per_minute + 10):
+        status, _, body = call(base_url, 'POST', '/api/auth/refresh', token=token)
+        assert status == 200, body
+    change = {'currentPassword': 'wrong password', 'newPassword': 'password123'}
+    statuses = collections.Counter(call(base_url, 'POST', '/api/me/password', change, token=token).status
+                                   for _ in range(per_minute + 10))
+    assert set(statuses) == {401, 429} and statuses[429] >= 5, statuses

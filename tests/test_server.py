@@ -58,6 +58,17 @@ def test_serve_refuses_to_start_without_a_strong_jwt_secret(database_url, secret
     assert 'Traceback' not in result.stderr
 
 
+def test_serve_refuses_more_pool_connections_than_the_database_takes_in_one_line(database_url, db):
+    budget = db.execute("SELECT current_setting('max_connections')::int AS n").fetchone()['n']
+    workers = budget // 8 + 1  # at the default POOL_SIZE of 8, one process too many
+    result = run_cli('serve', env=serve_env(database_url, PORT=str(free_port()), WORKERS=str(workers)))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count('\n') == 1, result.stderr
+    assert result.stderr.startswith(f'flashsale: POOL_SIZE (8) x WORKERS ({workers}) = {8 * workers} database '
+                                    'connections, but the database takes ')
+    assert f'(max_connections {budget} less ' in result.stderr
+
+
 def test_grant_admin_makes_a_registered_user_admin(database_url, make_user, db):
     user_id, _ = make_user(email='boss@example.com')
     # An operator's command signs no token: it needs no JWT_SECRET.
