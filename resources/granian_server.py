@@ -24,8 +24,11 @@ import signal
 import threading
 import time
 
+from waitress.proxy_headers import proxy_headers_middleware
+
 from resources.errors import CATALOGUE
 from resources.middleware import API_SECURITY_HEADERS
+from resources.serving import TRUSTED_PROXY_HEADERS
 
 log = logging.getLogger('flashsale')
 
@@ -110,7 +113,13 @@ class Server:
         # in flight has been answered.
         self._signal.add_cb(self._drained.set)
         self._loop = loops.get('auto')
-        wsgi = _BufferedBodies(app, settings.max_body_bytes)
+        # TRUSTED_PROXY as under waitress, by waitress' own middleware: the
+        # client's address from the last X-Forwarded-For hop of that proxy
+        # only, those headers dropped from anyone else (the rate limits
+        # count by that address).
+        wsgi = proxy_headers_middleware(_BufferedBodies(app, settings.max_body_bytes),
+                                        trusted_proxy=settings.trusted_proxy,
+                                        trusted_proxy_headers=TRUSTED_PROXY_HEADERS, clear_untrusted=True)
         self._scheduler = _new_cbscheduler(self._loop, _callback_wrapper(wsgi, {}, None), impl_asyncio=False)
         self._worker = WSGIWorker(
             worker_id=1,

@@ -101,6 +101,9 @@ _SEND_BYTES = 16 * 1024
 # A port held by another socket is asked again for this long before the
 # start is refused (listening_sockets).
 _PORT_WAIT_SECONDS = 3.0
+# What a TRUSTED_PROXY is believed on (and the headers dropped from any
+# other client): waitress' proxy_headers_middleware, also under granian.
+TRUSTED_PROXY_HEADERS = frozenset({'x-forwarded-for', 'x-forwarded-proto'})
 # How often the deadlines are checked (waitress' cleanup_interval, seconds).
 _SWEEP_SECONDS = 1
 # While stopping, a keep-alive connection is closed once it has been idle
@@ -566,7 +569,7 @@ def create_server(app, settings, sock=None):
         # Behind nginx: believe X-Forwarded-For/-Proto from that address only.
         proxy = {
             'trusted_proxy': settings.trusted_proxy,
-            'trusted_proxy_headers': {'x-forwarded-for', 'x-forwarded-proto'},
+            'trusted_proxy_headers': TRUSTED_PROXY_HEADERS,
         }
     # Connections, the pool, the database's files and the log: room for all.
     _allow_open_files(settings.connection_limit + 2 * settings.pool_size + 256)

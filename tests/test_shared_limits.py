@@ -77,14 +77,16 @@ def assert_retry_after_is_honest(refused_at, let_in_at):
 
 
 @pytest.fixture
-def serve(database_url, tmp_path):
+def serve(database_url, tmp_path, each_server):
     """serve(**env) -> base URL of a `flashsale serve` behind a trusted proxy
-    at 127.0.0.1, with no address exempt; stopped at the end of the test."""
+    at 127.0.0.1, with no address exempt, under each server; stopped at the
+    end of the test."""
     procs = []
 
     def start(**extra):
         port = free_port()
-        env = serve_env(database_url, PORT=str(port), TRUSTED_PROXY='127.0.0.1', RATE_LIMIT_EXEMPT='', **extra)
+        env = serve_env(database_url, PORT=str(port), TRUSTED_PROXY='127.0.0.1', RATE_LIMIT_EXEMPT='',
+                        SERVER=each_server, **extra)
         procs.append(start_serve(env, tmp_path / f'serve-{port}.log'))
         return f'http://127.0.0.1:{port}'
 
@@ -101,6 +103,8 @@ def test_logins_are_limited_for_the_service_across_workers(serve):
     # Each on a new connection: the kernel hands each to either worker.
     answers, elapsed = burst_of_logins([base_url])
     assert_the_burst_is_the_services(answers, elapsed, per_minute)
+    # Another client behind the same proxy has a bucket of its own.
+    assert login(base_url, address='198.51.100.99') == (401, None)
     assert_retry_after_is_honest(base_url, base_url)
 
 

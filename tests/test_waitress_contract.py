@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import importlib
 import inspect
+import logging
 import json
 import socket
 import subprocess
@@ -174,6 +175,11 @@ CONTRACT = {
         'queue_logger': None,
         'queue_logger.name': None,
     },
+    # resources/granian_server.py: TRUSTED_PROXY under granian, as waitress does it
+    'waitress.proxy_headers': {
+        'proxy_headers_middleware': '(app, trusted_proxy=None, trusted_proxy_count=1, trusted_proxy_headers=None, '
+                                    'clear_untrusted=True, log_untrusted=False, logger=<logger waitress>)',
+    },
     'waitress.utilities': {
         'Error.code': None,
         'Error.reason': None,
@@ -191,8 +197,20 @@ def db():
 
 def _parameters(obj):
     sig = inspect.signature(obj)
-    return str(sig.replace(return_annotation=inspect.Signature.empty,
-                           parameters=[p.replace(annotation=inspect.Parameter.empty) for p in sig.parameters.values()]))
+    # A default that is an object (a logger) by its name: its repr changes
+    # with the logging configuration of the moment.
+    parameters = [p.replace(annotation=inspect.Parameter.empty,
+                            default=_Named(p.default.name) if isinstance(p.default, logging.Logger) else p.default)
+                  for p in sig.parameters.values()]
+    return str(sig.replace(return_annotation=inspect.Signature.empty, parameters=parameters))
+
+
+class _Named:
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return f'<logger {self.name}>'
 
 
 def _ok(environ, start_response):
