@@ -45,7 +45,7 @@ GRANIAN_NAMES = {
     },
     'granian._granian.WSGIWorker': {'serve_str': ()},
     'granian._granian.WorkerSignal': {'set': (), 'add_cb': ()},
-    'granian._futures': {'_new_cbscheduler': ('loop', 'cb', 'impl_asyncio')},
+    'granian._futures': {'_CBScheduler': ('loop', 'cb', 'aio_task', 'aio_tenter', 'aio_texit')},
     'granian._loops': {'loops': ()},
     'granian.wsgi': {'_callback_wrapper': ('callback', 'scope_opts', 'access_log_fmt')},
     'granian.http': {'HTTP1Settings': ('header_read_timeout', 'keep_alive', 'max_buffer_size', 'pipeline_flush')},
@@ -98,7 +98,7 @@ class Server:
     """One granian WSGI worker for `app` on `sock`, not yet serving."""
 
     def __init__(self, app, settings, sock):
-        from granian._futures import _new_cbscheduler  # noqa: PLC0415
+        from granian._futures import _CBScheduler  # noqa: PLC0415
         from granian._granian import SocketHolder  # noqa: PLC0415
         from granian._granian import WorkerSignal  # noqa: PLC0415
         from granian._granian import WSGIWorker  # noqa: PLC0415
@@ -120,7 +120,12 @@ class Server:
         wsgi = proxy_headers_middleware(_BufferedBodies(app, settings.max_body_bytes),
                                         trusted_proxy=settings.trusted_proxy,
                                         trusted_proxy_headers=TRUSTED_PROXY_HEADERS, clear_untrusted=True)
-        self._scheduler = _new_cbscheduler(self._loop, _callback_wrapper(wsgi, {}, None), impl_asyncio=False)
+        # Without the asyncio task granian's own _new_cbscheduler makes for
+        # ASGI: a WSGI call runs in granian's blocking threads and never
+        # uses it (src/wsgi/callbacks.rs), and that task, registered with
+        # asyncio but never initialised, makes asyncio.all_tasks() raise in
+        # this process for as long as the server exists.
+        self._scheduler = _CBScheduler(self._loop, _callback_wrapper(wsgi, {}, None), None, None, None)
         self._worker = WSGIWorker(
             worker_id=1,
             # granian closes the socket it is given when it stops: its own

@@ -170,9 +170,9 @@ CURRENT_SALE = f'''
 # default hook) took 8 ms of the interpreter, which the polls and the
 # purchases share, against a fraction of that in PostgreSQL's json_agg. The
 # objects are the FlashSale the other statements return (_SALE_COLUMNS),
-# with times written as the app writes them (flashsale._json_default:
-# milliseconds, truncated, and Z); tests/test_sales.py compares the two.
-_API_TIME = '''to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')'''
+# with times written as the app writes them (flashsale._json_default: to
+# the microsecond, as stored, and Z); tests/test_sales.py compares the two.
+_API_TIME = '''to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')'''
 
 
 def _sales_page(where):

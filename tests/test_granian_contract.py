@@ -3,6 +3,7 @@ worker class, its callback scheduler): every name it uses is listed in
 granian_server.GRANIAN_NAMES, granian is pinned exactly in setup.cfg, and
 this test says which names or parameters changed when granian does."""
 
+import asyncio
 import configparser
 import importlib
 import importlib.metadata
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ServerInThread
+from conftest import call
 from resources import granian_server
 
 SETUP_CFG = Path(__file__).resolve().parent.parent / 'setup.cfg'
@@ -118,3 +121,19 @@ def test_the_names_listed_are_the_ones_the_module_imports(owner):
     assert imported <= listed, imported - listed
     module = owner if not owner.rsplit('.', 1)[-1][0].isupper() else owner.rsplit('.', 1)[0]
     assert any(m == module for m, _ in imported), f'{owner} is listed but not imported'
+
+
+def test_a_granian_server_leaves_asyncio_usable_in_its_process(wsgi_app, settings):
+    """granian's own scheduler registers an asyncio task it never
+    initialises, after which asyncio.all_tasks() raises in that process
+    (asyncio.run's shutdown, Playwright): ours makes none."""
+    server = ServerInThread(wsgi_app, settings, engine='granian')
+    try:
+        assert call(server.base_url, 'GET', '/health').status == 200
+        loop = asyncio.new_event_loop()
+        try:
+            assert asyncio.all_tasks(loop) == set()
+        finally:
+            loop.close()
+    finally:
+        server.stop()

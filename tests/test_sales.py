@@ -124,7 +124,7 @@ def test_a_sale_created_while_walking_is_neither_repeated_nor_skipped_by_the_wal
 
 def test_the_list_says_each_sale_as_the_sale_itself_does(client, db):
     """The list's JSON is made by the database (sql.LIST_SALES), a sale's by
-    the app: the same objects, times to the millisecond (truncated) with Z."""
+    the app: the same objects, times to the microsecond (as stored) with Z."""
     db.execute("INSERT INTO flash_sales (name, start_date, end_date, total_stock, remaining_stock, created_at) VALUES "
                "('Open', now() - interval '1 hour', now() + interval '1 hour', 5, 2, now()), "
                "('Later', '2030-01-01 10:00:00.999999+00', '2030-01-01 12:00:00.0005+00', 7, 7, "
@@ -135,7 +135,8 @@ def test_the_list_says_each_sale_as_the_sale_itself_does(client, db):
     for sale in listed:
         assert sale == client.get(f"/api/flash-sales/{sale['id']}", status=200).json['flashSale']
     assert {s['status'] for s in listed} == {'active', 'upcoming', 'ended'}
-    assert listed[1]['startDate'] == '2030-01-01T10:00:00.999Z'
+    assert listed[1]['startDate'] == '2030-01-01T10:00:00.999999Z'
+    assert listed[1]['endDate'] == '2030-01-01T12:00:00.000500Z'
 
 
 def test_anonymous_pages_are_shared_for_the_cache_time_and_a_token_reads_fresh(make_app, make_sale, make_user):
