@@ -28,6 +28,7 @@ from hostile_clients import hostile_sockets
 from hostile_clients import trickle
 
 import flashsale
+from conftest import SERVERS
 from conftest import TEST_SECRET
 from conftest import app_env
 from conftest import auth
@@ -683,12 +684,13 @@ def one_line(result):
     return lines[0]
 
 
-def test_a_port_in_use_is_one_line_saying_which_variable_to_set(database_url):
+@pytest.mark.parametrize('server', SERVERS)
+def test_a_port_in_use_is_one_line_saying_which_variable_to_set(database_url, server):
     with socket.socket() as taken:
         taken.bind(('127.0.0.1', 0))
         taken.listen()
         port = taken.getsockname()[1]
-        line = one_line(run_serve(serve_env(database_url, PORT=port)))
+        line = one_line(run_serve(serve_env(database_url, PORT=port, SERVER=server)))
     assert f'127.0.0.1:{port}' in line and 'PORT' in line, line
 
 
@@ -697,11 +699,12 @@ def test_a_port_in_use_is_one_line_saying_which_variable_to_set(database_url):
     ('postgresql://postgres@127.0.0.1:notaport/x', 'DATABASE_URL'),
     ('host=127.0.0.1 nonsense', 'DATABASE_URL is malformed'),
 ])
-def test_an_unreachable_or_malformed_database_url_is_one_line(url, says):
+@pytest.mark.parametrize('server', SERVERS)
+def test_an_unreachable_or_malformed_database_url_is_one_line(url, says, server):
     # The free port is chosen when the test runs: in its name it would differ
     # between the processes of a parallel run, which must collect the same tests.
     url = url.replace('{free_port}', str(free_port()))
-    line = one_line(run_serve(serve_env(url)))
+    line = one_line(run_serve(serve_env(url, SERVER=server)))
     assert says in line, line
 
 
