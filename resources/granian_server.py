@@ -12,7 +12,7 @@ signals (flashsale.py), so a stop, a restart and a dead worker mean the same
 under both servers. Each worker runs one granian WSGI worker on the
 listening socket it inherited. That is granian's Rust worker class, below
 its Python supervisor: GRANIAN_NAMES lists every name used, the version is
-pinned in setup.cfg, and tests/test_granian_contract.py fails naming what
+pinned in setup.cfg, and tests/test_granian_server.py fails naming what
 changed when granian does.
 """
 
@@ -32,7 +32,7 @@ from resources.serving import TRUSTED_PROXY_HEADERS
 
 log = logging.getLogger('flashsale')
 
-# Every name of granian's this module uses (tests/test_granian_contract.py):
+# Every name of granian's this module uses (tests/test_granian_server.py):
 # module -> {name: the parameters it is called with, or () for a name only}.
 GRANIAN_NAMES = {
     'granian._granian': {

@@ -98,6 +98,9 @@ def test_a_killed_worker_is_replaced_and_the_other_keeps_selling(
         wait_for(lambda: 'started in place of the one that died' in log_path.read_text(), timeout=30,
                  message='a replacement worker')
         replacement = int(re.search(r'worker (\d+) started in place', log_path.read_text()).group(1))
+        # The parent forks with no thread of its own running (a fork copies
+        # only the forking thread, and any lock another one held).
+        assert os.listdir(f'/proc/{proc.pid}/task') == [str(proc.pid)]
         wait_for(lambda: replacement in answering_pids(base_url), timeout=30, message='the replacement to answer')
         assert proc.poll() is None
         # Only what the killed worker was serving went unanswered.
