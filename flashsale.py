@@ -254,7 +254,7 @@ VARIABLES = (
 
 SERVERS = ('waitress', 'granian')
 # Limits of waitress' raw port (resources/serving.py) that granian has not.
-_WAITRESS_ONLY = ('CONNECTION_LIMIT', 'BODY_TIMEOUT_MS', 'IDLE_TIMEOUT_MS')
+_WAITRESS_ONLY = ('BODY_TIMEOUT_MS', 'IDLE_TIMEOUT_MS')
 
 
 def _json_default(value):

@@ -94,6 +94,14 @@ class _BufferedBodies:
         return self.app(environ, start_response)
 
 
+def _nonblocking(fd):
+    """`fd`, non-blocking: granian's accept loop (tokio) takes the socket as
+    it is, and a blocking accept() would stall its I/O thread whenever the
+    other workers took the waiting connection first."""
+    os.set_blocking(fd, False)
+    return fd
+
+
 class Server:
     """One granian WSGI worker for `app` on `sock`, not yet serving."""
 
@@ -131,14 +139,16 @@ class Server:
             # granian closes the socket it is given when it stops: its own
             # copy, so that closing it closes the listener (ours is closed
             # below), and nothing else closes the same descriptor twice.
-            sock=(None, SocketHolder(fd=os.dup(sock.fileno()), uds=False, backlog=settings.backlog)),
+            sock=(None, SocketHolder(fd=_nonblocking(os.dup(sock.fileno())), uds=False, backlog=settings.backlog)),
             ipc=None,
             # THREADS for everything, plus one for each login the hashing
             # queue may hold, as under waitress (resources/serving.py).
             py_threads=settings.threads + settings.hash_queue,
-            # Requests taken off the sockets before one waits for a thread:
-            # every thread busy and as many again queued.
-            backpressure=2 * (settings.threads + settings.hash_queue),
+            # Connections served at once (granian holds one permit per open
+            # connection, idle keep-alive ones included): CONNECTION_LIMIT.
+            # Beyond it new ones wait in the kernel's backlog; granian does
+            # not close the idle ones to make room, as serving.py does.
+            backpressure=settings.connection_limit,
             http_mode='1',
             http1_opts=HTTP1Settings(header_read_timeout=settings.header_timeout_ms),
         )
