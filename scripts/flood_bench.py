@@ -17,7 +17,7 @@ Then, --repeat times, for each server in turn:
   + list     the same polls, while another wrk floods GET /api/flash-sales?limit=N
              (the largest page, --list-limit);
   purchases  wrk, 64 connections: every request a distinct user's first
-             purchase of a sale that does not run out (the tokens signed with
+             purchase of a new sale that does not run out (the tokens signed with
              the servers' secret, for users written straight into the database);
   sold out   wrk, 64 connections: purchases of a sold-out sale.
 
@@ -103,26 +103,31 @@ def wrk_result(proc):
     return result
 
 
+def new_sale(url, name, stock, remaining):
+    """A sale open for a day: its id."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(
+            "INSERT INTO flash_sales (name, start_date, end_date, total_stock, remaining_stock) "
+            "VALUES (%s, now() - interval '1 minute', now() + interval '1 day', %s, %s) RETURNING id",
+            (name, stock, remaining)).fetchone()[0]
+
+
 def prepare(url, sales, users, secret):
-    """The history, an open sale that never runs out and a sold-out one,
-    and `users` users with tokens: (open sale, sold-out sale, tokens)."""
+    """The history (ended sales), the current sale, a sold-out one, and
+    `users` users with tokens: (sold-out sale, tokens)."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(
             "INSERT INTO flash_sales (name, start_date, end_date, total_stock, remaining_stock, created_at) "
             "SELECT 'Past sale ' || n, now() - n * interval '1 day', now() - n * interval '1 day' + interval '1 hour', "
             "100, 0, now() - n * interval '1 day' FROM generate_series(1, %s) AS n", (sales,))
-        open_sale, sold_out = (conn.execute(
-            "INSERT INTO flash_sales (name, start_date, end_date, total_stock, remaining_stock) "
-            "VALUES (%s, now() - interval '1 minute', now() + interval '1 day', %s, %s) RETURNING id",
-            (name, stock, remaining)).fetchone()[0]
-            for name, stock, remaining in (('Open', 1_000_000, 1_000_000), ('Sold out', 1, 0)))
         ids = [row[0] for row in conn.execute(
             "INSERT INTO users (email, password_hash) SELECT 'flood-' || n || '@example.com', 'x' "
             'FROM generate_series(1, %s) AS n RETURNING id', (users,))]
     now = int(time.time())
     tokens = [jwt.encode({'sub': str(i), 'gen': 0, 'iat': now, 'exp': now + 3600}, secret, algorithm='HS256')
               for i in ids]
-    return open_sale, sold_out, tokens
+    new_sale(url, 'Current', 1_000_000, 1_000_000)
+    return new_sale(url, 'Sold out', 1, 0), tokens
 
 
 def main(argv=None):
@@ -148,11 +153,10 @@ def main(argv=None):
             procs.append(proc)
             servers.append((name, base))
             print(f'{name}: {base} (pid {proc.pid}), log {workdir}/{name}.log', flush=True)
-        open_sale, sold_out, tokens = prepare(cluster.url, args.sales, 40_000, secret)
+        sold_out, tokens = prepare(cluster.url, args.sales, 3_000 * args.seconds, secret)
         print(f'{args.sales} past sales, an open one, a sold-out one, {len(tokens)} users', flush=True)
         floods = {'ids': ('random-id', ''), 'list': ('path', f'/api/flash-sales?limit={args.list_limit}')}
         results = {name: [] for name, _ in servers}
-        next_user = 0
         for round_ in range(args.repeat):
             for name, base in servers:
                 row = {}
@@ -163,10 +167,9 @@ def main(argv=None):
                                                args.seconds, workdir))
                     row[case] = {'polls': polls, 'flood': wrk_result(flood) if flood else None}
                 if not args.no_purchases:
-                    count = 2_000 * args.seconds
-                    users = tokens[next_user:next_user + count]
-                    next_user += count
-                    row['purchases'] = run_wrk(base, [(open_sale, t) for t in users], workdir, 64, args.seconds)
+                    # A sale of its own: every purchase a distinct user's first.
+                    sale = new_sale(cluster.url, 'Purchases', 1_000_000, 1_000_000)
+                    row['purchases'] = run_wrk(base, [(sale, t) for t in tokens], workdir, 64, args.seconds)
                     row['sold_out'] = run_wrk(base, [(sold_out, t) for t in tokens[:5000]], workdir, 64,
                                               args.seconds, cycle=True)
                 results[name].append(row)
