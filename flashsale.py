@@ -96,8 +96,8 @@ class Settings:
     header_timeout_ms: int = 5000  # from a request's first byte to the end of its headers
     body_timeout_ms: int = 10_000  # from a request's first byte to the end of its body
     idle_timeout_ms: int = 10_000  # a connection waiting for its next request
-    auth_rate_per_minute: int = 30  # register + login per client address (0: off)
-    purchase_rate_per_second: int = 5  # purchases per user, twice that at once (0: off)
+    auth_rate_per_minute: int = 30  # register, login, password change per client address, service-wide (0: off)
+    purchase_rate_per_second: int = 5  # purchases per user per process, twice that at once (0: off)
     # Client addresses no limit applies to: none by default. Behind a proxy on
     # the same host every client would be loopback, so a loopback default
     # would turn every limit off there (README, "Rate limits").
@@ -242,8 +242,9 @@ VARIABLES = (
     Variable('HEADER_TIMEOUT_MS', 'header_timeout_ms', "a request's headers must arrive within this", 100, 600_000),
     Variable('BODY_TIMEOUT_MS', 'body_timeout_ms', 'and the whole request within this', 100, 600_000),
     Variable('IDLE_TIMEOUT_MS', 'idle_timeout_ms', 'an idle connection is closed after this', 100, 3_600_000),
-    Variable('AUTH_RATE_PER_MINUTE', 'auth_rate_per_minute', 'register + login per address (0: off)', 0, 1_000_000),
-    Variable('PURCHASE_RATE_PER_SECOND', 'purchase_rate_per_second', 'purchases per user (0: off)', 0, 1_000_000),
+    Variable('AUTH_RATE_PER_MINUTE', 'auth_rate_per_minute',
+             'register, login, password change per address, service-wide (0: off)', 0, 1_000_000),
+    Variable('PURCHASE_RATE_PER_SECOND', 'purchase_rate_per_second', 'purchases per user, per process (0: off)', 0, 1_000_000),
     Variable('RATE_LIMIT_EXEMPT', 'rate_limit_exempt', 'addresses no rate limit applies to', is_list=True),
     Variable('SHUTDOWN_TIMEOUT_MS', 'shutdown_timeout', 'on SIGTERM, wait this long for requests in flight',
              0, 600_000, 1000),

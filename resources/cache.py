@@ -18,7 +18,8 @@ turned against the polls of the current sale:
 - found and not-found answers are kept apart, each bounded, oldest dropped
   first: a flood of unknown ids can never push a real sale out.
 Each process has its own cache: with N processes (WORKERS, hosts) an answer
-costs up to N queries per ttl.
+costs up to N queries per ttl. The list's pages are kept the same way, in a
+cache of their own (resources/sales.py, Collection), as JSON bytes.
 """
 
 import hashlib

@@ -17,13 +17,15 @@ Then, --repeat times, for each server in turn:
   + list     the same polls, while another wrk floods GET /api/flash-sales?limit=N
              (the largest page, --list-limit);
   purchases  wrk, 64 connections: every request a distinct user's first
-             purchase of a sale that does not run out (the tokens signed with
+             purchase of a new sale that does not run out (the tokens signed with
              the servers' secret, for users written straight into the database);
   sold out   wrk, 64 connections: purchases of a sold-out sale.
 
 and prints, per server, the polls' rate, p50 and p99 in each case (and the
-ratio of the p99 to that of the polls alone in the same round), the floods'
-rates, and purchases/s and sold-out refusals/s. The machine's cores are
+ratio of the p99 to that of the polls alone in the same round), their p99
+inside the app (from its access log: the time the server spent, without the
+wait for a core), the floods' rates, and purchases/s and sold-out
+refusals/s. The machine's cores are
 shared by wrk, the servers and PostgreSQL: the figures are the whole
 machine's.
 """
@@ -31,6 +33,7 @@ machine's.
 import argparse
 import json
 import os
+import re
 import secrets
 import shutil
 import statistics
@@ -39,6 +42,7 @@ import sys
 import tempfile
 import time
 import uuid
+from datetime import datetime
 from pathlib import Path
 
 import jwt
@@ -103,26 +107,31 @@ def wrk_result(proc):
     return result
 
 
+def new_sale(url, name, stock, remaining):
+    """A sale open for a day: its id."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(
+            "INSERT INTO flash_sales (name, start_date, end_date, total_stock, remaining_stock) "
+            "VALUES (%s, now() - interval '1 minute', now() + interval '1 day', %s, %s) RETURNING id",
+            (name, stock, remaining)).fetchone()[0]
+
+
 def prepare(url, sales, users, secret):
-    """The history, an open sale that never runs out and a sold-out one,
-    and `users` users with tokens: (open sale, sold-out sale, tokens)."""
+    """The history (ended sales), the current sale, a sold-out one, and
+    `users` users with tokens: (sold-out sale, tokens)."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(
             "INSERT INTO flash_sales (name, start_date, end_date, total_stock, remaining_stock, created_at) "
             "SELECT 'Past sale ' || n, now() - n * interval '1 day', now() - n * interval '1 day' + interval '1 hour', "
             "100, 0, now() - n * interval '1 day' FROM generate_series(1, %s) AS n", (sales,))
-        open_sale, sold_out = (conn.execute(
-            "INSERT INTO flash_sales (name, start_date, end_date, total_stock, remaining_stock) "
-            "VALUES (%s, now() - interval '1 minute', now() + interval '1 day', %s, %s) RETURNING id",
-            (name, stock, remaining)).fetchone()[0]
-            for name, stock, remaining in (('Open', 1_000_000, 1_000_000), ('Sold out', 1, 0)))
         ids = [row[0] for row in conn.execute(
             "INSERT INTO users (email, password_hash) SELECT 'flood-' || n || '@example.com', 'x' "
             'FROM generate_series(1, %s) AS n RETURNING id', (users,))]
     now = int(time.time())
     tokens = [jwt.encode({'sub': str(i), 'gen': 0, 'iat': now, 'exp': now + 3600}, secret, algorithm='HS256')
               for i in ids]
-    return open_sale, sold_out, tokens
+    new_sale(url, 'Current', 1_000_000, 1_000_000)
+    return new_sale(url, 'Sold out', 1, 0), tokens
 
 
 def main(argv=None):
@@ -134,6 +143,7 @@ def main(argv=None):
     parser.add_argument('--repeat', type=int, default=2, help='rounds')
     parser.add_argument('--compare-with', metavar='CHECKOUT', help='also run a server from this other checkout')
     parser.add_argument('--no-purchases', action='store_true', help='skip the purchases and sold-out runs')
+    parser.add_argument('--keep-logs', action='store_true', help="keep the servers' logs (their paths are printed)")
     args = parser.parse_args(argv)
     workdir = tempfile.mkdtemp(prefix='flashsale-flood-')
     shm = '/dev/shm' if os.path.isdir('/dev/shm') else None
@@ -148,39 +158,65 @@ def main(argv=None):
             procs.append(proc)
             servers.append((name, base))
             print(f'{name}: {base} (pid {proc.pid}), log {workdir}/{name}.log', flush=True)
-        open_sale, sold_out, tokens = prepare(cluster.url, args.sales, 40_000, secret)
+        # More users than any run here can buy in --seconds: wrk stops when they run out.
+        sold_out, tokens = prepare(cluster.url, args.sales, 8_000 * args.seconds, secret)
         print(f'{args.sales} past sales, an open one, a sold-out one, {len(tokens)} users', flush=True)
         floods = {'ids': ('random-id', ''), 'list': ('path', f'/api/flash-sales?limit={args.list_limit}')}
         results = {name: [] for name, _ in servers}
-        next_user = 0
         for round_ in range(args.repeat):
             for name, base in servers:
                 row = {}
                 for case in ('polls', 'ids', 'list'):
                     flood = wrk_get(base, *floods[case], args.connections, args.seconds, workdir) \
                         if case in floods else None
+                    started = datetime.now()
                     polls = wrk_result(wrk_get(base, 'path', '/api/flash-sales/current', args.connections,
                                                args.seconds, workdir))
-                    row[case] = {'polls': polls, 'flood': wrk_result(flood) if flood else None}
+                    row[case] = {'polls': polls, 'flood': wrk_result(flood) if flood else None,
+                                 'window': (started, datetime.now())}
                 if not args.no_purchases:
-                    count = 2_000 * args.seconds
-                    users = tokens[next_user:next_user + count]
-                    next_user += count
-                    row['purchases'] = run_wrk(base, [(open_sale, t) for t in users], workdir, 64, args.seconds)
+                    # A sale of its own: every purchase a distinct user's first.
+                    sale = new_sale(cluster.url, 'Purchases', 1_000_000, 1_000_000)
+                    row['purchases'] = run_wrk(base, [(sale, t) for t in tokens], workdir, 64, args.seconds)
                     row['sold_out'] = run_wrk(base, [(sold_out, t) for t in tokens[:5000]], workdir, 64,
                                               args.seconds, cycle=True)
                 results[name].append(row)
                 print(f'round {round_ + 1}, {name}: ' + format_row(row), flush=True)
+        for proc in procs:
+            bench.stop_server(proc)
+        for name, _ in servers:
+            app_times(os.path.join(workdir, f'{name}.log'), results[name])
     finally:
         for proc in procs:
             bench.stop_server(proc)
         cluster.close()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if not args.keep_logs:
+            shutil.rmtree(workdir, ignore_errors=True)
     print()
+    for name, rows in results.items():
+        for round_, row in enumerate(rows, 1):
+            print(f'round {round_}, {name}: ' + format_row(row))
     for name, rows in results.items():
         print(f'{name}, median of {len(rows)} rounds: ' + format_row({
             key: median_run([r[key] for r in rows]) for key in rows[0]}))
     return 0
+
+
+_ACCESS = re.compile(r'^(\S+ \S+),(\d{3}) INFO flashsale\.access GET /api/flash-sales/current \d+ ([\d.]+)ms', re.M)
+
+
+def app_times(log_path, rows):
+    """Add to each case of each of `rows` the p99 of the polls' time inside the app
+    (the access log's duration), in the case's window: what the server
+    itself spent, apart from the time an answer waits for a core, which on
+    a machine shared with the load tool and other work is most of the tail."""
+    lines = [(datetime.strptime(f'{when}.{ms}', '%Y-%m-%d %H:%M:%S.%f'), float(took))
+             for when, ms, took in _ACCESS.findall(Path(log_path).read_text())]
+    for row in rows:
+        for case in ('polls', 'ids', 'list'):
+            start, end = row[case]['window']
+            times = sorted(took for when, took in lines if start <= when <= end)
+            row[case]['app_p99_ms'] = times[int(len(times) * 0.99)] if times else None
 
 
 def median_run(runs):
@@ -196,6 +232,9 @@ def format_row(row):
         polls, flood = row[case]['polls'], row[case]['flood']
         text = (f'{case}: polls {polls["rate"]:,.0f}/s p50 {polls["p50_ms"]:.1f} p99 {polls["p99_ms"]:.1f} ms '
                 f'(x{polls["p99_ms"] / alone:.2f})')
+        if row[case].get('app_p99_ms') is not None:
+            text += f', in the app p99 {row[case]["app_p99_ms"]:.1f} ms'
+
         if flood:
             text += f', flood {flood["rate"]:,.0f}/s {dict(sorted(flood["statuses"].items()))}'
         parts.append(text)
