@@ -33,9 +33,11 @@ from resources import errors
 from resources import hashing
 from resources import health
 from resources import logwriter
+from resources import metrics
 from resources import middleware
 from resources import orders
 from resources import openapi
+from resources import outcomes
 from resources import page
 from resources import sales
 from resources import sql
@@ -101,6 +103,8 @@ class Settings:
     shutdown_timeout: float = 10.0  # seconds SIGTERM waits for requests in flight
     purchase_batch_max: int = 64  # purchases of one sale in one statement, at most
     log_level: str = 'INFO'
+    metrics: str = 'on'  # GET /metrics and the counting behind it (resources/metrics.py)
+    metrics_allow: tuple = ('127.0.0.1', '::1')  # client addresses and networks GET /metrics answers
 
     @classmethod
     def from_env(cls, environ=os.environ):
@@ -110,14 +114,19 @@ class Settings:
         settings = cls(**values)
         if settings.jwt_secret and len(settings.jwt_secret.encode()) < MIN_JWT_SECRET_BYTES:
             raise ConfigError(f'JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes long')
+        try:
+            metrics.allowed_networks(settings.metrics_allow)
+        except ValueError as exc:
+            raise ConfigError(f'METRICS_ALLOW: {exc}') from None
         return settings
 
 
 @dataclasses.dataclass(frozen=True)
 class Variable:
     """An environment variable, the Settings field it sets, and how it is read:
-    text, a whole number from `low` to `high` (`per_unit` of them make one of
-    the field's: 1000 for a *_MS variable setting seconds), or a list."""
+    text (one of `choices`, if given), a whole number from `low` to `high`
+    (`per_unit` of them make one of the field's: 1000 for a *_MS variable
+    setting seconds), or a list."""
 
     name: str
     field: str
@@ -128,6 +137,7 @@ class Variable:
     is_list: bool = False
     default_from: object = None  # (values read so far) -> the default, when it depends on them
     default_text: str | None = None  # how --help shows that default
+    choices: tuple = ()  # the only texts it takes, when given
 
     def default(self, values):
         if self.default_from is not None:
@@ -141,6 +151,8 @@ class Variable:
             return tuple(item.strip() for item in raw.split(',') if item.strip())
         if raw is None or raw == '':
             return self.default(values)
+        if self.choices and raw not in self.choices:
+            raise ConfigError(f'{self.name} must be {" or ".join(self.choices)}, not {raw!r}')
         if self.low is None:
             return raw
         try:
@@ -202,6 +214,9 @@ VARIABLES = (
              0, 600_000, 1000),
     Variable('PURCHASE_BATCH_MAX', 'purchase_batch_max', "purchases of one sale in one statement", 1, 1000),
     Variable('LOG_LEVEL', 'log_level', 'DEBUG, INFO, WARNING or ERROR'),
+    Variable('METRICS', 'metrics', 'GET /metrics (Prometheus) and the counting behind it', choices=('on', 'off')),
+    Variable('METRICS_ALLOW', 'metrics_allow', 'client addresses or networks GET /metrics answers (others: 403)',
+             is_list=True),
 )
 
 
@@ -241,12 +256,14 @@ def create_app(settings, pool, batches=None, hash_queue=None):
     default made here (the server passes its own, to stop it on SIGTERM).
     `hash_queue`: the hashing.HashQueue to use (default: one of its own, from
     the settings; its processes start at the first login unless started)."""
-    credentials = Credentials(
-        settings.jwt_secret, settings.jwt_ttl_seconds, settings.bcrypt_rounds, hash_queue or new_hash_queue(settings)
-    )
+    hash_queue = hash_queue or new_hash_queue(settings)
+    credentials = Credentials(settings.jwt_secret, settings.jwt_ttl_seconds, settings.bcrypt_rounds, hash_queue)
     poll_cache = PollCache(settings.poll_cache_ms / 1000, _json_default)
 
-    stack = [middleware.RequestLog(), middleware.SecurityHeaders(), middleware.StaticMethods()]
+    stack = [middleware.RequestLog()]
+    if settings.metrics == 'on':
+        stack.append(metrics.RequestMetrics())  # after RequestLog, whose start time it reads
+    stack += [middleware.SecurityHeaders(), middleware.StaticMethods()]
     if settings.cors_origins:
         stack.append(falcon.CORSMiddleware(allow_origins=list(settings.cors_origins)))
     # Authentication before the rate limits: they key purchases by its user id.
@@ -274,6 +291,9 @@ def create_app(settings, pool, batches=None, hash_queue=None):
     batches = batches or purchase_batches(settings, pool)
     app.add_route('/api/flash-sales/{sale_id}/purchase', orders.Purchase(batches))
     app.add_route('/openapi.json', openapi.Document())
+    if settings.metrics == 'on':
+        app.add_route('/metrics', metrics.Scrape(settings, metrics.Watched(pool, batches, hash_queue)))
+        app.add_route('/api/purchase-outcomes', outcomes.PurchaseOutcomes(pool))
     page.add_routes(app)
     return app
 
@@ -385,6 +405,7 @@ def serve(settings, stop):
                 _seed_demo(conn, settings)
         if stop:
             return
+        metrics.prepare(settings)
         if settings.workers == 1:
             _serve_process(settings, url, socks[0], stop)
         else:
@@ -510,6 +531,7 @@ def _run_workers(settings, url, socks, stop):
             time.sleep(0.1)
             continue
         remaining.discard(pid)
+        metrics.process_exited(pid)
         if os.waitstatus_to_exitcode(status) != 0:
             failed = True
         if not stop:

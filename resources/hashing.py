@@ -35,6 +35,7 @@ import time
 
 import bcrypt
 
+from resources import metrics
 from resources.errors import refusal
 
 
@@ -105,7 +106,10 @@ def _lower_priority(niceness):
         pass  # no autogroups here: nice alone does it
 
 
-def overloaded(retry_after):
+def overloaded(reason, retry_after):
+    """The 503 for a login the queue cannot serve, counted by `reason`
+    (resources/metrics.py, LOGIN_REFUSALS)."""
+    metrics.login_refused(reason)
     return refusal('overloaded', 'Many people are logging in right now; try again in a few seconds.',
                    retry_after=retry_after)
 
@@ -131,12 +135,12 @@ class HashQueue:
         with self._lock:
             if self._stopping:
                 # Shutting down: another process (or this one restarted) can serve it.
-                raise overloaded(1)
+                raise overloaded('stopping', 1)
             ahead = self._in_flight
             if ahead >= self.capacity or self._wait(ahead) > self.max_wait:
                 # Refused at once: holding a thread until the deadline would
                 # only tell the same thing later.
-                raise overloaded(self._retry_after(ahead))
+                raise overloaded('full' if ahead >= self.capacity else 'too_slow', self._retry_after(ahead))
             executor = self._started()
             # Submitted under the lock: the order of admission is the order
             # of the executor's queue, which it serves first in, first out.
@@ -145,26 +149,29 @@ class HashQueue:
             except concurrent.futures.BrokenExecutor:
                 # A hashing process died (killed, out of memory): start afresh.
                 self._executor = None
-                raise overloaded(1) from None
+                raise overloaded('process_died', 1) from None
             self._in_flight += 1
             self._waiting.add(future)
+        admitted = time.perf_counter()
         future.add_done_callback(self._finished)
         try:
-            result, _ = future.result(timeout=self.max_wait)
+            result, seconds = future.result(timeout=self.max_wait)
         except concurrent.futures.TimeoutError:
             # Not served in time. If it is still queued it never runs; if it
             # was already handed to a process (the executor hands one job
             # more than it has processes), its answer is dropped. Either way
             # its slot is freed when it ends.
             future.cancel()
-            raise overloaded(self._retry_after(self._in_flight)) from None
+            raise overloaded('timed_out', self._retry_after(self._in_flight)) from None
         except concurrent.futures.CancelledError:
-            raise overloaded(1) from None  # by stop(): the server is shutting down
+            raise overloaded('stopping', 1) from None  # by stop(): the server is shutting down
         except concurrent.futures.BrokenExecutor:
             with self._lock:
                 if self._executor is executor:
                     self._executor = None
-            raise overloaded(1) from None
+            raise overloaded('process_died', 1) from None
+        # Its time in the queue: all but the hash's own (and a round trip to the process).
+        metrics.login_waited(time.perf_counter() - admitted - seconds)
         return result
 
     def start(self):
