@@ -32,6 +32,7 @@ from resources import database
 from resources import errors
 from resources import hashing
 from resources import health
+from resources import logformat
 from resources import logwriter
 from resources import metrics
 from resources import middleware
@@ -103,6 +104,7 @@ class Settings:
     shutdown_timeout: float = 10.0  # seconds SIGTERM waits for requests in flight
     purchase_batch_max: int = 64  # purchases of one sale in one statement, at most
     log_level: str = 'INFO'
+    log_format: str = 'text'  # or 'json': one object per line (resources/logformat.py)
     metrics: str = 'on'  # GET /metrics and the counting behind it (resources/metrics.py)
     metrics_allow: tuple = ('127.0.0.1', '::1')  # client addresses and networks GET /metrics answers
 
@@ -214,6 +216,7 @@ VARIABLES = (
              0, 600_000, 1000),
     Variable('PURCHASE_BATCH_MAX', 'purchase_batch_max', "purchases of one sale in one statement", 1, 1000),
     Variable('LOG_LEVEL', 'log_level', 'DEBUG, INFO, WARNING or ERROR'),
+    Variable('LOG_FORMAT', 'log_format', 'text, or json: one object per line', choices=('text', 'json')),
     Variable('METRICS', 'metrics', 'GET /metrics (Prometheus) and the counting behind it', choices=('on', 'off')),
     Variable('METRICS_ALLOW', 'metrics_allow', 'client addresses or networks GET /metrics answers (others: 403)',
              is_list=True),
@@ -491,7 +494,7 @@ def _run_workers(settings, url, socks, stop):
             worker_stop = _record_stop_signals()
             _stop_with_parent(prctl, parent)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-            writer = _configure_logging(logging.getLogger().level)
+            writer = _configure_logging(logging.getLogger().level, settings.log_format)
             status = 1
             try:
                 for other in socks[:index] + socks[index + 1:]:
@@ -594,11 +597,15 @@ def revoke_sessions(settings, email):
     print(f'every session of {user["email"]} is ended: their tokens fail from now on')
 
 
-def _configure_logging(level):
+def _configure_logging(level, log_format='text'):
     """Log lines go to stderr through one writer thread, in batches
-    (resources/logwriter.py)."""
+    (resources/logwriter.py), as text or as JSON (resources/logformat.py)."""
     writer = logwriter.BatchedWriter()
-    writer.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s %(message)s'))
+    if log_format == 'json':
+        writer.addFilter(logformat.RequestIds())
+        writer.setFormatter(logformat.JSONFormatter())
+    else:
+        writer.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s %(message)s'))
     # Its thread never takes SIGTERM/SIGINT (a new thread inherits the
     # mask): a process-directed signal goes to a thread that does not block
     # it, and one taken by this thread would not interrupt the main thread's
@@ -639,7 +646,7 @@ def main(argv=None):
         level = settings.log_level.upper()
         if level not in ('DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL'):
             raise ConfigError(f'LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, not {settings.log_level!r}')
-        _configure_logging(level)
+        _configure_logging(level, settings.log_format)
         # pgserver logs every command it runs at INFO, output and all; waitress
         # warns of its task queue depth on every request that has to queue,
         # which in a flash sale is most of them (the access log already says
