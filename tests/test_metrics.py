@@ -156,6 +156,22 @@ def test_behind_a_trusted_proxy_metrics_are_judged_by_the_client_address(make_ap
     assert get_metrics(allowed, forwarded_for='203.0.113.7')[0] == 200
 
 
+def test_admins_read_the_purchase_outcomes_and_no_one_else_does(client, make_user, make_users, make_sale):
+    _, admin = make_user(admin=True)
+    _, shopper = make_user()
+    assert client.get('/api/purchase-outcomes', status=401).json['code'] == 'unauthorized'
+    assert client.get('/api/purchase-outcomes', headers=auth(shopper), status=403).json == {
+        'code': 'forbidden', 'message': 'Only admins can see the purchase outcomes.'}
+    before = client.get('/api/purchase-outcomes', headers=auth(admin), status=200).json
+    sale_id = make_sale(stock=1)
+    for _, token in make_users(2):
+        client.post(f'/api/flash-sales/{sale_id}/purchase', headers=auth(token), status=[201, 409])
+    after = client.get('/api/purchase-outcomes', headers=auth(admin), status=200).json
+    assert after['server'] == before['server']
+    assert {outcome: n - before['outcomes'].get(outcome, 0) for outcome, n in after['outcomes'].items()
+            if n != before['outcomes'].get(outcome, 0)} == {'created': 1, 'sold_out': 1}
+
+
 def test_with_metrics_off_there_is_no_endpoint(make_app):
     client = make_app(metrics='off').client
     assert client.get('/metrics', status=404).json['code'] == 'not_found'
