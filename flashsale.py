@@ -441,6 +441,7 @@ def _serve_process(settings, url, sock, stop):
 
         serving.run(server, settings.shutdown_timeout, stop, on_stop=on_stop)
     finally:
+        metrics.flush()  # the counts of its last moments, kept in memory until now
         if hash_queue is not None:
             hash_queue.close()
         pool.close()

@@ -157,9 +157,9 @@ class Batches:
         batch = request.batch
         while True:
             retry = self._run(sale_id, batch)
+            metrics.purchase_statement(len(batch))  # not under the lock the sale's purchases queue on
             with self._lock:
                 self.statements += 1
-                metrics.purchase_statement(len(batch))
                 for member in batch:
                     if member not in retry:
                         member.state = 'done'
