@@ -37,7 +37,10 @@ METRICS=off, driven by wrk in turns (--repeat rounds, the order swapped each
 round): purchases (every request a distinct user's first purchase, stock
 never running out) and sold-out refusals (answered from memory), each for
 --wrk-seconds at --refusal-concurrency connections. It prints each one's
-answers/s and server CPU per answer, medians of the rounds, and on/off.
+answers/s and server CPU per answer, medians of the rounds, and on/off; then
+the app's own CPU per purchase and per sold-out answer, called as a WSGI
+function in a process of its own (no HTTP, no server: the figure the
+machine's other work disturbs least), on and off in turns.
 
 --standby-cost measures something else instead: what a synchronous standby
 costs each purchase. It makes a private primary with a streaming standby
@@ -662,6 +665,87 @@ def format_metrics_cost(runs, args):
     return '\n'.join(out)
 
 
+APP_COST_SOLD_OUT = 20_000
+APP_COST_PURCHASES = 2_000
+
+
+def app_cost(database_url, mode):
+    """The app's own CPU per answer, no HTTP and no server (--app-cost, in a
+    process of its own): create_app with METRICS=`mode` (in multiprocess
+    mode when on, as `flashsale serve` runs it), called as a WSGI function
+    from one thread. Prints {answer kind: microseconds of this process' CPU}."""
+    import io  # noqa: PLC0415
+
+    import psycopg  # noqa: PLC0415
+
+    import flashsale  # noqa: PLC0415
+    from resources import database  # noqa: PLC0415
+    from resources import metrics  # noqa: PLC0415
+    from resources.credentials import Credentials  # noqa: PLC0415
+
+    settings = flashsale.Settings(database_url=database_url, jwt_secret=secrets.token_urlsafe(48), bcrypt_rounds=4,
+                                  metrics=mode)
+    metrics.prepare(settings)
+    credentials = Credentials(settings.jwt_secret, 3600, 4)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        user_ids = [row[0] for row in conn.execute(
+            "INSERT INTO users (email, password_hash) SELECT 'app-cost-' || gen_random_uuid() || '@example.com', 'x' "
+            'FROM generate_series(1, %s) RETURNING id', (APP_COST_PURCHASES,))]
+        sales = [conn.execute(
+            'INSERT INTO flash_sales (name, start_date, end_date, total_stock, remaining_stock) VALUES '
+            "('app cost', now() - interval '1 minute', now() + interval '1 hour', %s, %s) RETURNING id",
+            (stock, stock)).fetchone()[0] for stock in (APP_COST_PURCHASES, 1)]
+    tokens = [credentials.issue(user_id) for user_id in user_ids]
+    pool = database.open_pool(settings, database_url)
+    app = flashsale.create_app(settings, pool)
+
+    def purchase(sale_id, token):
+        environ = {'REQUEST_METHOD': 'POST', 'PATH_INFO': f'/api/flash-sales/{sale_id}/purchase', 'QUERY_STRING': '',
+                   'SERVER_NAME': 'bench', 'SERVER_PORT': '80', 'SERVER_PROTOCOL': 'HTTP/1.1',
+                   'wsgi.url_scheme': 'http', 'wsgi.input': io.BytesIO(b''), 'wsgi.errors': sys.stderr,
+                   'REMOTE_ADDR': '127.0.0.1', 'CONTENT_LENGTH': '0', 'HTTP_AUTHORIZATION': f'Bearer {token}'}
+        b''.join(app(environ, lambda status, headers, exc_info=None: None))
+
+    def cpu_us(calls):
+        started = time.process_time()
+        for call in calls:
+            call()
+        return round((time.process_time() - started) / len(calls) * 1e6, 2)
+
+    gone, still = sales[1], sales[0]
+    purchase(gone, tokens[0])  # bought out: the next purchases learn it, then are answered from memory
+    purchase(gone, tokens[1])
+    out = {'purchase': cpu_us([lambda t=t: purchase(still, t) for t in tokens]),
+           'sold_out': cpu_us([lambda: purchase(gone, tokens[0])] * APP_COST_SOLD_OUT)}
+    pool.close()
+    print(json.dumps(out))
+
+
+def app_costs(database_url, rounds, log):
+    """app_cost() in a fresh process for each mode, `rounds` times, in turns."""
+    costs = {'on': [], 'off': []}
+    env = {k: v for k, v in os.environ.items() if k != 'PROMETHEUS_MULTIPROC_DIR'}
+    for round_ in range(rounds):
+        for mode in (('on', 'off') if round_ % 2 == 0 else ('off', 'on')):
+            log(f'round {round_ + 1}: the app alone, METRICS={mode} ...')
+            done = subprocess.run([sys.executable, __file__, '--app-cost', mode, '--database-url', database_url],
+                                  env=env, capture_output=True, text=True, timeout=600)
+            if done.returncode:
+                raise SystemExit(f'bench: --app-cost {mode} failed:\n{done.stderr}')
+            costs[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return costs
+
+
+def format_app_costs(costs):
+    out = ['', '  the app alone (a WSGI call, no HTTP), CPU per answer, median of the rounds:']
+    for kind in ('purchase', 'sold_out'):
+        on, off = (statistics.median(run[kind] for run in costs[mode]) for mode in ('on', 'off'))
+        out.append(f'  {kind:<10} METRICS=on {on:7.2f} us  off {off:7.2f} us  +{on - off:5.2f} us  '
+                   f'(every round: on {", ".join(str(r[kind]) for r in costs["on"])}; '
+                   f'off {", ".join(str(r[kind]) for r in costs["off"])})')
+    return '\n'.join(out)
+
+
 def metrics_cost_main(args, log):
     if not args.database_url:
         from resources import embedded  # noqa: PLC0415
@@ -683,10 +767,12 @@ def metrics_cost_main(args, log):
     finally:
         for proc in procs:
             stop_server(proc)
-    print(format_metrics_cost(runs, args))
+    costs = app_costs(args.database_url, max(args.repeat, 2), log)
+    print(format_metrics_cost(runs, args) + format_app_costs(costs))
     if args.json_file:
         with open(args.json_file, 'w') as fh:
-            json.dump({f'{name} {kind}': rounds for (name, kind), rounds in runs.items()}, fh, indent=2)
+            json.dump({'http': {f'{name} {kind}': rounds for (name, kind), rounds in runs.items()}, 'app': costs},
+                      fh, indent=2)
     return 0
 
 
@@ -874,6 +960,7 @@ def parse_args(argv=None):
     parser.add_argument('--metrics-cost', action='store_true',
                         help='instead: purchases and sold-out refusals with METRICS=on against METRICS=off, '
                              'in turns (see above)')
+    parser.add_argument('--app-cost', choices=['on', 'off'], help=argparse.SUPPRESS)  # app_cost(), in a child
     parser.add_argument('--logins', action='store_true',
                         help='instead: the login benchmark (scripts/login_bench.py), with a server of its own '
                              'at the default bcrypt cost')
@@ -891,6 +978,8 @@ def main(argv=None):
         return bench_logins(args, log)
     if args.metrics_cost:
         return metrics_cost_main(args, log)
+    if args.app_cost:
+        return app_cost(args.database_url, args.app_cost)
     proc = None
     if args.start_server:
         if not args.database_url:

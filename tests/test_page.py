@@ -519,7 +519,7 @@ def test_the_admin_watches_the_sale_live_its_stock_purchases_and_outcomes(open_p
     assert answers == [None, 'already_purchased', None, None, 'sold_out']
 
     expect(page.get_by_test_id('live-chart-desc')).to_have_text(re.compile(
-        r'^Stock left: 0 of 3\. 3 sold while this page was open; [\d.]+ purchases per (second|minute) now\.$'))
+        r'^Stock left: 0 of 3\. 3 sold while this page watched; [\d.]+ purchases per (second|minute) now\.$'))
     outcomes = page.get_by_test_id('outcome-row')
     expect(outcomes).to_have_count(3, timeout=10_000)
     assert [(row.get_attribute('data-outcome'), row.get_by_test_id('outcome-count').inner_text())

@@ -685,13 +685,14 @@ async function loadSales() {
 
 // ---------------------------------------------------------------- admin: the live view
 
-// The current sale as the polls have seen it since the page opened: one
-// [server time ms, stock left] per answer (a 304 repeats the stock). Past
+// The current sale as the polls have seen it since it became the current
+// one, or since the page opened: one [server time ms, stock left] per
+// answer (a 304 repeats the stock). Past
 // LIVE_POINTS_MAX, every other point goes: the purchases between two points
 // kept are still their difference in stock, over a longer time.
 const LIVE_POINTS_MAX = 600;
-// The rate shown as "now": over the polls of the last 10 s.
-const LIVE_NOW_MS = 10 * 1000;
+// The rate shown as "now": over the polls of the last 5 s (three or four).
+const LIVE_NOW_MS = 5 * 1000;
 const live = {
   saleId: null,
   points: [],
@@ -719,6 +720,7 @@ function recordStock(sale) {
 const SVG = 'http://www.w3.org/2000/svg';
 const CHART = { width: 600, height: 220, left: 48, right: 52, top: 12, bottom: 26 };
 const wholeNumber = new Intl.NumberFormat(undefined, { maximumFractionDigits: 0 });
+const clockTime = new Intl.DateTimeFormat(undefined, { timeStyle: 'medium' });
 const oneDecimal = new Intl.NumberFormat(undefined, { maximumFractionDigits: 1 });
 
 function svgElement(name, attributes, text) {
@@ -744,11 +746,6 @@ function rateNow(points) {
   const last = points[points.length - 1];
   const first = points.find(([time]) => time >= last[0] - LIVE_NOW_MS) ?? last;
   return last[0] > first[0] ? Math.max(0, first[1] - last[1]) / ((last[0] - first[0]) / 1000) : 0;
-}
-
-function minutesSeconds(ms) {
-  const seconds = Math.round(ms / 1000);
-  return `${Math.floor(seconds / 60)}:${String(seconds % 60).padStart(2, '0')}`;
 }
 
 function drawLive() {
@@ -791,17 +788,18 @@ function drawLive() {
     svgElement('text', { class: 'live-label live-label-rate', x: width - right + 6, y: top + 4 },
       `${wholeNumber.format(rateTop)}/${unit === 'second' ? 's' : 'min'}`),
     svgElement('text', { class: 'live-label live-label-rate', x: width - right + 6, y: top + plotHeight }, '0'),
-    svgElement('text', { class: 'live-label', x: left, y: height - 6 }, 'page opened'),
+    // Local clock times (the points are the server's: clockOffset takes them back).
+    svgElement('text', { class: 'live-label', x: left, y: height - 6 }, clockTime.format(start - state.clockOffset)),
     svgElement('text', { class: 'live-label', x: width - right, y: height - 6, 'text-anchor': 'end' },
-      `+${minutesSeconds(span)}`),
+      clockTime.format(start + span - state.clockOffset)),
   );
   setText($('live-unit'), unit);
 
   const now = points.length ? rateNow(points) * scale : 0;
   const sold = points.length ? Math.max(0, points[0][1] - points[points.length - 1][1]) : 0;
-  setText($('live-rate'), `${oneDecimal.format(now)} purchases per ${unit} now · ${wholeNumber.format(sold)} sold since the page opened`);
+  setText($('live-rate'), `${oneDecimal.format(now)} purchases per ${unit} now · ${wholeNumber.format(sold)} sold while watched`);
   setText($('live-chart-desc'), `Stock left: ${sale.remainingStock} of ${sale.totalStock}. `
-    + `${wholeNumber.format(sold)} sold while this page was open; ${oneDecimal.format(now)} purchases per ${unit} now.`);
+    + `${wholeNumber.format(sold)} sold while this page watched; ${oneDecimal.format(now)} purchases per ${unit} now.`);
 }
 
 // Created first, then the refusals, most frequent first.
