@@ -14,12 +14,16 @@ ever process takes it: prometheus_client's multiprocess mode. Each process
 writes its values into files of its own (named by pid) in
 PROMETHEUS_MULTIPROC_DIR, and a scrape adds up every process' files.
 prepare() makes that directory, empty, in the server's first process before
-any worker exists; the workers inherit it through the environment. A worker
-that exits keeps its counts (a counter never goes back) but not its gauges:
-whoever reaps it calls process_exited(pid), and a scrape also forgets the
-gauges of any process that no longer exists, so that no server's reaping has
-to call us. Without that directory (create_app alone, as in the tests) the
-values are this process' own.
+any worker exists; the workers inherit it through the environment. Each
+process keeps its counts in memory and writes them there once a second
+(_Tally, which is what keeps their cost down), and the one answering a scrape
+writes its own first: another process' counts arrive up to a second late. A
+worker that exits writes its last counts (flush()) and keeps them (a counter
+never goes back) but not its gauges: whoever reaps it calls
+process_exited(pid), and a scrape also forgets the gauges of any process that
+no longer exists, so that no server's reaping has to call us. Without that
+directory (create_app alone, as in the tests) the values are this process'
+own, and written at each scrape.
 
 Who may read them: metrics are business figures (purchases per second, stock
 sold). Only the client addresses in METRICS_ALLOW (default: this host's
@@ -39,6 +43,7 @@ import atexit
 import bisect
 import glob
 import ipaddress
+import logging
 import os
 import shutil
 import tempfile
@@ -58,6 +63,8 @@ from prometheus_client import values
 from resources.errors import CATALOGUE
 from resources.errors import refusal
 from resources.ratelimit import PURCHASE_ROUTE
+
+log = logging.getLogger('flashsale')
 
 MULTIPROC_DIR = 'PROMETHEUS_MULTIPROC_DIR'
 # Beside the values' files in the directory (a scrape reads only *.db): one
@@ -381,8 +388,11 @@ class Watched:
 
     def _keep_sampling(self):
         while True:
-            instruments().tally.flush()
-            self.sample()
+            try:
+                instruments().tally.flush()
+                self.sample()
+            except Exception:  # noqa: BLE001 (a second later it tries again: the counts wait in memory)
+                log.exception('metrics: could not write this process\' metrics')
             time.sleep(SAMPLE_SECONDS)
 
 
