@@ -33,10 +33,13 @@ from resources import database
 from resources import errors
 from resources import hashing
 from resources import health
+from resources import logformat
 from resources import logwriter
+from resources import metrics
 from resources import middleware
 from resources import orders
 from resources import openapi
+from resources import outcomes
 from resources import page
 from resources import sales
 from resources import sql
@@ -106,6 +109,9 @@ class Settings:
     purchase_batch_max: int = 64  # purchases of one sale in one statement, at most
     log_level: str = 'INFO'
     server: str = 'waitress'  # or 'granian' (resources/granian_server.py), behind nginx
+    log_format: str = 'text'  # or 'json': one object per line (resources/logformat.py)
+    metrics: str = 'on'  # GET /metrics and the counting behind it (resources/metrics.py)
+    metrics_allow: tuple = ('127.0.0.1', '::1')  # client addresses and networks GET /metrics answers
 
     @classmethod
     def from_env(cls, environ=os.environ):
@@ -127,6 +133,10 @@ class Settings:
         for origin in settings.cors_origins:
             _check_origin(origin)
         _check_exemption(settings)
+        try:
+            metrics.allowed_networks(settings.metrics_allow)
+        except ValueError as exc:
+            raise ConfigError(f'METRICS_ALLOW: {exc}') from None
         return settings
 
 
@@ -163,8 +173,9 @@ def _check_exemption(settings):
 @dataclasses.dataclass(frozen=True)
 class Variable:
     """An environment variable, the Settings field it sets, and how it is read:
-    text, a whole number from `low` to `high` (`per_unit` of them make one of
-    the field's: 1000 for a *_MS variable setting seconds), or a list."""
+    text (one of `choices`, if given), a whole number from `low` to `high`
+    (`per_unit` of them make one of the field's: 1000 for a *_MS variable
+    setting seconds), or a list."""
 
     name: str
     field: str
@@ -175,6 +186,7 @@ class Variable:
     is_list: bool = False
     default_from: object = None  # (values read so far) -> the default, when it depends on them
     default_text: str | None = None  # how --help shows that default
+    choices: tuple = ()  # the only texts it takes, when given
 
     def default(self, values):
         if self.default_from is not None:
@@ -188,6 +200,8 @@ class Variable:
             return tuple(item.strip() for item in raw.split(',') if item.strip())
         if raw is None or raw == '':
             return self.default(values)
+        if self.choices and raw not in self.choices:
+            raise ConfigError(f'{self.name} must be {" or ".join(self.choices)}, not {raw!r}')
         if self.low is None:
             return raw
         try:
@@ -251,6 +265,10 @@ VARIABLES = (
     Variable('PURCHASE_BATCH_MAX', 'purchase_batch_max', "purchases of one sale in one statement", 1, 1000),
     Variable('LOG_LEVEL', 'log_level', 'DEBUG, INFO, WARNING or ERROR'),
     Variable('SERVER', 'server', 'waitress (hardened raw port) or granian (behind nginx)'),
+    Variable('LOG_FORMAT', 'log_format', 'text, or json: one object per line', choices=('text', 'json')),
+    Variable('METRICS', 'metrics', 'GET /metrics (Prometheus) and the counting behind it', choices=('on', 'off')),
+    Variable('METRICS_ALLOW', 'metrics_allow', 'client addresses or networks GET /metrics answers (others: 403)',
+             is_list=True),
 )
 
 SERVERS = ('waitress', 'granian')
@@ -298,12 +316,14 @@ def create_app(settings, pool, batches=None, hash_queue=None, poll_cache=None):
     the settings; its processes start at the first login unless started).
     `poll_cache`: the PollCache of the polled answers (default: one of its
     own, from the settings)."""
-    credentials = Credentials(
-        settings.jwt_secret, settings.jwt_ttl_seconds, settings.bcrypt_rounds, hash_queue or new_hash_queue(settings)
-    )
+    hash_queue = hash_queue or new_hash_queue(settings)
+    credentials = Credentials(settings.jwt_secret, settings.jwt_ttl_seconds, settings.bcrypt_rounds, hash_queue)
     poll_cache = new_poll_cache(settings) if poll_cache is None else poll_cache
 
-    stack = [middleware.RequestLog(), middleware.SecurityHeaders(), middleware.StaticMethods()]
+    stack = [middleware.RequestLog()]
+    if settings.metrics == 'on':
+        stack.append(metrics.RequestMetrics())  # after RequestLog, whose start time it reads
+    stack += [middleware.SecurityHeaders(), middleware.StaticMethods()]
     if settings.cors_origins:
         stack.append(falcon.CORSMiddleware(allow_origins=list(settings.cors_origins),
                                            expose_headers=middleware.CORS_EXPOSED_HEADERS))
@@ -334,6 +354,9 @@ def create_app(settings, pool, batches=None, hash_queue=None, poll_cache=None):
     batches = batches or purchase_batches(settings, pool)
     app.add_route('/api/flash-sales/{sale_id}/purchase', orders.Purchase(batches))
     app.add_route('/openapi.json', openapi.Document())
+    if settings.metrics == 'on':
+        app.add_route('/metrics', metrics.Scrape(settings, metrics.Watched(pool, batches, hash_queue)))
+        app.add_route('/api/purchase-outcomes', outcomes.PurchaseOutcomes(pool))
     page.add_routes(app)
     return app
 
@@ -463,6 +486,7 @@ def serve(settings, stop):
                 _seed_demo(conn, settings)
         if stop:
             return
+        metrics.prepare(settings)
         if settings.workers == 1:
             _serve_process(settings, url, socks[0], stop)
         else:
@@ -484,7 +508,7 @@ def _engine(settings):
 def _serve_process(settings, url, sock, stop):
     """One server process: its own log writer, pool, threads and server."""
     engine = _engine(settings)
-    writer = _configure_logging(logging.getLogger().level, threaded=True)
+    writer = _configure_logging(logging.getLogger().level, threaded=True, log_format=settings.log_format)
     pool = database.open_pool(settings, url)
     batches = purchase_batches(settings, pool)
     hash_queue = None
@@ -508,13 +532,14 @@ def _serve_process(settings, url, sock, stop):
 
         engine.serve(server, settings.shutdown_timeout, stop, on_stop=on_stop)
     finally:
+        metrics.flush()  # the counts of its last moments, kept in memory until now
         if hash_queue is not None:
             hash_queue.close()
         pool.close()
         log.info('database pool closed')
         writer.stop()
         # What is logged after this (a worker's failure) is written at once.
-        _configure_logging(logging.getLogger().level)
+        _configure_logging(logging.getLogger().level, log_format=settings.log_format)
 
 
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
@@ -629,6 +654,7 @@ def _run_workers(settings, url, socks, stop):
         if pid not in workers:
             continue
         index, started = workers.pop(pid)
+        metrics.process_exited(pid)
         code = os.waitstatus_to_exitcode(status)
         if stop:
             failed = failed or code != 0
@@ -696,11 +722,12 @@ def revoke_sessions(settings, email):
     print(f'every session of {user["email"]} is ended: their tokens fail from now on')
 
 
-def _configure_logging(level, threaded=False):
-    """Log lines go to stderr. In a server process through one writer
-    thread, in batches (resources/logwriter.py); elsewhere (the command
-    line, the parent that forks the workers, which must run no thread
-    when it forks) each line at once."""
+def _configure_logging(level, threaded=False, log_format='text'):
+    """Log lines go to stderr, as text or as JSON (resources/logformat.py).
+    In a server process through one writer thread, in batches
+    (resources/logwriter.py); elsewhere (the command line, the parent that
+    forks the workers, which must run no thread when it forks) each line at
+    once."""
     if not threaded:
         writer = logwriter.DirectWriter()
     else:
@@ -715,7 +742,11 @@ def _configure_logging(level, threaded=False):
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         atexit.register(writer.stop)  # writes out what is waiting before exit
-    writer.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s %(message)s'))
+    if log_format == 'json':
+        writer.addFilter(logformat.RequestIds())
+        writer.setFormatter(logformat.JSONFormatter())
+    else:
+        writer.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s %(message)s'))
     logging.basicConfig(level=level, handlers=[writer], force=True)
     return writer
 
@@ -749,7 +780,7 @@ def main(argv=None):
         level = settings.log_level.upper()
         if level not in ('DEBUG', 'INFO', 'WARNING', 'ERROR', 'CRITICAL'):
             raise ConfigError(f'LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, not {settings.log_level!r}')
-        _configure_logging(level)
+        _configure_logging(level, log_format=settings.log_format)
         # pgserver logs every command it runs at INFO, output and all; waitress
         # warns of its task queue depth on every request that has to queue,
         # which in a flash sale is most of them (the access log already says

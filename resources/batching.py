@@ -34,6 +34,7 @@ import psycopg
 import psycopg.errors
 import psycopg_pool
 
+from resources import metrics
 from resources import sql
 from resources.errors import refusal
 
@@ -103,6 +104,11 @@ class Batches:
             sale = self._sales.get(sale_id)
             return 0 if sale is None else len(sale.waiting)
 
+    def waiting(self):
+        """How many purchases, of every sale, wait for their sale's next statement."""
+        with self._lock:
+            return sum(len(sale.waiting) for sale in self._sales.values())
+
     def buy(self, sale_id, user_id, generation):
         request = _Request(user_id, generation, time.monotonic() + self._queue_wait, self._lock)
         with self._lock:
@@ -151,6 +157,7 @@ class Batches:
         batch = request.batch
         while True:
             retry = self._run(sale_id, batch)
+            metrics.purchase_statement(len(batch))  # not under the lock the sale's purchases queue on
             with self._lock:
                 self.statements += 1
                 for member in batch:
@@ -212,6 +219,7 @@ class Batches:
                     # The next statement's snapshot sees that order
                     # (sql.PURCHASE_BATCH, 3).
                     self.reruns += 1
+                    metrics.purchase_batch_rerun()
                     return list(batch)
                 except psycopg.errors.ForeignKeyViolation:
                     # A member's user was deleted while the statement waited

@@ -161,8 +161,10 @@ def _error_body(exc):
 def serialize(req, resp, exc):
     """Falcon's error serializer, replaced: always JSON, whatever the client
     accepts, so a script never has to guess."""
+    body = _error_body(exc)
     resp.content_type = falcon.MEDIA_JSON
-    resp.text = json.dumps(_error_body(exc), separators=(',', ':'))
+    resp.text = json.dumps(body, separators=(',', ':'))
+    resp.context.error_code = body['code']  # counted by resources/metrics.py
 
 
 # Which unique constraint a violation names tells what the user did. The

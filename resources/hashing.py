@@ -35,6 +35,7 @@ import time
 
 import bcrypt
 
+from resources import metrics
 from resources.errors import refusal
 
 # How often a login waiting for its hash looks whether a stop has brought
@@ -122,7 +123,10 @@ def _lower_priority(niceness):
         pass  # no autogroups here: nice alone does it
 
 
-def overloaded(retry_after):
+def overloaded(reason, retry_after):
+    """The 503 for a login the queue cannot serve, counted by `reason`
+    (resources/metrics.py, LOGIN_REFUSALS)."""
+    metrics.login_refused(reason)
     return refusal('overloaded', 'Many people are logging in right now; try again in a few seconds.',
                    retry_after=retry_after)
 
@@ -150,12 +154,12 @@ class HashQueue:
         with self._lock:
             if self._stopping:
                 # Shutting down: another process (or this one restarted) can serve it.
-                raise overloaded(1)
+                raise overloaded('stopping', 1)
             ahead = self._in_flight
             if ahead >= self.capacity or self._wait(ahead) > self.max_wait:
                 # Refused at once: holding a thread until the deadline would
                 # only tell the same thing later.
-                raise overloaded(self._retry_after(ahead))
+                raise overloaded('full' if ahead >= self.capacity else 'too_slow', self._retry_after(ahead))
             executor = self._started()
             # Submitted under the lock: the order of admission is the order
             # of the executor's queue, which it serves first in, first out.
@@ -164,9 +168,10 @@ class HashQueue:
             except concurrent.futures.BrokenExecutor:
                 # A hashing process died (killed, out of memory): start afresh.
                 self._executor = None
-                raise overloaded(1) from None
+                raise overloaded('process_died', 1) from None
             self._in_flight += 1
             self._waiting.add(future)
+        admitted = time.perf_counter()
         future.add_done_callback(self._finished)
         deadline = time.monotonic() + self.max_wait
         try:
@@ -175,7 +180,7 @@ class HashQueue:
                 limit = deadline if self._give_up_at is None else min(deadline, self._give_up_at)
                 left = limit - time.monotonic()
                 try:
-                    result, _ = future.result(timeout=max(0.0, min(left, _LOOK_EVERY)))
+                    result, seconds = future.result(timeout=max(0.0, min(left, _LOOK_EVERY)))
                     break
                 except concurrent.futures.TimeoutError:
                     if left > _LOOK_EVERY:
@@ -187,15 +192,17 @@ class HashQueue:
                     # when it ends.
                     future.cancel()
                     if self._stopping:
-                        raise overloaded(1) from None
-                    raise overloaded(self._retry_after(self._in_flight)) from None
+                        raise overloaded('stopping', 1) from None
+                    raise overloaded('timed_out', self._retry_after(self._in_flight)) from None
         except concurrent.futures.CancelledError:
-            raise overloaded(1) from None  # by stop(): the server is shutting down
+            raise overloaded('stopping', 1) from None  # by stop(): the server is shutting down
         except concurrent.futures.BrokenExecutor:
             with self._lock:
                 if self._executor is executor:
                     self._executor = None
-            raise overloaded(1) from None
+            raise overloaded('process_died', 1) from None
+        # Its time in the queue: all but the hash's own (and a round trip to the process).
+        metrics.login_waited(time.perf_counter() - admitted - seconds)
         return result
 
     def start(self):

@@ -1,5 +1,6 @@
 """What every response carries: security headers, caching policy, a log line."""
 
+import contextvars
 import itertools
 import logging
 import os
@@ -17,6 +18,19 @@ _REQUEST_ID = re.compile(r'^[A-Za-z0-9._-]{1,64}$')
 # operator's terminal, and a 100 KB path would make a 100 KB line.
 _UNPRINTABLE = re.compile(r'[\x00-\x1f\x7f-\x9f\\]')
 MAX_LOGGED_CHARS = 200
+
+# The access line, and the names of its values (resources/logformat.py
+# writes them by name in a JSON line).
+ACCESS_LINE = '%s %s %s %.1fms id=%s'
+ACCESS_FIELDS = ('method', 'path', 'status', 'duration_ms', 'request_id')
+
+# The id of the request this thread is serving, for the lines logged while
+# it runs (resources/logformat.py). A waitress thread serves one request at a time.
+_serving = contextvars.ContextVar('request_id', default=None)
+
+
+def current_request_id():
+    return _serving.get()
 
 
 def _escape(match):
@@ -107,14 +121,16 @@ class RequestLog:
         req.context.request_id = (
             given if _REQUEST_ID.match(given) else f'{_PROCESS_TAG}-{next(_request_numbers)}'
         )
+        _serving.set(req.context.request_id)
 
     def process_response(self, req, resp, resource, req_succeeded):
         resp.set_header('X-Request-ID', req.context.request_id)
         elapsed_ms = (time.perf_counter() - req.context.started) * 1000
         log.info(
-            '%s %s %s %.1fms id=%s',
+            ACCESS_LINE,
             loggable(req.method, 16), loggable(req.path), resp.status[:3], elapsed_ms, req.context.request_id,
         )
+        _serving.set(None)
 
 
 class StaticMethods:

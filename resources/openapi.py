@@ -290,6 +290,28 @@ PATHS = {
             ),
         },
     }},
+    '/api/purchase-outcomes': {'get': {
+        'summary': "Purchase answers by outcome since the answering server started (admins only; "
+                   "404 with METRICS=off)",
+        'security': _BEARER,
+        'responses': {
+            '200': _ok('The counts', _object(
+                ['server', 'outcomes'],
+                server={'type': 'string', 'description': 'which server start counted them'},
+                outcomes={'type': 'object', 'additionalProperties': {'type': 'integer', 'minimum': 0},
+                          'description': 'created, or the error code, -> answers'},
+            )),
+            **_errors(*_UNAUTHORIZED, 'forbidden', *_UNAVAILABLE),
+        },
+    }},
+    '/metrics': {'get': {
+        'summary': 'Prometheus metrics, for the addresses in METRICS_ALLOW only (404 with METRICS=off)',
+        'responses': {
+            '200': {'description': 'The Prometheus text format',
+                    'content': {'text/plain': {'schema': {'type': 'string'}}}},
+            **_errors('forbidden'),
+        },
+    }},
     '/openapi.json': {'get': {
         'summary': 'This document',
         'responses': {'200': {'description': 'OpenAPI 3.0', 'content': _json({'type': 'object'})}},

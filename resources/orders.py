@@ -2,6 +2,7 @@
 
 import falcon
 
+from resources import metrics
 from resources import sql
 from resources.credentials import current_user
 from resources.errors import ACCOUNT_GONE
@@ -30,6 +31,7 @@ class Purchase:
         # A sold-out answer from memory does not look the user up, so a
         # revoked token may be told sold_out here: it changes nothing.
         if sale_id in self._sold_out:
+            metrics.sold_out_remembered()
             raise refusal('sold_out')
         # One statement per batch of this sale's concurrent purchases
         # (resources/batching.py), which also checks the token's generation

@@ -55,6 +55,7 @@ from waitress.utilities import BadRequest
 from waitress.utilities import RequestEntityTooLarge
 
 from resources.errors import CATALOGUE
+from resources.middleware import ACCESS_LINE
 from resources.middleware import API_SECURITY_HEADERS
 from resources.middleware import loggable
 
@@ -222,8 +223,8 @@ class _JSONErrorTask(ErrorTask):
         self.write(body)
         # A request too broken to parse may have no method or path.
         access_log.info(
-            '%s %s %s %.1fms id=-', loggable(getattr(self.request, 'command', None) or '-', 16),
-            loggable(getattr(self.request, 'path', None) or '-'), error.code, 0.0,
+            ACCESS_LINE, loggable(getattr(self.request, 'command', None) or '-', 16),
+            loggable(getattr(self.request, 'path', None) or '-'), error.code, 0.0, '-',
         )
 
 

@@ -31,6 +31,17 @@ BCRYPT_ROUNDS=12.
 
 It reuses loadtest.py's client, setup and checks (scripts/invariants.py); --json writes every figure.
 
+--metrics-cost measures what the metrics (METRICS=on, the default) cost the
+hot path: two servers on one database, one with METRICS=on and one with
+METRICS=off, driven by wrk in turns (--repeat rounds, the order swapped each
+round): purchases (every request a distinct user's first purchase, stock
+never running out) and sold-out refusals (answered from memory), each for
+--wrk-seconds at --refusal-concurrency connections. It prints each one's
+answers/s and server CPU per answer, medians of the rounds, and on/off; then
+the app's own CPU per purchase and per sold-out answer, called as a WSGI
+function in a process of its own (no HTTP, no server: the figure the
+machine's other work disturbs least), on and off in turns.
+
 --standby-cost measures something else instead: what a synchronous standby
 costs each purchase. It makes a private primary with a streaming standby
 (tests/private_postgres.py) and runs the purchase statement straight through
@@ -93,15 +104,16 @@ def flashsale_command():
     return [found]
 
 
-def start_server(database_url, log_path, secret=None, checkout=ROOT, bcrypt_rounds='4'):
+def start_server(database_url, log_path, secret=None, checkout=ROOT, bcrypt_rounds='4', settings=None):
     """`flashsale serve` on a free port with BCRYPT_ROUNDS=4 (or `bcrypt_rounds`)
-    and a fresh JWT_SECRET (or `secret`), from `checkout` (default: this one).
-    Loopback, where the bench registers its users and sends its load from, is
-    exempt from the rate limits unless RATE_LIMIT_EXEMPT says otherwise."""
+    and a fresh JWT_SECRET (or `secret`), from `checkout` (default: this one);
+    `settings`: more environment variables for it. Loopback, where the bench
+    registers its users and sends its load from, is exempt from the rate
+    limits unless RATE_LIMIT_EXEMPT says otherwise."""
     port = free_port()
     env = dict({'RATE_LIMIT_EXEMPT': '127.0.0.1,::1'}, **os.environ, DATABASE_URL=database_url,
                JWT_SECRET=secret or secrets.token_urlsafe(48), BCRYPT_ROUNDS=bcrypt_rounds, HOST='127.0.0.1',
-               PORT=str(port))
+               PORT=str(port), **(settings or {}))
     log = open(log_path, 'w')
     command = flashsale_command() if checkout == ROOT else [sys.executable, str(Path(checkout) / 'flashsale.py')]
     proc = subprocess.Popen(command + ['serve'], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=checkout)
@@ -433,6 +445,22 @@ def set_commit_delay(database_url, delay_ms):
         conn.execute('SELECT pg_reload_conf()')
 
 
+async def new_sales(api, admin, count, stock, label):
+    """`count` sales open now, for ten minutes: their ids."""
+    ids = []
+    for _ in range(count):
+        now, _ = await api.server_clock()
+        ids.append((await api.create_sale(admin, stock, now - timedelta(seconds=1), timedelta(minutes=10),
+                                          f'bench {label}'))['id'])
+    api.pool.close()
+    return ids
+
+
+def wrk_sales_needed(users, seconds):
+    """Sales of len(users) stock that a wrk run of `seconds` cannot exhaust."""
+    return -(-WRK_MAX_RATE * seconds // len(users))
+
+
 async def slow_commit_bench(args, servers, database_url, postmaster_pid, log):
     """At 0 ms and at --commit-delay-ms: HTTP purchases at each level for every
     server (interleaved), then the single and the batched statement direct.
@@ -440,16 +468,6 @@ async def slow_commit_bench(args, servers, database_url, postmaster_pid, log):
     api = loadtest.Api(servers[0][1])
     run_id = uuid.uuid4().hex[:8]
     results = {'delays': [], 'servers': [name for name, _, _ in servers]}
-
-    async def new_sales(count, stock, label):
-        """`count` sales open now, for ten minutes: their ids."""
-        ids = []
-        for _ in range(count):
-            now, _ = await api.server_clock()
-            ids.append((await api.create_sale(admin, stock, now - timedelta(seconds=1), timedelta(minutes=10),
-                                              f'bench {label} {run_id}'))['id'])
-        api.pool.close()
-        return ids
 
     try:
         admin = await api.admin_token(None, None, True, shlex.join(flashsale_command()), database_url, run_id)
@@ -468,7 +486,8 @@ async def slow_commit_bench(args, servers, database_url, postmaster_pid, log):
                     if args.client == 'wrk':
                         # wrk runs for a set time: enough (sale, user) pairs
                         # for any rate here, sale after sale.
-                        sales = await new_sales(-(-WRK_MAX_RATE * args.wrk_seconds // len(users)), len(users), 'wrk')
+                        sales = await new_sales(api, admin, wrk_sales_needed(users, args.wrk_seconds), len(users),
+                                                f'wrk {run_id}')
                         out = await asyncio.to_thread(wrk_purchases_run, base, sales, users, level, args.wrk_seconds,
                                                       database_url, probe)
                     else:
@@ -491,7 +510,7 @@ async def slow_commit_bench(args, servers, database_url, postmaster_pid, log):
                     ('batched', lambda sales: direct_batches(database_url, sales, user_ids, 8, args.direct_batch),
                      DIRECT_BATCHED_SALES)):
                 log(f'commit {delay} ms: direct, {label} statement ...')
-                sales = await new_sales(count, len(user_ids), 'direct')
+                sales = await new_sales(api, admin, count, len(user_ids), f'direct {run_id}')
                 out = await asyncio.to_thread(runner, sales)
                 out['statement'] = label
                 out['statements'] = statement_sizes(database_url, *sales)
@@ -575,6 +594,189 @@ def slow_commit_main(args, log):
     ok = all(h['verdict'] == 'pass' for r in results['delays'] for h in r['http']) and \
         all(d['invariant_ok'] for r in results['delays'] for d in r['direct'])
     return 0 if ok else 1
+
+
+# --- what the metrics cost ------------------------------------------------------------
+
+
+async def metrics_cost_bench(args, servers, database_url, log):
+    """Purchases and sold-out refusals through wrk against each server in
+    turns. servers: {'on'|'off': (base URL, pid)}."""
+    api = loadtest.Api(servers['on'][0])
+    run_id = uuid.uuid4().hex[:8]
+    runs = {(name, kind): [] for name in servers for kind in ('purchases', 'sold_out')}
+    workdir = tempfile.mkdtemp(prefix='flashsale-bench-metrics-')
+    try:
+        admin = await api.admin_token(None, None, True, shlex.join(flashsale_command()), database_url, run_id)
+        log(f'registering {args.purchases} users ...')
+        users = await api.register_users(args.purchases, f'bench-{run_id}', args.register_concurrency)
+        # Sold out once, by one purchase: every purchase after it, in either
+        # server's processes, is answered from memory once each has learnt it.
+        [gone] = await new_sales(api, admin, 1, 1, f'metrics sold out {run_id}')
+        await api.purchase(users[0], gone)
+        api.pool.close()
+        for base, _ in servers.values():
+            await loadtest.run_plain_async(base, '/health', connections=8, requests=300)  # warm-up
+        for round_ in range(args.repeat):
+            for name in (('on', 'off') if round_ % 2 == 0 else ('off', 'on')):
+                base, pid = servers[name]
+                probe = lambda pid=pid: cpu_seconds_of(pid)  # noqa: E731
+                log(f'round {round_ + 1}: METRICS={name}: purchases, then sold-out refusals ...')
+                sales = await new_sales(api, admin, wrk_sales_needed(users, args.wrk_seconds), len(users),
+                                        f'metrics {name} {run_id}')
+                for kind, pairs, cycle in (('purchases', [(s, u.token) for s in sales for u in users], False),
+                                           ('sold_out', [(gone, u.token) for u in users], True)):
+                    before = probe()
+                    result = await asyncio.to_thread(run_wrk, base, pairs, workdir, args.refusal_concurrency,
+                                                     args.wrk_seconds, cycle, min(2, args.refusal_concurrency))
+                    statuses = dict(result['statuses'])
+                    answered = sum(statuses.values())
+                    # 503 (busy, nothing bought) is an answer too, on a machine this loaded.
+                    busy = statuses.pop('503', 0)
+                    if set(statuses) - ({'201'} if kind == 'purchases' else {'409'}):
+                        raise SystemExit(f'bench: METRICS={name} {kind}: unexpected answers {result["statuses"]}')
+                    if kind == 'purchases':
+                        states = [loadtest.read_database(database_url, sale) for sale in sales]
+                        if not purchases_held(states, statuses, args.refusal_concurrency):
+                            raise SystemExit(f'bench: METRICS={name}: the purchase invariants failed: {states}')
+                    runs[(name, kind)].append({'rate': result['rate'], 'p50_ms': result['p50_ms'],
+                                               'p99_ms': result['p99_ms'], 'busy': busy,
+                                               'cpu_ms': round((probe() - before) * 1000 / answered, 3)})
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        api.close()
+    return runs
+
+
+def format_metrics_cost(runs, args):
+    out = [f'METRICS=on against METRICS=off: wrk at {args.refusal_concurrency} connections, {args.wrk_seconds} s '
+           f'a run, {args.repeat} rounds in turns (medians); {os.cpu_count()} cores shared by wrk, both servers '
+           '(WORKERS from the environment) and PostgreSQL', '',
+           '  answers         | METRICS | answers/s  p50 ms  p99 ms  server CPU ms/answer  503s | every round (answers/s)']
+    for kind, label in (('purchases', 'purchases (201)'), ('sold_out', 'sold out (409)')):
+        medians = {}
+        for name in ('on', 'off'):
+            rounds = runs[(name, kind)]
+            medians[name] = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+            m = medians[name]
+            out.append(f'  {label:<15} | {name:>7} | {m["rate"]:>9,.0f} {m["p50_ms"]:>7.2f} {m["p99_ms"]:>7.1f} '
+                       f'{m["cpu_ms"]:>21.3f} {sum(r["busy"] for r in rounds):>5} | '
+                       + ', '.join(f'{r["rate"]:,.0f}' for r in rounds))
+        on, off = medians['on'], medians['off']
+        out.append(f'  {"":<15} | on/off  | {on["rate"] / off["rate"]:>9.3f} {"":>15} '
+                   f'{on["cpu_ms"] / off["cpu_ms"]:>21.3f} {"":>5} |')
+    return '\n'.join(out)
+
+
+APP_COST_SOLD_OUT = 20_000
+APP_COST_PURCHASES = 2_000
+
+
+def app_cost(database_url, mode):
+    """The app's own CPU per answer, no HTTP and no server (--app-cost, in a
+    process of its own): create_app with METRICS=`mode` (in multiprocess
+    mode when on, as `flashsale serve` runs it), called as a WSGI function
+    from one thread. Prints {answer kind: microseconds of this process' CPU}."""
+    import io  # noqa: PLC0415
+
+    import psycopg  # noqa: PLC0415
+
+    import flashsale  # noqa: PLC0415
+    from resources import database  # noqa: PLC0415
+    from resources import metrics  # noqa: PLC0415
+    from resources.credentials import Credentials  # noqa: PLC0415
+
+    settings = flashsale.Settings(database_url=database_url, jwt_secret=secrets.token_urlsafe(48), bcrypt_rounds=4,
+                                  metrics=mode)
+    metrics.prepare(settings)
+    credentials = Credentials(settings.jwt_secret, 3600, 4)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        user_ids = [row[0] for row in conn.execute(
+            "INSERT INTO users (email, password_hash) SELECT 'app-cost-' || gen_random_uuid() || '@example.com', 'x' "
+            'FROM generate_series(1, %s) RETURNING id', (APP_COST_PURCHASES,))]
+        sales = [conn.execute(
+            'INSERT INTO flash_sales (name, start_date, end_date, total_stock, remaining_stock) VALUES '
+            "('app cost', now() - interval '1 minute', now() + interval '1 hour', %s, %s) RETURNING id",
+            (stock, stock)).fetchone()[0] for stock in (APP_COST_PURCHASES, 1)]
+    tokens = [credentials.issue(user_id) for user_id in user_ids]
+    pool = database.open_pool(settings, database_url)
+    app = flashsale.create_app(settings, pool)
+
+    def purchase(sale_id, token):
+        environ = {'REQUEST_METHOD': 'POST', 'PATH_INFO': f'/api/flash-sales/{sale_id}/purchase', 'QUERY_STRING': '',
+                   'SERVER_NAME': 'bench', 'SERVER_PORT': '80', 'SERVER_PROTOCOL': 'HTTP/1.1',
+                   'wsgi.url_scheme': 'http', 'wsgi.input': io.BytesIO(b''), 'wsgi.errors': sys.stderr,
+                   'REMOTE_ADDR': '127.0.0.1', 'CONTENT_LENGTH': '0', 'HTTP_AUTHORIZATION': f'Bearer {token}'}
+        b''.join(app(environ, lambda status, headers, exc_info=None: None))
+
+    def cpu_us(calls):
+        started = time.process_time()
+        for call in calls:
+            call()
+        return round((time.process_time() - started) / len(calls) * 1e6, 2)
+
+    gone, still = sales[1], sales[0]
+    purchase(gone, tokens[0])  # bought out: the next purchases learn it, then are answered from memory
+    purchase(gone, tokens[1])
+    out = {'purchase': cpu_us([lambda t=t: purchase(still, t) for t in tokens]),
+           'sold_out': cpu_us([lambda: purchase(gone, tokens[0])] * APP_COST_SOLD_OUT)}
+    pool.close()
+    print(json.dumps(out))
+
+
+def app_costs(database_url, rounds, log):
+    """app_cost() in a fresh process for each mode, `rounds` times, in turns."""
+    costs = {'on': [], 'off': []}
+    env = {k: v for k, v in os.environ.items() if k != 'PROMETHEUS_MULTIPROC_DIR'}
+    for round_ in range(rounds):
+        for mode in (('on', 'off') if round_ % 2 == 0 else ('off', 'on')):
+            log(f'round {round_ + 1}: the app alone, METRICS={mode} ...')
+            done = subprocess.run([sys.executable, __file__, '--app-cost', mode, '--database-url', database_url],
+                                  env=env, capture_output=True, text=True, timeout=600)
+            if done.returncode:
+                raise SystemExit(f'bench: --app-cost {mode} failed:\n{done.stderr}')
+            costs[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return costs
+
+
+def format_app_costs(costs):
+    out = ['', '  the app alone (a WSGI call, no HTTP), CPU per answer, median of the rounds:']
+    for kind in ('purchase', 'sold_out'):
+        on, off = (statistics.median(run[kind] for run in costs[mode]) for mode in ('on', 'off'))
+        out.append(f'  {kind:<10} METRICS=on {on:7.2f} us  off {off:7.2f} us  +{on - off:5.2f} us  '
+                   f'(every round: on {", ".join(str(r[kind]) for r in costs["on"])}; '
+                   f'off {", ".join(str(r[kind]) for r in costs["off"])})')
+    return '\n'.join(out)
+
+
+def metrics_cost_main(args, log):
+    if not args.database_url:
+        from resources import embedded  # noqa: PLC0415
+
+        log('bench: no --database-url: starting a throwaway embedded PostgreSQL')
+        args.database_url = embedded.start(tempfile.mkdtemp(prefix='flashsale-bench-'), delete_on_exit=True)
+    secret = secrets.token_urlsafe(48)
+    procs, servers = [], {}
+    try:
+        for name in ('on', 'off'):
+            log_path = os.path.join(tempfile.gettempdir(), f'flashsale-bench-{os.getpid()}-metrics-{name}.log')
+            proc, base = start_server(args.database_url, log_path, secret=secret, settings={'METRICS': name})
+            procs.append(proc)
+            servers[name] = (base, proc.pid)
+            log(f'started METRICS={name} server (pid {proc.pid}) at {base}; its log: {log_path}')
+        runs = asyncio.run(metrics_cost_bench(args, servers, args.database_url, log))
+    except loadtest.SetupError as exc:
+        raise SystemExit(f'bench: {exc}') from None
+    finally:
+        for proc in procs:
+            stop_server(proc)
+    costs = app_costs(args.database_url, max(args.repeat, 2), log)
+    print(format_metrics_cost(runs, args) + format_app_costs(costs))
+    if args.json_file:
+        with open(args.json_file, 'w') as fh:
+            json.dump({'http': {f'{name} {kind}': rounds for (name, kind), rounds in runs.items()}, 'app': costs},
+                      fh, indent=2)
+    return 0
 
 
 # --- the runs -------------------------------------------------------------------
@@ -758,6 +960,10 @@ def parse_args(argv=None):
                              'scripts/wrk_purchases.py) or loadtest.py\'s Python client')
     parser.add_argument('--wrk-seconds', type=int, default=5, help='slow-commit mode: seconds per wrk run')
     parser.add_argument('--direct-batch', type=int, default=64, help='users per batched statement, direct')
+    parser.add_argument('--metrics-cost', action='store_true',
+                        help='instead: purchases and sold-out refusals with METRICS=on against METRICS=off, '
+                             'in turns (see above)')
+    parser.add_argument('--app-cost', choices=['on', 'off'], help=argparse.SUPPRESS)  # app_cost(), in a child
     parser.add_argument('--logins', action='store_true',
                         help='instead: the login benchmark (scripts/login_bench.py), with a server of its own '
                              'at the default bcrypt cost')
@@ -773,6 +979,10 @@ def main(argv=None):
         return slow_commit_main(args, log)
     if args.logins:
         return bench_logins(args, log)
+    if args.metrics_cost:
+        return metrics_cost_main(args, log)
+    if args.app_cost:
+        return app_cost(args.database_url, args.app_cost)
     proc = None
     if args.start_server:
         if not args.database_url:

@@ -555,10 +555,12 @@ def requests_read_by_server(port):
     return count
 
 
-def raw_http(base_url, data):
-    """Send raw bytes to the server; return (status, headers, body bytes) of its answer."""
+def raw_http(base_url, data, source=None):
+    """Send raw bytes to the server; return (status, headers, body bytes) of its answer.
+    `source`: the local address to send from (another loopback address is another client)."""
     address = urllib.parse.urlsplit(base_url)
-    with socket.create_connection((address.hostname, address.port), timeout=5) as sock:
+    with socket.create_connection((address.hostname, address.port), timeout=5,
+                                  source_address=(source, 0) if source else None) as sock:
         try:
             sock.sendall(data)
         except OSError:
@@ -626,6 +628,38 @@ def assert_orders_match_answers(conn, sale_id, results):
     answered = {r[2]['id'] for r in results if r[0] == 201}
     stored = {str(row['id']) for row in conn.execute('SELECT id FROM orders WHERE flash_sale_id = %s', (sale_id,))}
     assert answered == stored, f'answered 201 but not stored: {answered - stored}; stored but not answered: {stored - answered}'
+
+
+# --- metrics -----------------------------------------------------------------------
+
+
+def metric_samples(text):
+    """{(sample name, ((label, value), ...)): value} of a Prometheus text
+    answer, read by prometheus_client's own parser."""
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def scrape(base_url):
+    """GET /metrics from the server at base_url (from 127.0.0.1), as metric_samples()."""
+    conn = connect(base_url)
+    try:
+        conn.request('GET', '/metrics')
+        resp = conn.getresponse()
+        text = resp.read().decode()
+    finally:
+        conn.close()
+    assert resp.status == 200, text
+    return metric_samples(text)
+
+
+def counted(before, after):
+    """The counts (counters, histograms' _count) that changed from one
+    scrape to the next: {(sample name, labels): by how much}."""
+    return {key: value - before.get(key, 0) for key, value in after.items()
+            if key[0].endswith(('_total', '_count')) and value != before.get(key, 0)}
 
 
 @pytest.fixture

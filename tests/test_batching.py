@@ -27,10 +27,12 @@ import flashsale
 from conftest import ServerInThread
 from conftest import TEST_SECRET
 from conftest import auth
+from conftest import counted
 from conftest import free_port
 from conftest import race
 from conftest import run_together
 from conftest import sale_state
+from conftest import scrape
 from conftest import start_serve
 from resources import database
 from resources import serving
@@ -171,6 +173,27 @@ def test_purchases_arriving_during_a_statement_go_in_the_next_one_and_the_earlie
     assert statements(db, sale_id) == [1, 4]
     assert sale_state(db, sale_id) == (5, 0, 5)
     assert_invariants(db, sale_id, results.values())
+
+
+def test_the_metrics_show_the_purchases_waiting_and_the_size_of_each_statement(
+        server, make_users, make_sale, db, database_url):
+    base, batches = server()
+    sale_id = make_sale(stock=10)
+    users = make_users(6)
+    before = scrape(base)
+    holder, buyers = batch_behind_held_row(base, batches, db, database_url, sale_id, [t for _, t in users])
+    assert scrape(base)[('flashsale_purchases_waiting', ())] == 5
+    holder.rollback()
+    buyers.join()
+    after = scrape(base)
+    assert after[('flashsale_purchases_waiting', ())] == 0
+    assert statements(db, sale_id) == [1, 5]
+    changes = counted(before, after)
+    assert changes[('flashsale_purchase_statements_total', ())] == 2
+    assert changes[('flashsale_purchase_batch_size_count', ())] == 2
+    sizes = {le: after[('flashsale_purchase_batch_size_bucket', (('le', le),))]
+             - before[('flashsale_purchase_batch_size_bucket', (('le', le),))] for le in ('1.0', '4.0', '8.0')}
+    assert sizes == {'1.0': 1, '4.0': 1, '8.0': 2}  # one of 1, one of 5 (cumulative buckets)
 
 
 def test_tabs_of_one_user_in_the_same_and_in_different_batches_make_one_order(
@@ -463,6 +486,7 @@ def test_a_batch_whose_connection_is_lost_answers_every_member_outcome_unknown(
     base, batches = server()
     sale_id = make_sale(stock=10)
     users = make_users(4)
+    before = scrape(base)
     holder, buyers = batch_behind_held_row(base, batches, db, database_url, sale_id, [t for _, t in users])
 
     def cut(like):
@@ -476,6 +500,11 @@ def test_a_batch_whose_connection_is_lost_answers_every_member_outcome_unknown(
     holder.rollback()
     assert [results[i][:2] for i in range(4)] == [(503, 'outcome_unknown')] * 4
     assert sale_state(db, sale_id) == (10, 10, 0)
+    # And the metrics count them.
+    changes = counted(before, scrape(base))
+    assert changes[('flashsale_purchases_total', (('outcome', 'outcome_unknown'),))] == 4
+    assert changes[('flashsale_http_errors_total', (('code', 'outcome_unknown'),
+                                                    ('route', '/api/flash-sales/{sale_id}/purchase')))] == 4
 
 
 def test_a_queued_purchase_waits_no_longer_than_the_pool_timeout(server, make_users, make_sale, db, database_url):

@@ -393,7 +393,7 @@ def get_routes(sale_id, order_sale_id):
 
 
 def test_head_answers_like_get_without_the_body(edge_server, make_user, make_sale, db):
-    user_id, token = make_user()
+    user_id, token = make_user(admin=True)  # GET /api/purchase-outcomes is for admins
     sale_id = make_sale()
     db.execute('INSERT INTO orders (flash_sale_id, user_id) VALUES (%s, %s)', (sale_id, user_id))
     paths = get_routes(sale_id, sale_id) + ['/static/app.js']
@@ -411,7 +411,8 @@ def test_head_answers_like_get_without_the_body(edge_server, make_user, make_sal
         assert status == 200, (path, answers['GET'])
         assert answers['HEAD'][:2] == (status, content_type), (path, answers['HEAD'])
         assert answers['HEAD'][3] == b''
-        if length is not None and answers['HEAD'][2] is not None:
+        # (/metrics has counted the GET by the time of the HEAD: a longer answer.)
+        if length is not None and answers['HEAD'][2] is not None and path != '/metrics':
             assert answers['HEAD'][2] == length, path
 
 

@@ -21,7 +21,9 @@ from conftest import LOOPBACK
 from conftest import TEST_SECRET
 from conftest import call
 from conftest import clean_env
+from conftest import counted
 from conftest import free_port
+from conftest import metric_samples
 from conftest import run_together
 from conftest import start_serve
 from conftest import timed
@@ -157,6 +159,35 @@ def test_stopping_answers_every_queued_job_503_at_once_and_refuses_new_ones(make
     slow.join(timeout=120)
     assert slow_outcome[0].startswith('$2b$14$')
     wait_for(lambda: queue.in_flight == 0, timeout=60, message='the queue to empty')
+
+
+def test_the_metrics_show_the_queue_its_waits_and_why_logins_were_refused(make_queue, make_app):
+    """A slow hash holds the one place of a queue: the next login is refused
+    (full); a queue whose hashes are measured far slower than its wait
+    refuses at once (too_slow). The depth and room are the queue's at the
+    scrape; the slow hash's wait is counted once it has run."""
+    full_queue = make_queue(processes=1, capacity=1)
+    full = make_app(queue=full_queue).client
+    slow_queue = make_queue(processes=1, capacity=8, max_wait=1.0, seconds_per_hash=5.0)
+    slow = make_app(queue=slow_queue).client
+    login = {'email': 'nobody@example.com', 'password': 'password123'}
+    before = metric_samples(full.get('/metrics', status=200).text)
+    holder, outcome = in_background(full_queue.run, SLOW, b'password123', 14)
+    wait_for(lambda: full_queue.in_flight == 1, timeout=60)
+    assert full.post_json('/api/auth/login', login, status=503).json['code'] == 'overloaded'
+    during = metric_samples(full.get('/metrics', status=200).text)
+    assert during[('flashsale_login_queue_depth', ())] == 1
+    assert during[('flashsale_login_queue_capacity', ())] == 1
+    holder.join(timeout=120)
+    assert outcome[0].startswith('$2b$14$')
+    assert slow.post_json('/api/auth/login', login, status=503).json['code'] == 'overloaded'
+    after = metric_samples(full.get('/metrics', status=200).text)
+    assert after[('flashsale_login_queue_depth', ())] == 0
+    assert {key: n for key, n in counted(before, after).items() if key[0].startswith('flashsale_login')} == {
+        ('flashsale_login_queue_refusals_total', (('reason', 'full'),)): 1,
+        ('flashsale_login_queue_refusals_total', (('reason', 'too_slow'),)): 1,
+        ('flashsale_login_queue_wait_seconds_count', ()): 1,
+    }
 
 
 def post_all(port, requests, timeout=120, results=None):

@@ -200,6 +200,20 @@ def test_nginx_refuses_in_the_api_error_shape(behind_nginx):
     assert body == {'code': 'rate_limited', 'message': 'Too many requests; slow down.'}
 
 
+def test_nginx_never_passes_metrics_on(behind_nginx):
+    """Through nginx, /metrics is a 404 in the API's shape, however the path
+    is spelt; straight to the app on loopback it is there."""
+    base_url, logs = behind_nginx
+    for path in ('/metrics', '//metrics', '/%6Detrics', '/metrics?x=1', '/./metrics'):
+        status, headers, body = call(base_url, 'GET', path)
+        assert (status, headers['content-type'], body['code']) == (404, 'application/json', 'not_found'), path
+    status, _, body = raw_http(f'http://127.0.0.1:{logs[0].port}', b'GET /metrics HTTP/1.1\r\nHost: a\r\n'
+                                                                    b'Connection: close\r\n\r\n')
+    assert status == 200 and b'flashsale_http_requests_total' in body
+    # The app saw that one request, and none of those sent through nginx.
+    assert [log.count('GET /metrics ') for log in logs] == [1, 0]
+
+
 class BrokenUpstream:
     """An upstream that reads a whole request and then never answers it:
     `reset` drops the connection (as a process killed while it served the

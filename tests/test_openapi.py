@@ -92,4 +92,4 @@ def test_the_operations_that_need_a_token_are_the_ones_documented_with_one(wsgi_
     documented = {(method.upper(), path) for path, item in DOCUMENT['paths'].items()
                   for method, operation in item.items() if operation.get('security')}
     assert needing == documented
-    assert len(needing) == 7  # with POST /api/auth/refresh and /api/me/password
+    assert len(needing) == 8  # with POST /api/auth/refresh, /api/me/password, GET /api/purchase-outcomes

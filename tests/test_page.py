@@ -501,6 +501,36 @@ def test_the_admin_table_counts_items_sold(open_page, admin_email, make_sale, li
     expect(page.get_by_test_id('sale-row-sold')).to_have_text('4 / 4')
 
 
+def test_the_admin_watches_the_sale_live_its_stock_purchases_and_outcomes(open_page, admin_email, make_sale,
+                                                                          live_server):
+    """The live view draws what the page's own polls saw since it opened
+    (stock left, purchases between polls), and counts the purchase answers
+    from GET /api/purchase-outcomes since its first answer."""
+    sale_id = make_sale(stock=3, name='Live boots')
+    buyers = [register(live_server)[1] for _ in range(4)]
+    page = open_page()
+    log_in(page, admin_email)
+    expect(page.get_by_test_id('live')).to_be_visible()
+    expect(page.get_by_test_id('live-sale')).to_have_text('Live boots')
+    expect(page.get_by_test_id('stock-remaining')).to_have_text('3')  # a poll saw the whole stock
+    expect(page.get_by_test_id('outcomes-message')).to_have_text('No purchase answered since this page opened.')
+
+    answers = [call(live_server, 'POST', f'/api/flash-sales/{sale_id}/purchase', token=token).json.get('code')
+               for token in (buyers[0], buyers[0], buyers[1], buyers[2], buyers[3])]
+    assert answers == [None, 'already_purchased', None, None, 'sold_out']
+
+    expect(page.get_by_test_id('live-chart-desc')).to_have_text(re.compile(
+        r'^Stock left: 0 of 3\. 3 sold while this page watched; [\d.]+ purchases per (second|minute) now\.$'))
+    outcomes = page.get_by_test_id('outcome-row')
+    expect(outcomes).to_have_count(3, timeout=10_000)
+    assert [(row.get_attribute('data-outcome'), row.get_by_test_id('outcome-count').inner_text())
+            for row in outcomes.all()] == [('created', '3'), ('already_purchased', '1'), ('sold_out', '1')]
+    # One bar at least for the purchases, and the stock line from 3 down to 0.
+    assert page.get_by_test_id('live-bar').count() >= 1
+    stock = [float(point.split(',')[1]) for point in page.get_by_test_id('live-stock').get_attribute('points').split()]
+    assert len(stock) >= 2 and stock[0] < stock[-1]  # SVG's y grows downwards: 3 at the top, 0 at the bottom
+
+
 def test_form_errors_are_shown_in_words_next_to_the_field(open_page, live_server):
     taken, _ = register(live_server)
     page = open_page()

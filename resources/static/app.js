@@ -9,6 +9,8 @@ const TICK_MS = 250;
 // of sales is read again while nothing tells us it changed.
 const RENEW_CHECK_MS = 30 * 1000;
 const ADMIN_TABLE_MS = 10 * 1000;
+// How often the admin's live view reads the purchase outcomes.
+const OUTCOMES_MS = 3 * 1000;
 // Retries of a login or a purchase the server answered "busy" (503/429).
 const BUSY_RETRIES = 20;
 
@@ -336,6 +338,7 @@ function setSale(sale) {
     checkOrder();
   }
   render();
+  if (state.user?.isAdmin) drawLive();
 }
 
 async function refreshSale() {
@@ -355,9 +358,14 @@ async function refreshSale() {
     return;
   }
   showNotice('');
-  if (result.status === 304) return;
+  if (result.status === 304) {
+    recordStock(state.sale); // unchanged since the last answer: the same stock, now
+    if (state.user?.isAdmin) drawLive();
+    return;
+  }
   state.clockOffset = parseTime(result.data.serverTime) - Date.now();
   state.etag = result.etag;
+  recordStock(result.data.flashSale);
   setSale(result.data.flashSale);
   // The current sale changed (stock, or which sale): so did the admin's table.
   if (state.user?.isAdmin) loadSales();
@@ -448,6 +456,8 @@ function signedIn(user) {
   if (user.isAdmin) {
     prefillCreateForm();
     loadSales();
+    drawLive();
+    loadOutcomes();
   }
   checkOrder();
   renewSession();
@@ -685,6 +695,182 @@ async function loadSales() {
     if (isSessionError(error)) return sessionExpired();
     showMessage($('sales-message'), messageFor(error));
   }
+}
+
+// ---------------------------------------------------------------- admin: the live view
+
+// The current sale as the polls have seen it since it became the current
+// one, or since the page opened: one [server time ms, stock left] per
+// answer (a 304 repeats the stock). Past
+// LIVE_POINTS_MAX, every other point goes: the purchases between two points
+// kept are still their difference in stock, over a longer time.
+const LIVE_POINTS_MAX = 600;
+// The rate shown as "now": over the polls of the last 5 s (three or four).
+const LIVE_NOW_MS = 5 * 1000;
+const live = {
+  saleId: null,
+  points: [],
+  // Outcome counts by server ({server: {outcome: n}}): the first answer of
+  // each server, and its latest. Behind a proxy each answer is one
+  // server's; what the page shows is every server's latest minus its first.
+  firstCounts: {},
+  lastCounts: {},
+  outcomesTimer: 0,
+  outcomesOff: false,
+};
+
+function recordStock(sale) {
+  if (!sale) return;
+  if (sale.id !== live.saleId) {
+    live.saleId = sale.id;
+    live.points = [];
+  }
+  live.points.push([serverNow(), sale.remainingStock]);
+  if (live.points.length > LIVE_POINTS_MAX) {
+    live.points = live.points.filter((_, i) => i % 2 === 0 || i === live.points.length - 1);
+  }
+}
+
+const SVG = 'http://www.w3.org/2000/svg';
+const CHART = { width: 600, height: 220, left: 48, right: 52, top: 12, bottom: 26 };
+const wholeNumber = new Intl.NumberFormat(undefined, { maximumFractionDigits: 0 });
+const clockTime = new Intl.DateTimeFormat(undefined, { timeStyle: 'medium' });
+const oneDecimal = new Intl.NumberFormat(undefined, { maximumFractionDigits: 1 });
+
+function svgElement(name, attributes, text) {
+  const element = document.createElementNS(SVG, name);
+  for (const [key, value] of Object.entries(attributes)) element.setAttribute(key, String(value));
+  if (text !== undefined) element.textContent = text;
+  return element;
+}
+
+// Purchases per second between each two polls that follow one another:
+// [from ms, to ms, per second].
+function purchaseRates(points) {
+  const rates = [];
+  for (let i = 1; i < points.length; i += 1) {
+    const [from, before] = points[i - 1];
+    const [to, after] = points[i];
+    if (to > from) rates.push([from, to, Math.max(0, before - after) / ((to - from) / 1000)]);
+  }
+  return rates;
+}
+
+function rateNow(points) {
+  const last = points[points.length - 1];
+  const first = points.find(([time]) => time >= last[0] - LIVE_NOW_MS) ?? last;
+  return last[0] > first[0] ? Math.max(0, first[1] - last[1]) / ((last[0] - first[0]) / 1000) : 0;
+}
+
+function drawLive() {
+  const sale = state.sale;
+  $('live').hidden = !sale;
+  if (!sale) return;
+  setText($('live-sale'), sale.name);
+  const points = live.saleId === sale.id ? live.points : [];
+  const { width, height, left, right, top, bottom } = CHART;
+  const plotWidth = width - left - right;
+  const plotHeight = height - top - bottom;
+  const start = points.length ? points[0][0] : serverNow();
+  const span = Math.max(10 * 1000, (points.length ? points[points.length - 1][0] : start) - start);
+  const x = (time) => left + ((time - start) / span) * plotWidth;
+  const stockY = (stock) => top + plotHeight - (stock / Math.max(1, sale.totalStock)) * plotHeight;
+
+  // Per second during the rush (a purchase a second or more), else per minute.
+  const rates = purchaseRates(points);
+  const peak = Math.max(0, ...rates.map(([, , perSecond]) => perSecond));
+  const perSecond = peak >= 1;
+  const unit = perSecond ? 'second' : 'minute';
+  const scale = perSecond ? 1 : 60;
+  const rateTop = Math.max(1, Math.ceil(peak * scale));
+  $('live-bars').replaceChildren(...rates.filter(([, , r]) => r > 0).map(([from, to, r]) => {
+    const barHeight = ((r * scale) / rateTop) * plotHeight;
+    return svgElement('rect', {
+      class: 'live-bar', 'data-testid': 'live-bar', x: x(from).toFixed(1), width: Math.max(1, x(to) - x(from)).toFixed(1),
+      y: (top + plotHeight - barHeight).toFixed(1), height: barHeight.toFixed(1),
+    });
+  }));
+  $('live-stock').setAttribute('points', points.map(([time, stock]) => `${x(time).toFixed(1)},${stockY(stock).toFixed(1)}`).join(' '));
+  $('live-grid').replaceChildren(
+    svgElement('line', { class: 'live-axis', x1: left, x2: width - right, y1: top + plotHeight, y2: top + plotHeight }),
+    svgElement('line', { class: 'live-grid', x1: left, x2: width - right, y1: top, y2: top }),
+  );
+  $('live-labels').replaceChildren(
+    svgElement('text', { class: 'live-label live-label-stock', x: left - 6, y: top + 4, 'text-anchor': 'end' },
+      wholeNumber.format(sale.totalStock)),
+    svgElement('text', { class: 'live-label live-label-stock', x: left - 6, y: top + plotHeight, 'text-anchor': 'end' }, '0'),
+    svgElement('text', { class: 'live-label live-label-rate', x: width - right + 6, y: top + 4 },
+      `${wholeNumber.format(rateTop)}/${unit === 'second' ? 's' : 'min'}`),
+    svgElement('text', { class: 'live-label live-label-rate', x: width - right + 6, y: top + plotHeight }, '0'),
+    // Local clock times (the points are the server's: clockOffset takes them back).
+    svgElement('text', { class: 'live-label', x: left, y: height - 6 }, clockTime.format(start - state.clockOffset)),
+    svgElement('text', { class: 'live-label', x: width - right, y: height - 6, 'text-anchor': 'end' },
+      clockTime.format(start + span - state.clockOffset)),
+  );
+  setText($('live-unit'), unit);
+
+  const now = points.length ? rateNow(points) * scale : 0;
+  const sold = points.length ? Math.max(0, points[0][1] - points[points.length - 1][1]) : 0;
+  setText($('live-rate'), `${oneDecimal.format(now)} purchases per ${unit} now · ${wholeNumber.format(sold)} sold while watched`);
+  setText($('live-chart-desc'), `Stock left: ${sale.remainingStock} of ${sale.totalStock}. `
+    + `${wholeNumber.format(sold)} sold while this page watched; ${oneDecimal.format(now)} purchases per ${unit} now.`);
+}
+
+// Created first, then the refusals, most frequent first.
+function outcomeRows() {
+  const totals = {};
+  for (const [server, counts] of Object.entries(live.lastCounts)) {
+    const first = live.firstCounts[server];
+    for (const [outcome, n] of Object.entries(counts)) {
+      totals[outcome] = (totals[outcome] ?? 0) + Math.max(0, n - (first[outcome] ?? 0));
+    }
+  }
+  return Object.entries(totals).filter(([, n]) => n > 0)
+    .sort(([a, n], [b, m]) => (b === 'created') - (a === 'created') || m - n || a.localeCompare(b));
+}
+
+function showOutcomes() {
+  const rows = outcomeRows();
+  $('outcome-rows').replaceChildren(...rows.map(([outcome, n]) => {
+    const row = document.createElement('tr');
+    row.dataset.testid = 'outcome-row';
+    row.dataset.outcome = outcome;
+    const name = document.createElement('td');
+    const code = document.createElement('code');
+    code.textContent = outcome;
+    name.append(code);
+    const count = document.createElement('td');
+    count.className = 'count';
+    count.dataset.testid = 'outcome-count';
+    count.textContent = wholeNumber.format(n);
+    row.append(name, count);
+    return row;
+  }));
+  setText($('outcomes-message'), rows.length ? '' : 'No purchase answered since this page opened.');
+}
+
+async function loadOutcomes() {
+  clearTimeout(live.outcomesTimer);
+  if (!state.user?.isAdmin || live.outcomesOff) return;
+  if (!document.hidden) {
+    try {
+      const { data } = await api('GET', '/api/purchase-outcomes');
+      live.firstCounts[data.server] ??= data.outcomes;
+      live.lastCounts[data.server] = data.outcomes;
+      showOutcomes();
+    } catch (error) {
+      if (isSessionError(error)) return sessionExpired();
+      if (error.status === 404) {
+        // The server runs with METRICS=off: nothing is counted.
+        live.outcomesOff = true;
+        $('outcomes-table').hidden = true;
+        setText($('outcomes-message'), 'Outcome counts are off on this server (METRICS=off).');
+        return;
+      }
+      setText($('outcomes-message'), `${messageFor(error)} Retrying…`);
+    }
+  }
+  live.outcomesTimer = setTimeout(loadOutcomes, OUTCOMES_MS);
 }
 
 // ---------------------------------------------------------------- wiring
