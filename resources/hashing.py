@@ -63,17 +63,23 @@ def _timed(function, *args):
 
 def _start_worker(niceness, server_pid, closing):
     _exit_with(server_pid)
-    _exit_when_set(closing)
+    _exit_when_closed(closing)
     _lower_priority(niceness)
 
 
-def _exit_when_set(closing):
-    """End this hashing process when its queue is closed, even in the
-    middle of a hash: on a busy host a SCHED_IDLE hash may wait many
-    seconds for the CPU, and the server's exit must not wait for it."""
+def _exit_when_closed(closing):
+    """End this hashing process when its queue is closed (the other end of
+    the `closing` pipe, which only the server holds, is closed), even in
+    the middle of a hash: on a busy host a SCHED_IDLE hash may wait many
+    seconds for the CPU, and the server's exit must not wait for it. (A
+    pipe, not a multiprocessing.Event: an Event's semaphores, never freed
+    by a process that ends with os._exit, are reported as leaked.)"""
 
     def wait():
-        closing.wait()
+        try:
+            closing.recv()
+        except (EOFError, OSError):
+            pass
         os._exit(0)
 
     threading.Thread(target=wait, daemon=True).start()
@@ -146,7 +152,7 @@ class HashQueue:
         self._waiting = set()  # futures of jobs admitted and not yet done
         self._stopping = False
         self._give_up_at = None  # stop(): a login not answered by then gets 503
-        self._closing = None  # set by close(): the hashing processes exit
+        self._closing = None  # the writing end of the pipe the hashing processes watch: close() closes it
 
     def run(self, function, *args):
         """function(*args) in a hashing process, after the ones queued
@@ -230,10 +236,10 @@ class HashQueue:
             # could inherit a lock some other thread held at the fork.
             context = multiprocessing.get_context('forkserver')
             context.set_forkserver_preload(['resources.hashing'])
-            self._closing = context.Event()
+            watched, self._closing = context.Pipe(duplex=False)
             self._executor = concurrent.futures.ProcessPoolExecutor(
                 self.processes, mp_context=context, initializer=_start_worker,
-                initargs=(self.niceness, os.getpid(), self._closing),
+                initargs=(self.niceness, os.getpid(), watched),
             )
         return self._executor
 
@@ -268,5 +274,5 @@ class HashQueue:
         with self._lock:
             executor, self._executor = self._executor, None
         if executor is not None:
-            self._closing.set()
+            self._closing.close()
             executor.shutdown(wait=True, cancel_futures=True)

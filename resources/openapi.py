@@ -7,6 +7,7 @@ real app from it and checks every answer against it.
 
 import falcon
 
+from resources.accounts import INVISIBLE
 from resources.credentials import MAX_PASSWORD_BYTES
 from resources.credentials import MIN_PASSWORD_BYTES
 from resources.errors import CATALOGUE
@@ -15,17 +16,19 @@ from resources.sales import MAX_TOTAL_STOCK
 from resources.sales import PAGE_SIZE
 
 _UUID = {'type': 'string', 'format': 'uuid'}
-# What resources/accounts.py accepts: something@something.something. (The
+# What resources/accounts.py accepts: something@something.something, each
+# part with a character that is not INVISIBLE (those are dropped). (The
 # control characters are excluded because Python's strip() takes them for
 # spaces, which JSON Schema's \s does not.)
-_NOT_SPACE = r'[^@\s\x00-\x20\x7f-\x9f]'
+_NOT_SPACE = r'[^@\s\x00-\x20\x7f-\x9f' + ''.join(f'\\u{ord(char):04x}' for char in INVISIBLE) + ']'
 # A text field (email, password, sale name) has no control character (resources/parsing.py
 # refuses them with invalid_field). Said as a lookahead over the whole text: a pattern ending
 # in $ would also match a text ending in a newline.
 _NO_CONTROL = r'^(?![\s\S]*[\x00-\x1f\x7f-\x9f])'
 _EMAIL = {
     'type': 'string', 'maxLength': 254, 'pattern': _NO_CONTROL + f'{_NOT_SPACE}+@{_NOT_SPACE}+\\.{_NOT_SPACE}+$',
-    'example': 'shopper@example.com', 'description': 'trimmed and lower-cased',
+    'example': 'shopper@example.com',
+    'description': 'trimmed and lower-cased; invisible format characters (zero-width spaces, U+FEFF, ...) dropped',
 }
 _TIME = {'type': 'string', 'format': 'date-time'}
 

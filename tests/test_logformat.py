@@ -78,7 +78,7 @@ def test_a_traceback_is_one_line_of_a_json_log():
     """The logging `flashsale` sets up, in a process of its own."""
     script = (
         'import logging, flashsale\n'
-        "flashsale._configure_logging('INFO', 'json')\n"
+        "flashsale._configure_logging('INFO', log_format='json')\n"
         'try:\n'
         "    {}['missing']\n"
         'except KeyError:\n'
