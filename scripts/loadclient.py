@@ -26,6 +26,7 @@ from datetime import timezone
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
+DEFAULT_BASE_URL = 'http://127.0.0.1:8000'
 USER_PASSWORD = 'loadtest-password'
 
 # The server queues registrations (resources/hashing.py) and serves them in

@@ -12,13 +12,10 @@ import http.client
 import json
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.parse
 import uuid
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -31,7 +28,8 @@ from resources import database
 from resources import embedded
 from resources import serving
 from resources.credentials import Credentials
-from private_postgres import free_port  # noqa: F401 (for the tests)
+import servers
+from servers import free_port  # noqa: F401 (for the tests: scripts/servers.py, one for the tests and the tools)
 from invariants import sale_state  # noqa: F401 (for the tests: scripts/invariants.py, one checker for all)
 
 TEST_SECRET = 'test-secret-' + 'x' * 40
@@ -307,18 +305,12 @@ def serve_env(database_url, **extra):
 
 def start_serve(env, log_path, timeout=60):
     """`flashsale serve` as a real process with `env`, its output in log_path
-    (truncated first); returns the process once it says it is listening."""
-    with open(log_path, 'w') as log:
-        proc = subprocess.Popen(
-            [sys.executable, '-m', 'flashsale', 'serve'], env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    deadline = time.monotonic() + timeout
-    while 'listening on' not in Path(log_path).read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail('flashsale serve did not start:\n' + Path(log_path).read_text())
-        time.sleep(0.05)
-    return proc
+    (truncated first); returns the process once it says it is listening
+    (scripts/servers.py: the launcher the load tool uses too)."""
+    try:
+        return servers.start_serve(env, log_path, timeout)
+    except servers.StartError as exc:
+        pytest.fail(str(exc))
 
 
 def _serve_in_thread(app, settings):

@@ -8,15 +8,13 @@ import collections
 import json
 import os
 import re
-import shutil
 import socket
-import subprocess
 import threading
 import time
-from pathlib import Path
 
 import flashsale
 import pytest
+import servers
 
 from conftest import answer
 from conftest import call
@@ -30,7 +28,7 @@ from conftest import serve_env
 from conftest import start_serve
 from conftest import wait_for
 
-NGINX_CONF = Path(__file__).resolve().parent.parent / 'scripts' / 'nginx.conf'
+NGINX_CONF = servers.NGINX_CONF
 
 
 def answers_health(base_url, proc):
@@ -44,7 +42,7 @@ def answers_health(base_url, proc):
 
 
 def nginx_binary():
-    nginx = shutil.which('nginx') or ('/usr/sbin/nginx' if os.path.exists('/usr/sbin/nginx') else None)
+    nginx = servers.nginx_binary()
     if nginx is None:
         if os.environ.get('CI'):
             pytest.fail('nginx is missing in CI (.ci/run installs it)')
@@ -57,25 +55,9 @@ def start_nginx(tmp_path, upstream_ports, ready_path='/health', changes=()):
     process) once ready_path answers 200 through it (None: once its port
     accepts connections, with no request sent upstream). `changes`: more
     (text, replacement) pairs, each of whose text must be in the file."""
-    nginx = nginx_binary()
+    nginx_binary()
     front_port = free_port()
-    conf = NGINX_CONF.read_text()
-    for text, replacement in changes:
-        assert conf.count(text) == 1, f'{text!r} is not in scripts/nginx.conf exactly once'
-        conf = conf.replace(text, replacement)
-    conf = (
-        conf
-        .replace('127.0.0.1:8001', f'127.0.0.1:{upstream_ports[0]}')
-        .replace('127.0.0.1:8002', f'127.0.0.1:{upstream_ports[1]}')
-        .replace('127.0.0.1:8080', f'127.0.0.1:{front_port}')
-    )
-    assert f'127.0.0.1:{front_port}' in conf and f'127.0.0.1:{upstream_ports[1]}' in conf
-    (tmp_path / 'nginx.conf').write_text(conf)
-    (tmp_path / 'nginx-tmp').mkdir()
-    # As root (CI), nginx's workers would run as nobody, who cannot write the
-    # cache under the test's private temporary directory.
-    globals_ = 'daemon off;' + (' user root;' if os.geteuid() == 0 else '')
-    front = subprocess.Popen([nginx, '-p', str(tmp_path), '-c', 'nginx.conf', '-g', globals_])
+    front = servers.start_nginx(tmp_path, upstream_ports, front_port, changes)
     base_url = f'http://127.0.0.1:{front_port}'
     if ready_path:
         wait_for(lambda: answers_health(base_url, front), timeout=30, message='nginx to answer GET /health')

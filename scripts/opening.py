@@ -1,7 +1,7 @@
-"""The `opening-crowd` scenario of scripts/loadtest.py: people who are not
-logged in arrive at a sale's opening.
+"""The opening crowd (`scripts/load.py opening`): people who are not logged
+in arrive at a sale's opening.
 
-    python3 scripts/loadtest.py opening-crowd --users 1000 --duration 20 --stock 100 \
+    python3 scripts/load.py opening --users 1000 --duration 20 --stock 100 \
         --tokenless 200 --grant-admin --database-url postgresql://... --jwt-secret ...
 
 `--users` people arrive at a fixed rate over `--duration` seconds. Each one:
@@ -45,7 +45,7 @@ import uuid
 from datetime import timedelta
 
 import loadclient
-import loadtest
+from loadreport import latency_summary
 
 REGISTER_CONCURRENCY = 32
 # A person gives up after this many tries of one step (it is then "unsettled").
@@ -233,8 +233,8 @@ def summarize(crowd, users, stock, remaining, orders_in_db, elapsed):
 
     def latency(step):
         if step == 'purchase':
-            return loadtest.latency_summary([o['purchase_s'] for o in outcomes if 'purchase_s' in o])
-        return loadtest.latency_summary([o['session_s'] for o in outcomes if o['role'] == step])
+            return latency_summary([o['purchase_s'] for o in outcomes if 'purchase_s' in o])
+        return latency_summary([o['session_s'] for o in outcomes if o['role'] == step])
 
     checks = []
     expected = min(stock, users)
@@ -249,7 +249,7 @@ def summarize(crowd, users, stock, remaining, orders_in_db, elapsed):
         check(checks, 'the database has those orders, one per buyer', count == buyers == created,
                        f'{count} orders, {buyers} buyers, {created} x 201')
     return {
-        'scenario': 'opening-crowd',
+        'scenario': 'opening',
         'users': users,
         'stock': stock,
         'roles': dict(collections.Counter(o['role'] for o in outcomes)),
@@ -267,7 +267,7 @@ def summarize(crowd, users, stock, remaining, orders_in_db, elapsed):
 
 
 def format_report(result):
-    lines = [f'opening-crowd: {result["users"]} people ({result["roles"]}), stock {result["stock"]}',
+    lines = [f'opening: {result["users"]} people ({result["roles"]}), stock {result["stock"]}',
              f'  last arrival at {result["last_arrival_s"]} s; last person settled at {result["last_settled_s"]} s',
              f'  how it ended: {result["ends"]}']
     for step, summary in result['latency_ms'].items():
@@ -282,12 +282,12 @@ def format_report(result):
     return '\n'.join(lines)
 
 
-def parse_args(argv):
+def parse_args(argv, prog=None):
     import argparse  # noqa: PLC0415
 
-    parser = argparse.ArgumentParser(prog='loadtest.py opening-crowd', description=__doc__,
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--base-url', default=loadtest.DEFAULT_BASE_URL)
+    parser.add_argument('--base-url', default=loadclient.DEFAULT_BASE_URL)
     parser.add_argument('--users', type=int, default=1000)
     parser.add_argument('--stock', type=int, default=100)
     parser.add_argument('--duration', type=float, default=20.0, help='seconds over which the people arrive')
@@ -306,10 +306,10 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def main(argv):
+def main(argv, prog=None):
     import sys  # noqa: PLC0415
 
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     try:
         result = asyncio.run(run_async(
             args.base_url, args.users, args.stock, args.duration, args.tokenless, args.newcomers,
@@ -317,7 +317,7 @@ def main(argv):
             args.jwt_secret, args.timeout, args.max_connections, args.seed,
             log=lambda msg: print(msg, file=sys.stderr, flush=True)))
     except loadclient.SetupError as exc:
-        print(f'loadtest: {exc}', file=sys.stderr)
+        print(f'{prog or "opening"}: {exc}', file=sys.stderr)
         return 3
     print(format_report(result))
     if args.json_file:
