@@ -45,6 +45,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import secrets
 import shlex
 import subprocess
@@ -170,13 +171,14 @@ def header(args, argv, database):
     }
 
 
-def _settings_names():
-    import flashsale  # noqa: PLC0415 (the settings' names, for the header)
+def settings_of(checkout):
+    """The names of the settings a checkout's `flashsale serve` reads (its --help)."""
+    shown = subprocess.run([*servers.flashsale_command(checkout), 'serve', '--help'], capture_output=True,
+                           text=True, cwd=checkout).stdout
+    return set(re.findall(r'^  ([A-Z][A-Z0-9_]+) ', shown, re.M))
 
-    return {v.name for v in flashsale.VARIABLES} | {'SERVER'}
 
-
-SETTINGS_NAMES = _settings_names()
+SETTINGS_NAMES = settings_of(ROOT) | {'SERVER'}
 
 
 # --- the servers under test --------------------------------------------------------------
@@ -189,6 +191,9 @@ class Target:
         self.name, self.server, self.shape = name, server, shape
         self.checkout, self.env, self.workdir = Path(checkout), env, Path(workdir)
         self.apps, self.logs, self.nginx = [], [], None
+        # A checkout whose settings have no SERVER runs its one server whatever SERVER says.
+        self.note = '' if server == 'waitress' or 'SERVER' in settings_of(checkout) else \
+            f'this checkout has no SERVER setting: its default server ran, not {server}'
 
     def _serve(self, **extra):
         port = servers.free_port()
@@ -265,6 +270,8 @@ class Bench:
     def row(self, run, target=None, **fields):
         row = {'run': run, 'server': target.name if target else '-', 'behind': target.shape if target else '-',
                **fields}
+        if target and target.note:
+            row['notes'] = '; '.join(filter(None, [row.get('notes'), target.note]))
         self.rows.append(row)
         ok = {True: 'ok', False: 'FAIL', None: '-'}[row.get('ok')]
         self.log(f'  {run} {row["server"]} {row["behind"]}: {row.get("rate")}/s {ok} {row.get("notes", "")}')
@@ -495,7 +502,8 @@ def markdown(report):
         batch = f'{_cell(batch[0])} ({_cell(batch[1])})' if batch else '-'
         ok = {True: 'pass', False: '**FAIL**', None: '-'}[r.get('ok')]
         lines.append('| ' + ' | '.join([r['run'], r['server'], r['behind'], _cell(r.get('client')),
-                                        _cell(r.get('connections')), _cell(r.get('commit_ms')), _cell(r.get('rate')),
+                                        _cell(r.get('connections')), '-' if r.get('commit_ms') is None else f"{r['commit_ms']:g}",
+                                        _cell(r.get('rate')),
                                         _cell(r.get('p50')), _cell(r.get('p99')), cpu, batch, ok,
                                         r.get('notes', '').replace('|', '/')]) + ' |')
     return '\n'.join(lines) + '\n'

@@ -237,3 +237,20 @@ def test_every_path_named_exists():
 def test_every_setting_has_one_row_in_the_readme():
     rows = re.findall(r'^\| `([A-Z][A-Z0-9_]+)` \|', README.read_text(), re.M)
     assert sorted(rows) == sorted(v.name for v in flashsale.VARIABLES)
+
+
+def test_every_benchmark_figure_carries_the_header_of_the_report_it_came_from():
+    """A table of figures in docs/benchmarks.md is a report of `scripts/load.py
+    bench`, pasted whole: the date, the commit, the cores, the client and the
+    command that re-runs it come before it."""
+    text = (ROOT / 'docs' / 'benchmarks.md').read_text()
+    figures = text[text.index('\n## Figures\n'):]
+    before = ''
+    for block in re.split(r'((?:^\|.*\n)+)', figures, flags=re.M):
+        if block.startswith('|'):
+            for field in ('- date: ', '- commit: ', '- cores: ', '- client: ', '```sh\n.venv/bin/python scripts/load.py bench'):
+                assert field in before, f'a table in docs/benchmarks.md has no {field.strip()!r} before it'
+            assert '(with uncommitted changes)' not in before, 'a figure from a tree that is no commit'
+            before = ''
+        else:
+            before += block
