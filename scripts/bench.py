@@ -66,6 +66,7 @@ import logins
 import scenarios
 import servers
 from private_postgres import PrivatePostgres
+from private_postgres import server_version
 
 ROOT = servers.ROOT
 RUNS = ('purchases', 'sold-out', 'health', 'crowd', 'watchers', 'direct', 'standby', 'logins')
@@ -527,7 +528,7 @@ def main(argv, prog=None):
             cluster = PrivatePostgres(tempfile.mkdtemp(prefix='flashsale-bench-pg-', dir=shm))
             cluster.start(options='-c fsync=on -c commit_siblings=0 -c max_connections=300')
             url, postmaster = cluster.url, cluster.pid()
-            database = f'a private PostgreSQL {cluster.version()} in {shm or "a temporary directory"} ' \
+            database = f'a private PostgreSQL {server_version()} in {shm or "a temporary directory"} ' \
                        '(fsync on, commit_siblings=0)'
         report = {'header': header(args, argv, database)}
         bench = Bench(args, url, postmaster, workdir, log)

@@ -39,6 +39,12 @@ def _binaries():
     return Path(next(iter(spec.submodule_search_locations))) / 'pginstall' / 'bin'
 
 
+def server_version():
+    """The clusters' PostgreSQL version, as `postgres --version` says it (e.g. 16.2)."""
+    out = subprocess.run([str(_binaries() / 'postgres'), '--version'], capture_output=True, text=True).stdout
+    return out.split()[-1] if out else '?'
+
+
 class CommandFailed(subprocess.CalledProcessError):
     """A PostgreSQL program failed; its message says why."""
 
@@ -321,11 +327,6 @@ class PrivatePostgres:
         self.start()
         primary.wait_for("SELECT count(*) > 0 FROM pg_stat_replication WHERE application_name = %s "
                          "AND state = 'streaming'", (name,), timeout=timeout, what=f'{name} streaming')
-
-    def version(self):
-        """The server's version, as `postgres --version` says it (e.g. 16.4)."""
-        out = subprocess.run([str(_binaries() / 'postgres'), '--version'], capture_output=True, text=True).stdout
-        return out.split()[-1] if out else '?'
 
     def pid(self):
         try:

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 import flashsale
+from private_postgres import server_version
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / 'README.md'
@@ -254,3 +255,17 @@ def test_every_benchmark_figure_carries_the_header_of_the_report_it_came_from():
             before = ''
         else:
             before += block
+
+
+def test_docker_compose_is_the_postgresql_the_documents_and_tests_use():
+    """No Docker here: what can be checked is that the compose file's
+    PostgreSQL is the major version the tests run on, and that the
+    DATABASE_URL its comment gives is its user, password, database and port."""
+    text = (ROOT / 'docker-compose.yml').read_text()
+    assert re.findall(r'^\s*image: postgres:(\d+)$', text, re.M) == [server_version().split('.')[0]]
+    env = dict(re.findall(r'^\s+(POSTGRES_\w+): (\S+)$', text, re.M))
+    (host_port,) = re.findall(r'"127\.0\.0\.1:(\d+):5432"', text)
+    (url,) = re.findall(r'export DATABASE_URL=(\S+)', text)
+    assert url == (f'postgresql://{env["POSTGRES_USER"]}:{env["POSTGRES_PASSWORD"]}@127.0.0.1:{host_port}/'
+                   f'{env["POSTGRES_DB"]}')
+    assert not re.search(r'^#\s+(services|volumes|image):', text, re.M), 'configuration in comments is untested'
