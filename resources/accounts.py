@@ -39,12 +39,16 @@ def _new_password(password, field):
     return password
 
 
-class Register:
+class _WithCredentials:
+    """A resource that hashes or checks passwords (Register, Login, Password)."""
+
     def __init__(self, pool, credentials, settings):
         self._pool = pool
         self._credentials = credentials
         self._settings = settings
 
+
+class Register(_WithCredentials):
     def on_post(self, req, resp):
         email, password = _credentials_from(req, self._settings)
         password_hash = self._credentials.hash_password(_new_password(password, 'password'))
@@ -55,12 +59,7 @@ class Register:
         resp.media = {'user': user, 'token': self._credentials.issue(user['id'])}
 
 
-class Login:
-    def __init__(self, pool, credentials, settings):
-        self._pool = pool
-        self._credentials = credentials
-        self._settings = settings
-
+class Login(_WithCredentials):
     def on_post(self, req, resp):
         email, password = _credentials_from(req, self._settings)
         with self._pool.connection() as conn:
@@ -102,17 +101,12 @@ class Refresh:
         resp.media = {'user': user, 'token': self._credentials.issue(user['id'], req.context.token_generation)}
 
 
-class Password:
+class Password(_WithCredentials):
     """POST /api/me/password {currentPassword, newPassword}: a new password,
     and the end of every other session: the user's token generation moves on,
     so every token issued before fails (the answer carries a new one)."""
 
     login_required = frozenset({'POST'})
-
-    def __init__(self, pool, credentials, settings):
-        self._pool = pool
-        self._credentials = credentials
-        self._settings = settings
 
     def on_post(self, req, resp):
         body = read_object(req, self._settings.max_body_bytes, required=('currentPassword', 'newPassword'))

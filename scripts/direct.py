@@ -4,6 +4,7 @@ the orders of a run say about its statements."""
 
 from __future__ import annotations
 
+import collections
 import threading
 import time
 from pathlib import Path
@@ -67,9 +68,19 @@ def standby_cost(workdir, levels, purchases, repeat, log):
     return rows
 
 
-def run_released(worker, concurrency, barrier):
-    """worker(k) in `concurrency` threads, timed from when they are all at
-    `barrier` (a Barrier of concurrency + 1) until the last one ends: seconds."""
+def run_released(database_url, user_ids, concurrency, work):
+    """work(k, conn, mine) in `concurrency` threads, each with a connection of
+    its own and its share (`mine`) of user_ids, timed from when they are all
+    connected until the last one ends: seconds."""
+    barrier = threading.Barrier(concurrency + 1)
+
+    def worker(k):
+        with psycopg.connect(database_url, autocommit=True, row_factory=dict_row,
+                             options='-c TimeZone=UTC') as conn:
+            mine = user_ids[k::concurrency]
+            barrier.wait()
+            work(k, conn, mine)
+
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
     for t in threads:
         t.start()
@@ -82,31 +93,23 @@ def run_released(worker, concurrency, barrier):
 
 def direct_purchases(database_url, sale_id, user_ids, concurrency):
     """sql.PURCHASE for every user once, from `concurrency` threads with a connection each."""
-    barrier = threading.Barrier(concurrency + 1)
     latencies = [[] for _ in range(concurrency)]
-    outcomes = [{} for _ in range(concurrency)]
+    outcomes = [collections.Counter() for _ in range(concurrency)]
 
-    def worker(k):
-        with psycopg.connect(database_url, autocommit=True, row_factory=dict_row,
-                             options='-c TimeZone=UTC') as conn:
-            mine = user_ids[k::concurrency]
-            barrier.wait()
-            for user_id in mine:
-                started = time.perf_counter()
-                try:
-                    row = conn.execute(flashsale_sql.PURCHASE, {'sale_id': sale_id, 'user_id': user_id,
-                                                              'generation': 0}).fetchone()
-                    outcome = row['outcome']
-                except psycopg.errors.UniqueViolation:
-                    outcome = 'already_purchased'
-                latencies[k].append(time.perf_counter() - started)
-                outcomes[k][outcome] = outcomes[k].get(outcome, 0) + 1
+    def work(k, conn, mine):
+        for user_id in mine:
+            started = time.perf_counter()
+            try:
+                row = conn.execute(flashsale_sql.PURCHASE, {'sale_id': sale_id, 'user_id': user_id,
+                                                            'generation': 0}).fetchone()
+                outcome = row['outcome']
+            except psycopg.errors.UniqueViolation:
+                outcome = 'already_purchased'
+            latencies[k].append(time.perf_counter() - started)
+            outcomes[k][outcome] += 1
 
-    elapsed = run_released(worker, concurrency, barrier)
-    merged = {}
-    for part in outcomes:
-        for key, n in part.items():
-            merged[key] = merged.get(key, 0) + n
+    elapsed = run_released(database_url, user_ids, concurrency, work)
+    merged = sum(outcomes, collections.Counter())
     flat = [v for part in latencies for v in part]
     with psycopg.connect(database_url, autocommit=True) as conn:
         state = invariants.sale_state(conn, sale_id)
@@ -115,41 +118,33 @@ def direct_purchases(database_url, sale_id, user_ids, concurrency):
         'requests': len(flat),
         'rate': round(len(flat) / elapsed, 1),
         'latency_ms': latency_summary(flat),
-        'outcomes': merged,
+        'outcomes': dict(merged),
         'invariant_ok': not invariants.failures(invariants.stock_checks(state))
         and merged.get('created', 0) == state.orders,
     }
 
 
-
 def direct_batches(database_url, sale_ids, user_ids, concurrency, batch):
     """sql.PURCHASE_BATCH over every user once in each sale (sale after sale),
     `batch` users per statement, from `concurrency` threads with a connection
-    each. Several sales, so that the run is long enough to time: one sale's
-    2,000 users are only 32 statements."""
-    barrier = threading.Barrier(concurrency + 1)
+    each."""
     counts = [0] * concurrency
 
-    def worker(k):
-        with psycopg.connect(database_url, autocommit=True, row_factory=dict_row,
-                             options='-c TimeZone=UTC') as conn:
-            mine = user_ids[k::concurrency]
-            barrier.wait()
-            for sale_id in sale_ids:
-                for i in range(0, len(mine), batch):
-                    chunk = mine[i:i + batch]
-                    while chunk:
-                        rows = conn.execute(flashsale_sql.PURCHASE_BATCH, {
-                            'sale_id': sale_id, 'user_ids': chunk, 'generations': [0] * len(chunk),
-                        }).fetchall()
-                        counts[k] += sum(1 for r in rows if r['outcome'] == 'created')
-                        chunk = [u for u, r in zip(chunk, rows) if r['outcome'] == 'retry']
+    def work(k, conn, mine):
+        for sale_id in sale_ids:
+            for i in range(0, len(mine), batch):
+                chunk = mine[i:i + batch]
+                while chunk:
+                    rows = conn.execute(flashsale_sql.PURCHASE_BATCH, {
+                        'sale_id': sale_id, 'user_ids': chunk, 'generations': [0] * len(chunk),
+                    }).fetchall()
+                    counts[k] += sum(1 for r in rows if r['outcome'] == 'created')
+                    chunk = [u for u, r in zip(chunk, rows) if r['outcome'] == 'retry']
 
-    elapsed = run_released(worker, concurrency, barrier)
+    elapsed = run_released(database_url, user_ids, concurrency, work)
     wanted = len(user_ids) * len(sale_ids)
     return {'concurrency': concurrency, 'batch': batch, 'rate': round(wanted / elapsed, 1),
             'created': sum(counts), 'invariant_ok': sum(counts) == wanted}
-
 
 
 def statement_sizes(database_url, *sale_ids):

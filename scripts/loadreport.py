@@ -28,6 +28,17 @@ def latency_summary(latencies):
     }
 
 
+def deliver(text, result, json_file=None, html_file=None):
+    """Print a run's report; write its result as JSON and as an HTML page where asked."""
+    print(text)
+    if json_file:
+        with open(json_file, 'w') as fh:
+            json.dump(result, fh, indent=2, default=str)
+    if html_file:
+        with open(html_file, 'w') as fh:
+            fh.write(html_report(result))
+
+
 def format_report(result):
     lines = []
     p = result['params']

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -45,6 +46,7 @@ import uuid
 from datetime import timedelta
 
 import loadclient
+from loadreport import deliver
 from loadreport import latency_summary
 
 REGISTER_CONCURRENCY = 32
@@ -91,16 +93,16 @@ async def prepare_people(api, count, run_id, database_url=None, jwt_secret=None,
     return people
 
 
+@dataclasses.dataclass
 class Crowd:
     """The run: one task per person, records of every answer."""
 
-    def __init__(self, api, sale_id, t0):
-        self.api = api
-        self.sale_id = sale_id
-        self.t0 = t0
-        # (seconds since t0 it was sent, seconds it took, step, label)
-        self.records = []
-        self.people = {}  # index -> outcome dict
+    api: loadclient.Api
+    sale_id: str
+    t0: float
+    # (seconds since t0 it was sent, seconds it took, step, label)
+    records: list = dataclasses.field(default_factory=list)
+    people: dict = dataclasses.field(default_factory=dict)  # index -> outcome dict
 
     async def send(self, step, method, path, token=None, body=None):
         raw = loadclient.build_request(method, path, self.api.host_header, token, body)
@@ -319,8 +321,5 @@ def main(argv, prog=None):
     except loadclient.SetupError as exc:
         print(f'{prog or "opening"}: {exc}', file=sys.stderr)
         return 3
-    print(format_report(result))
-    if args.json_file:
-        with open(args.json_file, 'w') as fh:
-            json.dump(result, fh, indent=2)
+    deliver(format_report(result), result, args.json_file)
     return 0 if result['verdict'] == 'pass' else 1

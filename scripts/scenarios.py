@@ -65,7 +65,6 @@ import asyncio
 import collections
 import dataclasses
 import itertools
-import json
 import math
 import os
 import random
@@ -94,6 +93,7 @@ from loadclient import build_request
 from loadclient import iso
 from loadclient import parse_time
 from loadclient import split_base_url
+from loadreport import deliver
 from loadreport import format_report
 from loadreport import html_report
 from loadreport import latency_summary
@@ -936,11 +936,5 @@ def main(argv, scenario, prog=None):
     except SetupError as exc:
         print(f'{prog or scenario}: {exc}', file=sys.stderr)
         return 3
-    print(format_report(result))
-    if args.json_file:
-        with open(args.json_file, 'w') as fh:
-            json.dump(result, fh, indent=2)
-    if args.html_file:
-        with open(args.html_file, 'w') as fh:
-            fh.write(html_report(result))
+    deliver(format_report(result), result, args.json_file, args.html_file)
     return {'pass': 0, 'fail': 1, 'inconclusive': 2}[result['invariants']['verdict']]
