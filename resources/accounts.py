@@ -7,6 +7,7 @@ import falcon
 from resources import sql
 from resources.credentials import MAX_PASSWORD_BYTES
 from resources.credentials import MIN_PASSWORD_BYTES
+from resources.credentials import UserReader
 from resources.credentials import current_user
 from resources.errors import ACCOUNT_GONE
 from resources.errors import invalid
@@ -72,12 +73,7 @@ class Login(_WithCredentials):
         resp.media = {'user': user, 'token': self._credentials.issue(user['id'], generation)}
 
 
-class Me:
-    login_required = frozenset({'GET'})
-
-    def __init__(self, pool):
-        self._pool = pool
-
+class Me(UserReader):
     def on_get(self, req, resp):
         with self._pool.connection() as conn:
             resp.media = {'user': current_user(conn, req)}
