@@ -101,6 +101,7 @@ class Settings:
     shutdown_timeout: float = 10.0  # seconds SIGTERM waits for requests in flight
     purchase_batch_max: int = 64  # purchases of one sale in one statement, at most
     log_level: str = 'INFO'
+    server: str = 'waitress'  # or 'granian' (resources/granian_server.py), behind nginx
 
     @classmethod
     def from_env(cls, environ=os.environ):
@@ -108,6 +109,15 @@ class Settings:
         for variable in VARIABLES:
             values[variable.field] = variable.read(environ.get(variable.name), values)
         settings = cls(**values)
+        if settings.server not in SERVERS:
+            raise ConfigError(f"SERVER must be {' or '.join(SERVERS)}, not {settings.server!r}")
+        if settings.server == 'granian':
+            # The raw-port defences of resources/serving.py that granian has
+            # no equivalent of: nginx in front holds them (scripts/nginx.conf).
+            for name in _WAITRESS_ONLY:
+                if environ.get(name):
+                    raise ConfigError(f'{name} is a setting of the waitress server only; under SERVER=granian '
+                                      'nginx in front holds that limit (scripts/nginx.conf): unset it')
         if settings.jwt_secret and len(settings.jwt_secret.encode()) < MIN_JWT_SECRET_BYTES:
             raise ConfigError(f'JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes long')
         return settings
@@ -202,7 +212,12 @@ VARIABLES = (
              0, 600_000, 1000),
     Variable('PURCHASE_BATCH_MAX', 'purchase_batch_max', "purchases of one sale in one statement", 1, 1000),
     Variable('LOG_LEVEL', 'log_level', 'DEBUG, INFO, WARNING or ERROR'),
+    Variable('SERVER', 'server', 'waitress (hardened raw port) or granian (behind nginx)'),
 )
+
+SERVERS = ('waitress', 'granian')
+# Limits of waitress' raw port (resources/serving.py) that granian has not.
+_WAITRESS_ONLY = ('CONNECTION_LIMIT', 'BODY_TIMEOUT_MS', 'IDLE_TIMEOUT_MS')
 
 
 def _json_default(value):
@@ -364,6 +379,11 @@ def serve(settings, stop):
             f'{MIN_JWT_SECRET_BYTES} bytes, e.g. the output of\n'
             "  python3 -c 'import secrets; print(secrets.token_urlsafe(48))'"
         )
+    if settings.server == 'granian':
+        from resources import granian_server  # noqa: PLC0415
+
+        if reason := granian_server.missing():
+            raise ConfigError(reason)
     try:
         # Bound first: a port in use is said at once. Bound before any worker
         # is forked, so that they all accept on it; clients connecting during
@@ -391,10 +411,22 @@ def serve(settings, stop):
             _run_workers(settings, url, socks, stop)
 
 
-def _serve_process(settings, url, sock, stop):
-    """One server process: its own pool, threads and waitress loop."""
+def _engine(settings):
+    """The module that serves HTTP: resources/serving.py (waitress) or
+    resources/granian_server.py; each has create_server() and serve()."""
+    if settings.server == 'granian':
+        from resources import granian_server  # noqa: PLC0415
+
+        return granian_server
     from resources import serving  # noqa: PLC0415
 
+    return serving
+
+
+def _serve_process(settings, url, sock, stop):
+    """One server process: its own log writer, pool, threads and server."""
+    engine = _engine(settings)
+    writer = _configure_logging(logging.getLogger().level, threaded=True)
     pool = database.open_pool(settings, url)
     batches = purchase_batches(settings, pool)
     hash_queue = None
@@ -402,121 +434,155 @@ def _serve_process(settings, url, sock, stop):
         hash_queue = new_hash_queue(settings)
         app = create_app(settings, pool, batches, hash_queue)
         hash_queue.start()
-        server = serving.create_server(app, settings, sock)
+        server = engine.create_server(app, settings, sock)
         if settings.workers == 1:
             print(f'flashsale listening on http://{settings.host}:{server.effective_port}', flush=True)
         # SIGTERM (docker stop, systemd, kill) and Ctrl-C: stop accepting,
         # finish and send the answers in flight, then close the pool (and stop
         # the embedded database) on the way out, exit status 0.
         # Purchases still queued for a statement get their answer within
-        # half the grace, and logins still queued for a hash get 503 at
-        # once, so it is sent before the server stops.
+        # half the grace, logins still queued for a hash get 503 at once
+        # and those being hashed by then, so it is sent before the server
+        # stops.
         def on_stop():
-            hash_queue.stop()
+            hash_queue.stop(settings.shutdown_timeout / 2)
             batches.stop(settings.shutdown_timeout / 2)
 
-        serving.run(server, settings.shutdown_timeout, stop, on_stop=on_stop)
+        engine.serve(server, settings.shutdown_timeout, stop, on_stop=on_stop)
     finally:
         if hash_queue is not None:
             hash_queue.close()
         pool.close()
         log.info('database pool closed')
+        writer.stop()
+        # What is logged after this (a worker's failure) is written at once.
+        _configure_logging(logging.getLogger().level)
 
 
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+# Signals blocked while forking a worker, until it has its own handlers.
+_FORK_MASK = _STOP_SIGNALS
+# A replacement for a worker that died this soon after it started waits
+# before it starts from the second time in a row, twice as long each time,
+# up to the last: a worker that cannot start (the database is gone) is not
+# forked again and again at full speed.
+_RESPAWN_SOON = 5.0
+_RESPAWN_BACKOFF = (0.0, 0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 
 
 def _record_stop_signals():
     """From now on SIGTERM and SIGINT are appended to the list returned,
-    instead of ending the process where it stands."""
+    instead of ending the process where it stands. SIGHUP is ignored: the
+    log goes to stderr, so there is nothing to reopen for logrotate, and a
+    closed terminal must not stop a sale (stop it with SIGTERM)."""
     stop = []
     for sig in _STOP_SIGNALS:
         signal.signal(sig, lambda signum, frame: stop.append(signum))
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     return stop
 
 
 def _run_workers(settings, url, socks, stop):
     """WORKERS processes accepting on one port, each on its own listening
-    socket (socks, bound with SO_REUSEPORT: see serving.listening_sockets). One process uses
-    one core at most (the interpreter lock), and most of a short request's CPU
-    is waitress' own: a second process is what makes a second core count.
-    Each worker has its own pool, threads, caches and rate limits. The parent
-    only forwards SIGTERM/SIGINT and waits; it exits 0 when every worker
-    stopped cleanly, else 1 (after stopping the rest)."""
-    workers = []
+    socket (socks, bound with SO_REUSEPORT: see serving.listening_sockets).
+    One process uses one core at most (the interpreter lock): a second
+    process is what makes a second core count. Each worker has its own pool,
+    threads, caches and rate limits.
 
-    def forward(signum, frame):
-        stop.append(signum)
-        for pid in workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signum)
-
-    # A signal while forking waits until each worker has its own handler and
-    # the parent knows every pid; delivered then, it reaches every worker.
-    # (Unblocked, it could hit a worker still running the parent's handler,
-    # or the parent between fork() and knowing the new pid.)
-    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    if stop:  # one came after start-up's last look, before the block
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-        return
+    The parent runs no thread (every fork is of a single-threaded process)
+    and keeps the listening sockets, so a worker that dies (the OOM killer's
+    SIGKILL, a crash) is replaced on the same socket: connections queued on
+    it wait for the replacement instead of being reset. It stops the
+    workers on SIGTERM or SIGINT, however many processes got the signal
+    (systemd's default sends it to all of them: the workers take a repeated
+    SIGTERM as the same stop); it exits 0 when every worker stopped
+    cleanly, else 1."""
     parent = os.getpid()
     prctl = _prctl()  # looked up before forking: a child loads nothing
-    for index in range(settings.workers):
+    workers = {}  # pid -> (index, started at)
+    respawn_at = {}  # index -> when its replacement starts
+    backoff = dict.fromkeys(range(settings.workers), 0)
+
+    def start(index):
+        # Blocked while forking: a signal then waits until the worker has
+        # its own handlers (it would run the parent's in the worker).
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_MASK)
         pid = os.fork()
         if pid == 0:  # the worker
             # Its own process group: a Ctrl-C in the terminal reaches the
             # parent only, which passes it on once.
             os.setpgid(0, 0)
             worker_stop = _record_stop_signals()
+            if stop:
+                worker_stop.append(signal.SIGTERM)
             _stop_with_parent(prctl, parent)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-            writer = _configure_logging(logging.getLogger().level)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             status = 1
             try:
-                for other in socks[:index] + socks[index + 1:]:
-                    other.close()
+                for number, other in enumerate(socks):
+                    if number != index:
+                        other.close()
                 _serve_process(settings, url, socks[index], worker_stop)
                 status = 0
             except BaseException:  # noqa: BLE001 (a worker must never return into the parent's code)
                 log.exception('worker %d failed', os.getpid())
             finally:
-                writer.stop()
                 os._exit(status)
-        workers.append(pid)
-    for sig in _STOP_SIGNALS:
-        signal.signal(sig, forward)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        workers[pid] = (index, time.monotonic())
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        return pid
+
     if stop:
-        # Blocked in this thread only: the kernel may hand the signal to
-        # another of the parent's threads (the log writer), and Python then
-        # ran start-up's recording handler here, between two forks.
-        forward(stop[0], None)
-    for sock in socks:
-        sock.close()
+        return
+    for index in range(settings.workers):
+        start(index)
     print(f'flashsale listening on http://{settings.host}:{settings.port} '
           f'({settings.workers} workers: {", ".join(map(str, workers))})', flush=True)
 
     failed = False
-    remaining = set(workers)
-    while remaining:
+    forwarded = 0  # stop signals passed on so far
+    while workers:
+        if len(stop) > forwarded:
+            if not forwarded:
+                # No new connections from now on (the workers close theirs).
+                for sock in socks:
+                    sock.close()
+                respawn_at.clear()
+            # The first as SIGTERM (a graceful stop); a later SIGINT (Ctrl-C
+            # again) as itself: the workers stop waiting.
+            sig = signal.SIGTERM if not forwarded else stop[-1]
+            forwarded = len(stop)
+            for pid in workers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+        for index, when in list(respawn_at.items()):
+            if time.monotonic() >= when:
+                del respawn_at[index]
+                log.info('worker %d started in place of the one that died', start(index))
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             break
         if pid == 0:
-            # Not a blocking wait: a signal taken by another thread of this
-            # process would not interrupt it, and its handler (forwarding
-            # SIGTERM to the workers) runs only when this thread runs Python.
-            time.sleep(0.1)
+            # Not a blocking wait: the signal handlers run only between two
+            # steps of Python, and a blocking wait is resumed after them.
+            time.sleep(0.05)
             continue
-        remaining.discard(pid)
-        if os.waitstatus_to_exitcode(status) != 0:
-            failed = True
-        if not stop:
-            # A worker died on its own: stop the rest, so a supervisor
-            # (systemd, docker) restarts the whole server.
-            log.error('worker %d exited unexpectedly; stopping the others', pid)
-            forward(signal.SIGTERM, None)
+        if pid not in workers:
+            continue
+        index, started = workers.pop(pid)
+        code = os.waitstatus_to_exitcode(status)
+        if stop:
+            failed = failed or code != 0
+            continue
+        # Died on its own: the others go on serving, and a replacement starts,
+        # at once unless the last ones died as soon as they started.
+        backoff[index] = (min(backoff[index] + 1, len(_RESPAWN_BACKOFF) - 1)
+                          if time.monotonic() - started < _RESPAWN_SOON else 0)
+        delay = _RESPAWN_BACKOFF[backoff[index]]
+        how = f'killed by {signal.Signals(-code).name}' if code < 0 else f'exit status {code}'
+        log.error('worker %d exited unexpectedly (%s); a replacement starts in %.1f s', pid, how, delay)
+        respawn_at[index] = time.monotonic() + delay
     if failed:
         raise SystemExit(1)
 
@@ -572,22 +638,26 @@ def revoke_sessions(settings, email):
     print(f'every session of {user["email"]} is ended: their tokens fail from now on')
 
 
-def _configure_logging(level):
-    """Log lines go to stderr through one writer thread, in batches
-    (resources/logwriter.py)."""
-    writer = logwriter.BatchedWriter()
+def _configure_logging(level, threaded=False):
+    """Log lines go to stderr. In a server process through one writer
+    thread, in batches (resources/logwriter.py); elsewhere (the command
+    line, the parent that forks the workers, which must run no thread
+    when it forks) each line at once."""
+    if not threaded:
+        writer = logwriter.DirectWriter()
+    else:
+        writer = logwriter.BatchedWriter()
+        # Its thread never takes SIGTERM/SIGINT (a new thread inherits the
+        # mask): a process-directed signal goes to a thread that does not
+        # block it, and the main thread's handler must run (it is what
+        # starts the stop).
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            writer.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        atexit.register(writer.stop)  # writes out what is waiting before exit
     writer.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s %(message)s'))
-    # Its thread never takes SIGTERM/SIGINT (a new thread inherits the
-    # mask): a process-directed signal goes to a thread that does not block
-    # it, and one taken by this thread would not interrupt the main thread's
-    # blocking call (the parent's wait for its workers), whose handler would
-    # then never run.
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
-        writer.start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-    atexit.register(writer.stop)  # writes out what is waiting before exit
     logging.basicConfig(level=level, handlers=[writer], force=True)
     return writer
 
@@ -624,6 +694,8 @@ def main(argv=None):
         # how long each request took).
         logging.getLogger('pgserver').setLevel(logging.WARNING)
         logging.getLogger('waitress.queue').setLevel(logging.ERROR)
+        # granian says when each of its runtime threads starts and stops.
+        logging.getLogger('_granian').setLevel(logging.WARNING)
         if args.command == 'serve':
             serve(settings, stop)
         elif args.command == 'init-db':

@@ -37,6 +37,10 @@ import bcrypt
 
 from resources.errors import refusal
 
+# How often a login waiting for its hash looks whether a stop has brought
+# its deadline forward.
+_LOOK_EVERY = 0.25
+
 
 def hash_password(password, rounds):
     """The bcrypt hash (text) of password (bytes), at cost `rounds`."""
@@ -56,9 +60,22 @@ def _timed(function, *args):
     return result, time.perf_counter() - started
 
 
-def _start_worker(niceness, server_pid):
+def _start_worker(niceness, server_pid, closing):
     _exit_with(server_pid)
+    _exit_when_set(closing)
     _lower_priority(niceness)
+
+
+def _exit_when_set(closing):
+    """End this hashing process when its queue is closed, even in the
+    middle of a hash: on a busy host a SCHED_IDLE hash may wait many
+    seconds for the CPU, and the server's exit must not wait for it."""
+
+    def wait():
+        closing.wait()
+        os._exit(0)
+
+    threading.Thread(target=wait, daemon=True).start()
 
 
 def _exit_with(server_pid):
@@ -124,6 +141,8 @@ class HashQueue:
         self._executor = None
         self._waiting = set()  # futures of jobs admitted and not yet done
         self._stopping = False
+        self._give_up_at = None  # stop(): a login not answered by then gets 503
+        self._closing = None  # set by close(): the hashing processes exit
 
     def run(self, function, *args):
         """function(*args) in a hashing process, after the ones queued
@@ -149,15 +168,27 @@ class HashQueue:
             self._in_flight += 1
             self._waiting.add(future)
         future.add_done_callback(self._finished)
+        deadline = time.monotonic() + self.max_wait
         try:
-            result, _ = future.result(timeout=self.max_wait)
-        except concurrent.futures.TimeoutError:
-            # Not served in time. If it is still queued it never runs; if it
-            # was already handed to a process (the executor hands one job
-            # more than it has processes), its answer is dropped. Either way
-            # its slot is freed when it ends.
-            future.cancel()
-            raise overloaded(self._retry_after(self._in_flight)) from None
+            while True:
+                # In slices: a stop may bring the deadline forward.
+                limit = deadline if self._give_up_at is None else min(deadline, self._give_up_at)
+                left = limit - time.monotonic()
+                try:
+                    result, _ = future.result(timeout=max(0.0, min(left, _LOOK_EVERY)))
+                    break
+                except concurrent.futures.TimeoutError:
+                    if left > _LOOK_EVERY:
+                        continue
+                    # Not served in time. If it is still queued it never
+                    # runs; if it was already handed to a process (the
+                    # executor hands one job more than it has processes),
+                    # its answer is dropped. Either way its slot is freed
+                    # when it ends.
+                    future.cancel()
+                    if self._stopping:
+                        raise overloaded(1) from None
+                    raise overloaded(self._retry_after(self._in_flight)) from None
         except concurrent.futures.CancelledError:
             raise overloaded(1) from None  # by stop(): the server is shutting down
         except concurrent.futures.BrokenExecutor:
@@ -192,9 +223,10 @@ class HashQueue:
             # could inherit a lock some other thread held at the fork.
             context = multiprocessing.get_context('forkserver')
             context.set_forkserver_preload(['resources.hashing'])
+            self._closing = context.Event()
             self._executor = concurrent.futures.ProcessPoolExecutor(
                 self.processes, mp_context=context, initializer=_start_worker,
-                initargs=(self.niceness, os.getpid()),
+                initargs=(self.niceness, os.getpid(), self._closing),
             )
         return self._executor
 
@@ -210,18 +242,24 @@ class HashQueue:
     def in_flight(self):
         return self._in_flight
 
-    def stop(self):
+    def stop(self, answer_within=None):
         """SIGTERM: every login still queued is answered 503 overloaded now
-        (while the server can still send it), and so is every new one; the
-        hashes already running finish and are answered as usual."""
+        (while the server can still send it), and so is every new one; a
+        hash already running is answered as usual if it ends within
+        `answer_within` seconds, else 503 too: on a busy host a SCHED_IDLE
+        hash may get no CPU for many seconds, and the stop must not wait."""
         with self._lock:
             self._stopping = True
+            if answer_within is not None:
+                self._give_up_at = time.monotonic() + answer_within
             waiting = list(self._waiting)
         for future in waiting:
             future.cancel()  # fails, harmlessly, for a job a process has started
 
     def close(self):
+        """End the hashing processes now, a hash in the middle or not."""
         with self._lock:
             executor, self._executor = self._executor, None
         if executor is not None:
+            self._closing.set()
             executor.shutdown(wait=True, cancel_futures=True)

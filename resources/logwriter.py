@@ -20,6 +20,8 @@ drop counted at the very moment of a report may be left out of it.)
 
 import collections
 import logging
+import os
+import select
 import sys
 import threading
 
@@ -89,3 +91,34 @@ class BatchedWriter(logging.Handler):
         except (OSError, ValueError):
             # stderr closed or broken: nothing left to tell.
             pass
+
+
+class DirectWriter(logging.Handler):
+    """Each line written at once, for a process that must run no thread of
+    its own (the command line; the parent that forks the workers, and must
+    go on supervising them even when stderr is stalled): a line stderr
+    cannot take now is dropped and counted, never waited for."""
+
+    def __init__(self, stream=None):
+        super().__init__()
+        self._stream = stream if stream is not None else sys.stderr
+        self._dropped = 0
+
+    def emit(self, record):
+        try:
+            line = self.format(record) + '\n'
+        except Exception:  # noqa: BLE001 (logging's own policy)
+            self.handleError(record)
+            return
+        if self._dropped:
+            line = f'{self._dropped} log lines dropped: stderr did not take them in time\n' + line
+        try:
+            fd = self._stream.fileno()
+            # Writable: a pipe has room for a line (Linux: a page) now.
+            if not select.select([], [fd], [], 0)[1]:
+                self._dropped += 1
+                return
+            os.write(fd, line.encode('utf-8', 'backslashreplace'))
+            self._dropped = 0
+        except (OSError, ValueError):
+            self._dropped += 1

@@ -13,9 +13,10 @@ What waitress does not do on its own:
   connections closed unanswered; and the listening socket stays open until
   the process exits, so the kernel keeps accepting connections nobody will
   serve. run() here closes the listening socket first (new connections are
-  refused: a proxy tries another process), closes idle keep-alive
-  connections, serves every request already received, running or queued,
-  sends the answers, and only then returns (tests/test_faults.py).
+  refused: a proxy tries another process), serves every request already
+  received, running or queued, and those that still come on open
+  connections before they have been idle for _STOP_IDLE_SECONDS, each
+  answer with Connection: close, and only then returns (tests/test_faults.py).
 - Hold against hostile clients on its port (tests/test_edge.py): deadlines
   for a request's headers and body (waitress closes only connections silent
   for two minutes, so a client trickling a byte every few seconds held one
@@ -25,9 +26,11 @@ What waitress does not do on its own:
   can read.
 """
 
+import errno
 import heapq
 import json
 import logging
+import re
 import resource
 import select
 import signal
@@ -42,6 +45,7 @@ from waitress.parser import ParsingError
 from waitress.receiver import ChunkedReceiver
 from waitress.server import TcpWSGIServer
 from waitress.task import ErrorTask
+from waitress.task import WSGITask
 from waitress.utilities import BadRequest
 from waitress.utilities import RequestEntityTooLarge
 
@@ -89,8 +93,17 @@ _ACCEPTS_PER_WAKE = 64
 _BATCH_FROM = 256  # open connections
 # Answers below this are sent by the socket loop in one send() (create_server).
 _SEND_BYTES = 16 * 1024
+# A port held by another socket is asked again for this long before the
+# start is refused (listening_sockets).
+_PORT_WAIT_SECONDS = 3.0
 # How often the deadlines are checked (waitress' cleanup_interval, seconds).
 _SWEEP_SECONDS = 1
+# While stopping, a keep-alive connection is closed once it has been idle
+# this long: a request that comes on it before is served (its answer says
+# Connection: close). Closing one at once races a client that is sending
+# on it: nginx cannot retry a POST it has sent, and answers 502. The
+# shipped nginx.conf closes its idle upstream connections sooner (2 s).
+_STOP_IDLE_SECONDS = 3.0
 
 
 class _ChunkedReceiver(ChunkedReceiver):
@@ -150,20 +163,35 @@ class _Parser(HTTPRequestParser):
         if b'\r\n ' in header_plus or b'\r\n\t' in header_plus:
             raise ParsingError('obs-fold in a header')
         super().parse_header(header_plus)
-        headers = self.headers
         if self.chunked:
             # Content-Length and Transfer-Encoding together is how a request
             # is smuggled past a proxy that reads the other one (RFC 9112
             # §6.1); refused, and the connection closed with the answer.
-            if 'CONTENT_LENGTH' in headers:
+            if _field_lines(header_plus, b'content-length'):
                 raise ParsingError('both Content-Length and Transfer-Encoding')
             self.body_rcv = _ChunkedReceiver(self.body_rcv.getbuf(), self.adj.max_request_body_size)
-        elif 'TRANSFER_ENCODING' in headers:
-            # HTTP/1.0 has no Transfer-Encoding; waitress ignores it there.
-            raise ParsingError('Transfer-Encoding in HTTP/1.0')
+        elif _field_lines(header_plus, b'transfer-encoding'):
+            # Not ending in chunked: HTTP/1.0 has none (waitress ignores it
+            # there), and an empty one is malformed (waitress ignores it).
+            raise ParsingError('Transfer-Encoding without chunked')
         # RFC 9112 §3.2: exactly one Host in an HTTP/1.1 request.
-        if self.version == '1.1' and ('HOST' not in headers or ',' in headers['HOST']):
+        if self.version == '1.1' and (_field_lines(header_plus, b'host') != 1 or ',' in self.headers.get('HOST', '')):
             raise ParsingError('HTTP/1.1 needs one Host header')
+
+
+def _field_lines(header_plus, name):
+    """How many lines of the request's header (`header_plus`, the request
+    line first) are the field `name` (lower case), counted in the bytes
+    received, so that the checks above do not depend on what waitress keeps
+    in its parsed headers: it joins repeated fields into one, and its main
+    branch drops Content-Length from a chunked request. Each field is a
+    line of its own, after a CRLF: waitress' parse refuses a space before
+    the colon and a bare CR or LF, and obs-fold is refused first."""
+    return len(_FIELD_LINE[name].findall(header_plus))
+
+
+_FIELD_LINE = {name: re.compile(b'\r\n' + re.escape(name) + b':', re.IGNORECASE)
+               for name in (b'content-length', b'transfer-encoding', b'host')}
 
 
 class _JSONErrorTask(ErrorTask):
@@ -191,7 +219,18 @@ class _JSONErrorTask(ErrorTask):
         )
 
 
+class _Task(WSGITask):
+    def build_response_header(self):
+        # Stopping: the connection's last answer says so, and the client
+        # sends its next request elsewhere (nginx: to another upstream)
+        # rather than on a connection about to close.
+        if self.channel.server.stopping:
+            self.set_close_on_finish()
+        return super().build_response_header()
+
+
 class _Channel(HTTPChannel):
+    task_class = _Task
     error_task_class = _JSONErrorTask
     parser_class = _Parser
     request_started = 0.0  # when the first byte of the request being received came
@@ -263,6 +302,7 @@ class _Listener(TcpWSGIServer):
     every _SWEEP_SECONDS; handle_accept() for each new connection."""
 
     channel_class = _Channel
+    stopping = False  # run() has begun to stop: every answer closes its connection
 
     def configure(self, settings):
         self.header_timeout = settings.header_timeout_ms / 1000
@@ -457,10 +497,15 @@ def listening_sockets(settings, count):
     """`count` TCP sockets bound to HOST:PORT, one per worker process, with
     SO_REUSEPORT: the kernel spreads new connections over them evenly. (One
     shared socket would go to whichever process wakes first: with a fast
-    loop, one process took a whole burst while the other idled.)"""
+    loop, one process took a whole burst while the other idled.)
+    SO_REUSEPORT would also let a second flashsale (or anything else that
+    sets it) bind the same port and take a share of the connections: a port
+    anything is bound to is refused first (OSError, EADDRINUSE)."""
     family = socket.AF_INET6 if ':' in settings.host else socket.AF_INET
-    socks = []
     port = settings.port
+    if port:
+        _alone_on(family, settings.host, port)
+    socks = []
     for _ in range(count):
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -472,6 +517,26 @@ def listening_sockets(settings, count):
         sock.listen(settings.backlog)
         socks.append(sock)
     return socks
+
+
+def _alone_on(family, host, port):
+    """Raise OSError (EADDRINUSE) if a socket holds host:port. Without
+    SO_REUSEPORT, binding fails while any socket holds the port, whether or
+    not it set SO_REUSEPORT. A server that was just stopped or killed (its
+    workers stop when their parent dies) lets go of it within moments: it
+    is asked again for up to _PORT_WAIT_SECONDS. (Two servers starting in
+    the same instant could both pass this; one after the other cannot.)"""
+    deadline = time.monotonic() + _PORT_WAIT_SECONDS
+    while True:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+                return
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or time.monotonic() > deadline:
+                    raise
+        time.sleep(0.1)
 
 
 def listening_socket(settings):
@@ -538,42 +603,50 @@ def create_server(app, settings, sock=None):
     return server
 
 
-def run(server, grace_seconds, signals=None, on_stop=None):
-    """Serve until SIGTERM or SIGINT, then stop gracefully: no new
-    connections, requests in flight (received, queued or running) finish and
-    their answers are sent, for up to grace_seconds; a second signal stops
-    waiting. Returns when done. `signals`: those received already (start-up
-    recorded them), to which the ones to come are added. `on_stop()` is
-    called when the stop begins."""
-    signals = [] if signals is None else signals
-    previous = {sig: signal.signal(sig, lambda signum, frame: signals.append(signum))
-                for sig in (signal.SIGTERM, signal.SIGINT)}
+def _stop_reason(reason):
+    return signal.Signals(reason).name if isinstance(reason, int) else str(reason)
+
+
+def serve(server, grace_seconds, stops, on_stop=None):
+    """Serve until `stops` (a list, appended to by a signal handler or by
+    another thread) is not empty, then stop gracefully: no new connections,
+    requests in flight (received, queued or running) finish and their
+    answers are sent, for up to grace_seconds; Ctrl-C again (a SIGINT
+    after the first entry) stops waiting. A repeated SIGTERM is the same
+    stop: systemd sends one to every process of the service, and the parent
+    of the workers passes its own on. Returns when done. `on_stop()` is called when the stop
+    begins. From any thread: the loop looks at `stops` every _TICK, so a
+    stop asked for from a thread, or a signal, takes effect within it."""
     socket_map = server._map
     poller = (_Poller if hasattr(select, 'epoll') else _Poll2)(socket_map)
     try:
-        while not signals:
+        while not stops:
             poller.poll(_TICK)
-        log.info('%s: stopping; finishing the requests in flight', signal.Signals(signals[0]).name)
-        if on_stop is not None:
-            on_stop()
+        log.info('%s: stopping; finishing the requests in flight', _stop_reason(stops[0]))
+        server.stopping = True
         # Closes the listening socket only. (server.close() would also close
         # the wake-up pipe the worker threads still use.) Out of the epoll
         # set first: after close() its fd is no longer ours to name.
         poller.forget(server._fileno)
         wasyncore.dispatcher.close(server)
+        if on_stop is not None:
+            on_stop()
+        began = time.time()  # waitress' clock (last_activity)
         deadline = time.monotonic() + grace_seconds
         while True:
+            now = time.time()
             channels = [d for d in list(socket_map.values()) if isinstance(d, HTTPChannel)]
             for channel in channels:
-                # No request received and waiting, being served or half
-                # read: close the connection once its last answer is sent.
-                # (Only the loop's thread adds requests; a worker removes one
-                # after its answer is in the channel's buffer.)
-                if not channel.requests and channel.request is None:
+                # Nothing received and waiting, being served or half read,
+                # for _STOP_IDLE_SECONDS: closed once its last answer is
+                # sent. (Only the loop's thread adds requests; a worker
+                # removes one after its answer is in the channel's buffer.)
+                if (not channel.requests and channel.request is None
+                        and now - max(channel.last_activity, began) > _STOP_IDLE_SECONDS):
                     channel.close_when_flushed = True
             if not channels:
                 break
-            if time.monotonic() > deadline or len(signals) > 1:
+            if time.monotonic() > deadline or signal.SIGINT in stops[1:]:
                 busy = sum(1 for c in channels if c.requests)
                 log.warning('stopping with %d request(s) unfinished', busy)
                 break
@@ -582,5 +655,3 @@ def run(server, grace_seconds, signals=None, on_stop=None):
     finally:
         wasyncore.close_all(socket_map)
         poller.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

@@ -28,7 +28,7 @@ from resources import database
 from resources import embedded
 from resources import serving
 from resources.credentials import Credentials
-import servers
+import servers as launcher
 from servers import free_port  # noqa: F401 (for the tests: scripts/servers.py, one for the tests and the tools)
 from invariants import sale_state  # noqa: F401 (for the tests: scripts/invariants.py, one checker for all)
 
@@ -299,8 +299,7 @@ def serve_env(database_url, **extra):
     secret, one process unless `extra` says WORKERS (the default, one per
     core, would fork every test's server, and a connection table or a
     process' log is one process')."""
-    return clean_env(DATABASE_URL=database_url, JWT_SECRET=TEST_SECRET, BCRYPT_ROUNDS='4',
-                     **{'WORKERS': '1', **extra})
+    return clean_env(DATABASE_URL=database_url, JWT_SECRET=TEST_SECRET, **{'BCRYPT_ROUNDS': '4', 'WORKERS': '1', **extra})
 
 
 def start_serve(env, log_path, timeout=60):
@@ -308,26 +307,67 @@ def start_serve(env, log_path, timeout=60):
     (truncated first); returns the process once it says it is listening
     (scripts/servers.py: the launcher the load tool uses too)."""
     try:
-        return servers.start_serve(env, log_path, timeout)
-    except servers.StartError as exc:
+        return launcher.start_serve(env, log_path, timeout)
+    except launcher.StartError as exc:
         pytest.fail(str(exc))
 
 
-def _serve_in_thread(app, settings):
-    """The server `flashsale serve` builds (resources/serving.py: its
-    connection limit, poll loop, body limit, JSON errors, proxy headers)
-    for app, on a free loopback port, serving in a thread; and its base URL."""
-    server = serving.create_server(app, dataclasses.replace(settings, host='127.0.0.1', port=0))
-    threading.Thread(target=server.run, daemon=True).start()
-    return server, f'http://127.0.0.1:{server.effective_port}'
+# The servers `flashsale serve` can run (SERVER): server-level tests run on each.
+SERVERS = ('waitress', 'granian')
+
+
+class ServerInThread:
+    """The server `flashsale serve` builds for app (`engine`: waitress, with
+    resources/serving.py's connection limit, body limit, JSON errors, proxy
+    headers; or granian, resources/granian_server.py), on a free loopback
+    port, served in a thread by the loop `flashsale serve` runs (its
+    serve(), with the graceful stop). stop() stops it as SIGTERM does,
+    through the same code, and fails if it has not stopped by the end of
+    its grace. on_stop: called when the stop begins (as flashsale's, e.g.
+    the batches' stop)."""
+
+    def __init__(self, app, settings, on_stop=None, engine='waitress'):
+        settings = dataclasses.replace(settings, host='127.0.0.1', port=0, server=engine)
+        self.grace = settings.shutdown_timeout
+        module = flashsale._engine(settings)
+        self.server = module.create_server(app, settings, serving.listening_socket(settings))
+        self.port = self.server.effective_port
+        self.base_url = f'http://127.0.0.1:{self.port}'
+        self._stops = []
+        self._thread = threading.Thread(target=module.serve, args=(self.server, self.grace, self._stops, on_stop),
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self):
+        self._stops.append('end of test')
+        # serve() gives up waiting for the requests in flight at the grace,
+        # then waits up to 1 s for its worker threads.
+        self._thread.join(self.grace + 5)
+        if self._thread.is_alive():
+            pytest.fail(f'the server on port {self.port} did not stop within {self.grace + 5} s')
+
+
+@pytest.fixture(scope='session', params=SERVERS)
+def each_server(request):
+    """The name of a server `flashsale serve` can run: a test (or fixture)
+    that takes it runs once under each."""
+    return request.param
+
+
+@pytest.fixture(scope='session')
+def raced_server(wsgi_app, settings, each_server):
+    """The session's app in the real server, in a thread, under each server. Yields its base URL."""
+    server = ServerInThread(wsgi_app, settings, engine=each_server)
+    yield server.base_url
+    server.stop()
 
 
 @pytest.fixture(scope='session')
 def live_server(wsgi_app, settings):
     """The session's app in the real server, in a thread. Yields its base URL."""
-    server, base_url = _serve_in_thread(wsgi_app, settings)
-    yield base_url
-    server.close()
+    server = ServerInThread(wsgi_app, settings)
+    yield server.base_url
+    server.stop()
 
 
 @pytest.fixture
@@ -337,13 +377,12 @@ def serve_in_thread():
     servers = []
 
     def serve(app):
-        server, base_url = _serve_in_thread(app.wsgi, app.settings)
-        servers.append(server)
-        return base_url
+        servers.append(ServerInThread(app.wsgi, app.settings))
+        return servers[-1].base_url
 
     yield serve
     for server in servers:
-        server.close()
+        server.stop()
 
 
 # --- HTTP over a socket -----------------------------------------------------------
@@ -386,6 +425,34 @@ def call(base_url, method, path, body=None, token=None, headers=None, timeout=30
         return answer(conn)
     finally:
         conn.close()
+
+
+def buy_over_http(base_url, sale_id, token, timeout=60):
+    """One purchase on a new connection: (status, code, order, pid of the
+    server process that answered, from its request id), or (None,
+    'no_answer', None, None) when the connection failed before an answer."""
+    try:
+        resp = call(base_url, 'POST', f'/api/flash-sales/{sale_id}/purchase', token=token, timeout=timeout)
+    except (OSError, http.client.HTTPException):
+        return None, 'no_answer', None, None
+    body = resp.json or {}
+    return resp.status, body.get('code'), body.get('order'), int(resp.headers['X-Request-ID'].split('-')[0], 16)
+
+
+def requests_read_by_server(port):
+    """How many established connections to the server on `port` (this
+    machine, IPv4) have nothing left unread on the server's side: requests
+    it has read and not yet answered, once the clients have all sent."""
+    local = f':{port:04X}'
+    count = 0
+    with open('/proc/net/tcp') as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            # local address, remote, state (01: established), tx_queue:rx_queue
+            if fields[1].endswith(local) and fields[3] == '01' and fields[4].split(':')[1] == '00000000':
+                count += 1
+    return count
 
 
 def raw_http(base_url, data):
@@ -469,10 +536,9 @@ def real_server(pool):
     servers = []
 
     def start(settings):
-        server, _ = _serve_in_thread(flashsale.create_app(settings, pool), settings)
-        servers.append(server)
-        return server.effective_port
+        servers.append(ServerInThread(flashsale.create_app(settings, pool), settings))
+        return servers[-1].port
 
     yield start
     for server in servers:
-        server.close()
+        server.stop()

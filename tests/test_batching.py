@@ -24,6 +24,7 @@ import psycopg
 import pytest
 
 import flashsale
+from conftest import ServerInThread
 from conftest import TEST_SECRET
 from conftest import auth
 from conftest import free_port
@@ -44,23 +45,24 @@ def wait_for(predicate, timeout=20, message='condition'):
 
 
 @pytest.fixture
-def server(settings, database_url):
-    """server(**settings overrides) -> (base URL, Batches): the real waitress
-    server as `flashsale serve` builds it, with a pool and batches of its own."""
+def server(settings, database_url, each_server):
+    """server(**settings overrides) -> (base URL, Batches): the real server
+    as `flashsale serve` builds it, with a pool and batches of its own,
+    under each server."""
     made = []
 
     def start(**overrides):
         mine = dataclasses.replace(settings, **{'threads': 64, 'pool_size': 8, 'port': 0, **overrides})
         pool = database.open_pool(mine, database_url)
         batches = flashsale.purchase_batches(mine, pool)
-        srv = serving.create_server(flashsale.create_app(mine, pool, batches), mine)
-        threading.Thread(target=srv.run, daemon=True).start()
+        srv = ServerInThread(flashsale.create_app(mine, pool, batches), mine,
+                             on_stop=lambda: batches.stop(mine.shutdown_timeout / 2), engine=each_server)
         made.append((srv, pool))
-        return f'http://127.0.0.1:{srv.effective_port}', batches
+        return srv.base_url, batches
 
     yield start
     for srv, pool in made:
-        srv.close()
+        srv.stop()
         pool.close(timeout=1)
 
 
@@ -508,8 +510,9 @@ def test_sigterm_answers_every_queued_purchase_before_the_server_stops(
     """Queued purchases would wait the pool timeout (5 s) for a statement,
     past the 2 s grace: on SIGTERM they are answered 503 overloaded (nothing
     was bought) within half the grace, while the row is still held. The
-    server runs here as flashsale serve runs it (serving.run with the
-    batches' stop, in the main thread, which receives the signal)."""
+    server runs here as flashsale serve runs it (serving.serve with the
+    batches' stop; a real process' signal reaches that stop list in
+    tests/test_process_life.py)."""
     mine = dataclasses.replace(settings, threads=16, port=0, lock_timeout_ms=1500)
     pool = database.open_pool(mine, database_url)
     batches = flashsale.purchase_batches(mine, pool)
@@ -519,14 +522,16 @@ def test_sigterm_answers_every_queued_purchase_before_the_server_stops(
     holder = hold_sale_row(database_url, sale_id)
     buyers = Buyers(f'http://127.0.0.1:{srv.effective_port}', sale_id)
 
+    stops = []
+
     def then_stop():
         start_first_then_queue(buyers, batches, db, (0, users[0][1]), [(i, users[i][1]) for i in range(1, 4)])
-        os.kill(os.getpid(), signal.SIGTERM)
+        stops.append(signal.SIGTERM)
 
     stopper = threading.Thread(target=then_stop)
     stopper.start()
     try:
-        serving.run(srv, 2.0, on_stop=lambda: batches.stop(1.0))
+        serving.serve(srv, 2.0, stops, on_stop=lambda: batches.stop(1.0))
     finally:
         stopper.join()
         results = buyers.join()

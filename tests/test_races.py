@@ -108,35 +108,35 @@ def test_the_schema_holds_the_invariants_itself(db):
     assert constraints.get('flash_sales_total_stock_positive') == ('c', 'CHECK ((total_stock > 0))'), constraints
 
 
-def test_many_users_little_stock_sells_exactly_the_stock(live_server, make_users, make_sale, db):
+def test_many_users_little_stock_sells_exactly_the_stock(raced_server, make_users, make_sale, db):
     sale_id = make_sale(stock=50)
-    assert race_and_check(live_server, db, sale_id, make_users(200)) == {201: 50, 'sold_out': 150}
+    assert race_and_check(raced_server, db, sale_id, make_users(200)) == {201: 50, 'sold_out': 150}
     assert sale_state(db, sale_id) == (50, 0, 50)
 
 
-def test_one_user_many_tabs_gets_one_order_and_stock_drops_by_one(live_server, make_users, make_sale, db):
+def test_one_user_many_tabs_gets_one_order_and_stock_drops_by_one(raced_server, make_users, make_sale, db):
     """Several users each racing 10 tabs of their own at once: a duplicate
     check that reads a snapshot would let a tab's decrement through and then
     drop its order, leaking a unit. Stock must drop by exactly the number of
     users."""
     sale_id = make_sale(stock=100)
-    assert race_and_check(live_server, db, sale_id, make_users(8), tabs=10) == {201: 8, 'already_purchased': 72}
+    assert race_and_check(raced_server, db, sale_id, make_users(8), tabs=10) == {201: 8, 'already_purchased': 72}
     assert sale_state(db, sale_id) == (100, 92, 8)
 
 
-def test_one_user_twenty_five_tabs(live_server, make_users, make_sale, db):
+def test_one_user_twenty_five_tabs(raced_server, make_users, make_sale, db):
     sale_id = make_sale(stock=10)
-    assert race_and_check(live_server, db, sale_id, make_users(1), tabs=25) == {201: 1, 'already_purchased': 24}
+    assert race_and_check(raced_server, db, sale_id, make_users(1), tabs=25) == {201: 1, 'already_purchased': 24}
     assert sale_state(db, sale_id) == (10, 9, 1)
 
 
-def test_the_last_item_goes_to_exactly_one_user(live_server, make_users, make_sale, db):
+def test_the_last_item_goes_to_exactly_one_user(raced_server, make_users, make_sale, db):
     sale_id = make_sale(stock=1)
-    assert race_and_check(live_server, db, sale_id, make_users(30)) == {201: 1, 'sold_out': 29}
+    assert race_and_check(raced_server, db, sale_id, make_users(30)) == {201: 1, 'sold_out': 29}
     assert sale_state(db, sale_id) == (1, 0, 1)
 
 
-def test_the_window_holds_under_a_stampede(live_server, make_users, make_sale, db):
+def test_the_window_holds_under_a_stampede(raced_server, make_users, make_sale, db):
     """40 users keep buying while the sale opens and while it closes: every
     order placed lies inside [start, end), everyone refused before the start
     was told sale_not_started and after the end sale_ended, and each user
@@ -151,7 +151,7 @@ def test_the_window_holds_under_a_stampede(live_server, make_users, make_sale, d
     give_up = time.monotonic() + 120
 
     def keep_buying(user_id, token):
-        conn = connect(live_server)  # one keep-alive connection per user
+        conn = connect(raced_server)  # one keep-alive connection per user
         while time.monotonic() < give_up:
             send(conn, 'POST', f'/api/flash-sales/{sale_id}/purchase', token=token)
             resp = answer(conn)

@@ -1,0 +1,170 @@
+"""granian, as `flashsale serve` runs it with SERVER=granian.
+
+granian's HTTP/1 I/O is Rust (hyper): the socket work that is most of a
+short request's CPU under waitress runs outside the interpreter lock. It is
+the production engine behind nginx; its raw port is not hardened the way
+resources/serving.py hardens waitress' (no body deadline, no shedding of
+idle sockets, its own refusals in plain text), and nginx in front answers
+those at the edge (scripts/nginx.conf).
+
+flashsale, not granian's own supervisor, forks the workers and handles the
+signals (flashsale.py), so a stop, a restart and a dead worker mean the same
+under both servers. Each worker runs one granian WSGI worker on the
+listening socket it inherited. That is granian's Rust worker class, below
+its Python supervisor: GRANIAN_NAMES lists every name used, the version is
+pinned in setup.cfg, and tests/test_granian_contract.py fails naming what
+changed when granian does.
+"""
+
+import io
+import json
+import logging
+import os
+import signal
+import threading
+import time
+
+from resources.errors import CATALOGUE
+from resources.middleware import API_SECURITY_HEADERS
+
+log = logging.getLogger('flashsale')
+
+# Every name of granian's this module uses (tests/test_granian_contract.py):
+# module -> {name: the parameters it is called with, or () for a name only}.
+GRANIAN_NAMES = {
+    'granian._granian': {
+        'WSGIWorker': ('worker_id', 'sock', 'ipc', 'threads', 'blocking_threads', 'py_threads',
+                       'py_threads_idle_timeout', 'backpressure', 'http_mode', 'http1_opts', 'http2_opts',
+                       'static_files', 'ssl_enabled', 'ssl_cert', 'ssl_key', 'ssl_key_password',
+                       'ssl_protocol_min', 'ssl_ca', 'ssl_crl', 'ssl_client_verify', 'metrics'),
+        'SocketHolder': ('fd', 'uds', 'backlog'),
+        'WorkerSignal': (),
+    },
+    'granian._granian.WSGIWorker': {'serve_str': ()},
+    'granian._granian.WorkerSignal': {'set': (), 'add_cb': ()},
+    'granian._futures': {'_new_cbscheduler': ('loop', 'cb', 'impl_asyncio')},
+    'granian._loops': {'loops': ()},
+    'granian.wsgi': {'_callback_wrapper': ('callback', 'scope_opts', 'access_log_fmt')},
+    'granian.http': {'HTTP1Settings': ('header_read_timeout', 'keep_alive', 'max_buffer_size', 'pipeline_flush')},
+}
+
+# How often the main thread looks at the signals recorded (a signal
+# handler only appends to a list; the stop itself runs here).
+_TICK = 0.2
+
+
+def missing():
+    """Why granian cannot be used here (not installed), or None."""
+    try:
+        import granian._granian  # noqa: F401, PLC0415
+    except ImportError:
+        return "SERVER=granian needs granian: pip install 'flashsale[granian]'"
+    return None
+
+
+def _refusal(status, code):
+    body = json.dumps({'code': code, 'message': CATALOGUE[code].message}, separators=(',', ':')).encode()
+    headers = [('Content-Type', 'application/json'), ('Content-Length', str(len(body))),
+               ('Cache-Control', 'no-store'), *API_SECURITY_HEADERS]
+    return status, headers, body
+
+
+class _BufferedBodies:
+    """The app reads a body by its Content-Length (Falcon's bounded_stream);
+    a chunked request has none, and granian passes it on without one, so
+    the app would read it as empty. Such a body is read here, up to the
+    body limit (413 past it), and handed on with its length."""
+
+    def __init__(self, app, max_body):
+        self.app = app
+        self.max_body = max_body
+
+    def __call__(self, environ, start_response):
+        if not environ.get('CONTENT_LENGTH') and 'chunked' in environ.get('HTTP_TRANSFER_ENCODING', '').lower():
+            body = environ['wsgi.input'].read(self.max_body + 1)
+            if len(body) > self.max_body:
+                status, headers, payload = _refusal('413 Payload Too Large', 'payload_too_large')
+                start_response(status, headers)
+                return [payload]
+            environ['CONTENT_LENGTH'] = str(len(body))
+            environ['wsgi.input'] = io.BytesIO(body)
+        return self.app(environ, start_response)
+
+
+class Server:
+    """One granian WSGI worker for `app` on `sock`, not yet serving."""
+
+    def __init__(self, app, settings, sock):
+        from granian._futures import _new_cbscheduler  # noqa: PLC0415
+        from granian._granian import SocketHolder  # noqa: PLC0415
+        from granian._granian import WorkerSignal  # noqa: PLC0415
+        from granian._granian import WSGIWorker  # noqa: PLC0415
+        from granian._loops import loops  # noqa: PLC0415
+        from granian.http import HTTP1Settings  # noqa: PLC0415
+        from granian.wsgi import _callback_wrapper  # noqa: PLC0415
+
+        self.effective_port = sock.getsockname()[1]
+        self._signal = WorkerSignal()
+        self._drained = threading.Event()
+        # Called by granian once it has stopped accepting and every request
+        # in flight has been answered.
+        self._signal.add_cb(self._drained.set)
+        self._loop = loops.get('auto')
+        wsgi = _BufferedBodies(app, settings.max_body_bytes)
+        self._scheduler = _new_cbscheduler(self._loop, _callback_wrapper(wsgi, {}, None), impl_asyncio=False)
+        self._worker = WSGIWorker(
+            worker_id=1,
+            # granian closes the socket it is given when it stops: its own
+            # copy, so that closing it closes the listener (ours is closed
+            # below), and nothing else closes the same descriptor twice.
+            sock=(None, SocketHolder(fd=os.dup(sock.fileno()), uds=False, backlog=settings.backlog)),
+            ipc=None,
+            # THREADS for everything, plus one for each login the hashing
+            # queue may hold, as under waitress (resources/serving.py).
+            py_threads=settings.threads + settings.hash_queue,
+            # Requests taken off the sockets before one waits for a thread:
+            # every thread busy and as many again queued.
+            backpressure=2 * (settings.threads + settings.hash_queue),
+            http_mode='1',
+            http1_opts=HTTP1Settings(header_read_timeout=settings.header_timeout_ms),
+        )
+        sock.close()
+
+    def start(self):
+        """Serving from now on, on granian's own threads."""
+        self._worker.serve_str(self._scheduler, self._loop, self._signal)
+
+    def begin_stop(self):
+        """No new connections from now on; the requests in flight are answered."""
+        self._signal.set()
+
+    def stopped(self, wait):
+        """Whether every request in flight has been answered, waiting up to `wait` seconds."""
+        return self._drained.wait(wait)
+
+
+def create_server(app, settings, sock):
+    return Server(app, settings, sock)
+
+
+def serve(server, grace_seconds, stops, on_stop=None):
+    """Serve until `stops` (a list, appended to by a signal handler or by
+    another thread) is not empty, then stop: on_stop(), no new connections,
+    and the requests in flight answered, for up to grace_seconds; a SIGINT
+    after the first entry (Ctrl-C again) stops waiting. The same contract
+    as serving.serve."""
+    server.start()
+    while not stops:
+        time.sleep(_TICK)
+    first = stops[0]
+    log.info('%s: stopping; finishing the requests in flight',
+             signal.Signals(first).name if isinstance(first, int) else first)
+    deadline = time.monotonic() + grace_seconds
+    server.begin_stop()
+    if on_stop is not None:
+        on_stop()
+    # Until they are answered, the grace is over, or Ctrl-C again.
+    while not server.stopped(_TICK):
+        if time.monotonic() > deadline or signal.SIGINT in stops[1:]:
+            log.warning('stopping with requests unfinished')
+            break
