@@ -1,8 +1,7 @@
 """The HTTP edge against hostile clients, on the real waitress server
 (resources/serving.py) and the real database: bodies that cost, text the
 database cannot take, forged log lines, smuggled requests, sockets that
-trickle or sit idle, and the operator's start-up edges (README: Abuse and bad
-input)."""
+trickle or sit idle, and the operator's start-up edges (docs/security.md)."""
 
 import dataclasses
 import http.client

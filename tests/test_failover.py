@@ -2,7 +2,7 @@
 standby (scripts/private_postgres.py), the service on a two-host DATABASE_URL,
 SIGKILL of the primary, `pg_ctl promote` of the standby. Every purchase
 answered 201 must be on the new primary, and a read-only server must never
-take one. README: "Losing the database server"."""
+take one. docs/operating.md: "Losing the database server"."""
 
 import threading
 import time
@@ -21,7 +21,7 @@ from conftest import wait_for_health
 from resources import database
 from private_postgres import PrivatePostgres
 
-# The bound this project promises (README): after the promotion, the service
+# The bound this project promises (docs/operating.md): after the promotion, the service
 # takes purchases again within this many seconds, by itself. Measured on
 # loopback it is a few hundredths of a second; the rest is room for a
 # loaded machine.

@@ -190,7 +190,7 @@ def test_purchase_cut_off_by_a_database_shutdown_is_503_outcome_unknown_and_sett
     assert 'GET /api/me/orders/' in resp.json['message']
     assert int(resp.headers['Retry-After']) >= 1
 
-    # What the README tells the client to do: ask.
+    # What docs/operating.md tells the client to do: ask.
     wait_for_health(client, timeout=5, message='recovery')
     resp = client.get(f'/api/me/orders/{sale_id}', headers=auth(token), status=404)
     assert resp.status_int == 404, resp.json

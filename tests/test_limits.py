@@ -148,7 +148,7 @@ def test_register_and_login_share_a_per_address_limit(make_app, db):
 
 
 def test_loopback_is_exempt_by_default(client):
-    """The test suite and the load tests call from 127.0.0.1 (README: Rate limits)."""
+    """The test suite and the load tests call from 127.0.0.1 (docs/security.md: Rate limits)."""
     assert flashsale.Settings().rate_limit_exempt == ('127.0.0.1', '::1')
     for _ in range(2 * flashsale.Settings().auth_rate_per_minute):
         client.post_json('/api/auth/login', {'email': 'nobody@example.com', 'password': 'password123'}, status=401)
