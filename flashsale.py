@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import re
 import secrets
 import signal
 import sys
@@ -97,7 +98,10 @@ class Settings:
     idle_timeout_ms: int = 10_000  # a connection waiting for its next request
     auth_rate_per_minute: int = 30  # register + login per client address (0: off)
     purchase_rate_per_second: int = 5  # purchases per user, twice that at once (0: off)
-    rate_limit_exempt: tuple = ('127.0.0.1', '::1')  # client addresses no limit applies to
+    # Client addresses no limit applies to: none by default. Behind a proxy on
+    # the same host every client would be loopback, so a loopback default
+    # would turn every limit off there (README, "Rate limits").
+    rate_limit_exempt: tuple = ()
     shutdown_timeout: float = 10.0  # seconds SIGTERM waits for requests in flight
     purchase_batch_max: int = 64  # purchases of one sale in one statement, at most
     log_level: str = 'INFO'
@@ -120,7 +124,40 @@ class Settings:
                                       'nginx in front holds that limit (scripts/nginx.conf): unset it')
         if settings.jwt_secret and len(settings.jwt_secret.encode()) < MIN_JWT_SECRET_BYTES:
             raise ConfigError(f'JWT_SECRET must be at least {MIN_JWT_SECRET_BYTES} bytes long')
+        for origin in settings.cors_origins:
+            _check_origin(origin)
+        _check_exemption(settings)
         return settings
+
+
+# An origin as a browser sends it: scheme://host[:port], in lower case (an
+# IDN in punycode), no path, no trailing slash. Falcon's CORSMiddleware
+# compares it as written, so anything else never matches.
+_ORIGIN = re.compile(r'^[a-z][a-z0-9+.-]*://[a-z0-9.\-\[\]:]+$')
+
+
+def _check_origin(origin):
+    if origin == '*':
+        # Falcon takes '*' only as a string, not in a list (a ValueError in
+        # every worker). And an API that holds accounts and orders is not
+        # for every site on the web to call: the origins are named.
+        raise ConfigError('CORS_ORIGINS=* is refused: list the origins that may call the API from a browser, '
+                          'e.g. CORS_ORIGINS=https://shop.example.com,https://admin.example.com')
+    if not _ORIGIN.match(origin):
+        raise ConfigError(f'CORS_ORIGINS: {origin!r} is not an origin as a browser sends it: '
+                          'scheme://host[:port] in lower case, without a path or a trailing slash, '
+                          'e.g. https://shop.example.com')
+
+
+def _check_exemption(settings):
+    """An exemption that covers the proxy exempts every client it forwards
+    without X-Forwarded-For; with every proxy trusted ('*'), any client can
+    claim an exempt address in that header."""
+    proxy = settings.trusted_proxy
+    if proxy and settings.rate_limit_exempt and (proxy == '*' or proxy in settings.rate_limit_exempt):
+        raise ConfigError(f'RATE_LIMIT_EXEMPT must not cover TRUSTED_PROXY ({proxy}): every client behind '
+                          'the proxy would be exempt; set RATE_LIMIT_EXEMPT= (empty), or AUTH_RATE_PER_MINUTE=0 '
+                          'and PURCHASE_RATE_PER_SECOND=0 for a load test through the proxy')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,7 +259,9 @@ _WAITRESS_ONLY = ('CONNECTION_LIMIT', 'BODY_TIMEOUT_MS', 'IDLE_TIMEOUT_MS')
 
 def _json_default(value):
     if isinstance(value, datetime):
-        return value.astimezone(timezone.utc).isoformat(timespec='milliseconds').replace('+00:00', 'Z')
+        # To the microsecond, as PostgreSQL stores a timestamptz: a time
+        # read back is the time written, and two distinct ones stay distinct.
+        return value.astimezone(timezone.utc).isoformat(timespec='microseconds').replace('+00:00', 'Z')
     if isinstance(value, uuid.UUID):
         return str(value)
     raise TypeError(f'{type(value).__name__} is not JSON serializable')
@@ -250,23 +289,27 @@ class _App(falcon.App):
         super().add_route(uri_template, resource, **kwargs)
 
 
-def create_app(settings, pool, batches=None, hash_queue=None):
+def create_app(settings, pool, batches=None, hash_queue=None, poll_cache=None):
     """The WSGI app. `pool` is an open psycopg_pool.ConnectionPool; the
     settings must carry the JWT secret. `batches`: purchase_batches(), by
     default made here (the server passes its own, to stop it on SIGTERM).
     `hash_queue`: the hashing.HashQueue to use (default: one of its own, from
-    the settings; its processes start at the first login unless started)."""
+    the settings; its processes start at the first login unless started).
+    `poll_cache`: the PollCache of the polled answers (default: one of its
+    own, from the settings)."""
     credentials = Credentials(
         settings.jwt_secret, settings.jwt_ttl_seconds, settings.bcrypt_rounds, hash_queue or new_hash_queue(settings)
     )
-    poll_cache = PollCache(settings.poll_cache_ms / 1000, _json_default)
+    poll_cache = new_poll_cache(settings) if poll_cache is None else poll_cache
 
     stack = [middleware.RequestLog(), middleware.SecurityHeaders(), middleware.StaticMethods()]
     if settings.cors_origins:
-        stack.append(falcon.CORSMiddleware(allow_origins=list(settings.cors_origins)))
+        stack.append(falcon.CORSMiddleware(allow_origins=list(settings.cors_origins),
+                                           expose_headers=middleware.CORS_EXPOSED_HEADERS))
+        stack.append(middleware.VaryByOrigin())
     # Authentication before the rate limits: they key purchases by its user id.
     stack.append(Authentication(credentials))
-    stack.append(RateLimits(settings))
+    stack.append(RateLimits(settings, pool))
     app = _App(middleware=stack, cors_enable=False)
 
     json_handler = falcon.media.JSONHandler(
@@ -283,7 +326,8 @@ def create_app(settings, pool, batches=None, hash_queue=None):
     app.add_route('/api/me/password', accounts.Password(pool, credentials, settings))
     app.add_route('/api/me/orders', orders.MyOrders(pool))
     app.add_route('/api/me/orders/{sale_id}', orders.MyOrder(pool))
-    app.add_route('/api/flash-sales', sales.Collection(pool, settings))
+    pages = new_poll_cache(settings, sales.CACHED_PAGES)
+    app.add_route('/api/flash-sales', sales.Collection(pool, settings, pages))
     app.add_route('/api/flash-sales/current', sales.Current(pool, poll_cache))
     app.add_route('/api/flash-sales/{sale_id}', sales.Item(pool, poll_cache))
     batches = batches or purchase_batches(settings, pool)
@@ -291,6 +335,13 @@ def create_app(settings, pool, batches=None, hash_queue=None):
     app.add_route('/openapi.json', openapi.Document())
     page.add_routes(app)
     return app
+
+
+def new_poll_cache(settings, entries=None):
+    """The cache of polled answers; `entries`: how many it keeps (default:
+    resources/cache.py's)."""
+    bounds = {} if entries is None else {'max_found': entries, 'max_missing': entries}
+    return PollCache(settings.poll_cache_ms / 1000, _json_default, **bounds)
 
 
 def new_hash_queue(settings):
@@ -308,10 +359,14 @@ def _database(settings):
     from resources import embedded  # noqa: PLC0415 (never imported in production)
 
     log.info('DATABASE_URL is not set: using the embedded PostgreSQL in %s', settings.data_dir)
-    url = embedded.start(settings.data_dir)
-    if not settings.jwt_secret:
-        settings = dataclasses.replace(settings, jwt_secret=embedded.jwt_secret(settings.data_dir))
-    return url, settings
+    if not settings.jwt_secret:  # before the database starts: a refusal then costs nothing
+        try:
+            secret = embedded.jwt_secret(settings.data_dir, MIN_JWT_SECRET_BYTES)
+        except OSError as exc:
+            raise ConfigError(f'cannot keep the development JWT secret in {exc.filename or settings.data_dir}: '
+                              f'{exc.strerror or exc}; free space or fix FLASHSALE_DATA_DIR, or set JWT_SECRET') from None
+        settings = dataclasses.replace(settings, jwt_secret=secret)
+    return embedded.start(settings.data_dir), settings
 
 
 @contextlib.contextmanager
@@ -400,6 +455,8 @@ def serve(settings, stop):
         if stop:
             return
         with _first_connection(settings, url) as conn:
+            if problem := database.connection_budget_problem(conn, settings):
+                raise ConfigError(problem)
             database.apply_schema(conn)
             if not settings.database_url:
                 _seed_demo(conn, settings)
@@ -611,8 +668,8 @@ def _stop_with_parent(prctl, parent):
 def init_db(settings):
     url, settings = _database(settings)
     with _first_connection(settings, url) as conn:
-        database.apply_schema(conn)
-    print('schema applied')
+        applied = database.apply_schema(conn)
+    print('schema applied' if applied else 'schema.sql is already applied: nothing to change')
 
 
 def _change_user(settings, email, statement, missing):
@@ -621,7 +678,7 @@ def _change_user(settings, email, statement, missing):
     url, settings = _database(settings)
     with _first_connection(settings, url) as conn:
         database.apply_schema(conn)
-        user = sql.one(conn, statement, {'email': email.strip().lower()})
+        user = sql.one(conn, statement, {'email': accounts.normalised_email(email)})
     if user is None:
         raise ConfigError(missing)
     return user
@@ -669,12 +726,16 @@ def _settings_help():
 
 
 def main(argv=None):
+    # A reader of this process' output that is gone (`flashsale serve | true`)
+    # must not end it: what it would have read is dropped (resources/logwriter.py).
+    sys.stdout = logwriter.ReaderGoneSafe(sys.stdout)
+    sys.stderr = logwriter.ReaderGoneSafe(sys.stderr)
     parser = argparse.ArgumentParser(prog='flashsale', description=__doc__.split('\n')[0])
     commands = parser.add_subparsers(dest='command', required=True)
     commands.add_parser('serve', help='run the HTTP server (settings: flashsale serve --help)',
                         description='Run the HTTP server.', epilog=_settings_help(),
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands.add_parser('init-db', help='apply schema.sql to the database (safe to repeat)')
+    commands.add_parser('init-db', help='apply schema.sql to the database, if it changed (safe to repeat)')
     grant = commands.add_parser('grant-admin', help='give an existing user admin rights')
     grant.add_argument('email')
     revoke = commands.add_parser('revoke-sessions', help='end every session of a user (their tokens fail)')
@@ -704,7 +765,7 @@ def main(argv=None):
             revoke_sessions(settings, args.email)
         else:
             grant_admin(settings, args.email)
-    except ConfigError as exc:
+    except (ConfigError, database.SchemaLocked) as exc:
         print(f'flashsale: {exc}', file=sys.stderr)
         return 2
     return 0

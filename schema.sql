@@ -40,6 +40,8 @@ CREATE TABLE IF NOT EXISTS flash_sales (
 
 CREATE INDEX IF NOT EXISTS flash_sales_end_date_idx ON flash_sales (end_date);
 CREATE INDEX IF NOT EXISTS flash_sales_start_date_idx ON flash_sales (start_date);
+-- The list of sales, newest first, a page at a time (sql.LIST_SALES_AFTER).
+CREATE INDEX IF NOT EXISTS flash_sales_created_at_id_idx ON flash_sales (created_at DESC, id);
 
 CREATE TABLE IF NOT EXISTS orders (
     id            uuid        PRIMARY KEY DEFAULT gen_random_uuid(),
@@ -57,3 +59,29 @@ CREATE TABLE IF NOT EXISTS orders (
 
 -- "my orders" looks orders up by user; the unique index above serves lookups by sale.
 CREATE INDEX IF NOT EXISTS orders_user_id_idx ON orders (user_id);
+
+-- The SHA-256 of the schema.sql last applied, in one row: start-up applies
+-- this file only when it differs (resources/database.py, apply_schema).
+CREATE TABLE IF NOT EXISTS schema_applied (
+    only_row   boolean     PRIMARY KEY DEFAULT true CHECK (only_row),
+    sha256     text        NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- The register/login limit (resources/ratelimit.py): one token bucket per
+-- client address, shared by every process and host on this database, so that
+-- AUTH_RATE_PER_MINUTE is the service's limit however many serve it. A row
+-- untouched long enough to refill is the same as no row: those are pruned a
+-- few at a time by the statement that takes a token (sql.TAKE_AUTH_TOKEN, by
+-- counted_at). UNLOGGED: a bucket is not worth a WAL record, nor a commit's
+-- flush or a standby's acknowledgement (a transaction that wrote only
+-- unlogged tables commits without waiting for either); after a crash or a
+-- failover the buckets start full, as after a restart of the limit in memory.
+CREATE UNLOGGED TABLE IF NOT EXISTS auth_rate_buckets (
+    address    text             PRIMARY KEY,
+    tokens     double precision NOT NULL,
+    counted_at timestamptz      NOT NULL,
+    refused    boolean          NOT NULL DEFAULT false  -- the last take found no token
+);
+
+CREATE INDEX IF NOT EXISTS auth_rate_buckets_counted_at_idx ON auth_rate_buckets (counted_at);

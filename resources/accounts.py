@@ -1,6 +1,7 @@
 """Registering, logging in, and who am I."""
 
 import re
+import unicodedata
 
 import falcon
 
@@ -20,9 +21,21 @@ from resources.parsing import string_field
 _EMAIL = re.compile(r'^[^@\s]+@[^@\s]+\.[^@\s]+$')
 
 
+def normalised_email(text):
+    """An email as it is stored and looked up: without invisible format
+    characters (Unicode category Cf: zero-width spaces and joiners, U+FEFF,
+    U+2060, bidirectional controls, the soft hyphen), trimmed and in lower
+    case. Dropped, not refused: they come with a pasted address, unseen, and
+    strip() keeps them, so kept, `x@y.z` and `x@y.z` + U+200B would be two
+    accounts that look like one."""
+    if not text.isascii():
+        text = ''.join(char for char in text if unicodedata.category(char) != 'Cf')
+    return text.strip().lower()
+
+
 def _credentials_from(req, settings):
     body = read_object(req, settings.max_body_bytes, required=('email', 'password'))
-    email = string_field(body, 'email', max_length=254).strip().lower()
+    email = normalised_email(string_field(body, 'email', max_length=254))
     if not _EMAIL.match(email):
         raise invalid('email', 'That does not look like an email address.', 'invalid_email')
     password = string_field(body, 'password', max_length=1024)

@@ -4,6 +4,7 @@ request's token once and puts its user id and token generation on
 req.context."""
 
 import collections
+import threading
 import time
 import uuid
 
@@ -33,7 +34,11 @@ Session = collections.namedtuple('Session', 'user_id generation')
 # purchase's CPU in the server. The key is the whole token, signature and
 # all, so only a token that passed jwt.decode() can ever match; what the
 # database says of it (revoked, account gone) is still asked on every
-# request. Full (about 8 MiB: 530 bytes a token), the map starts again empty.
+# request. Full (about 8 MiB: 530 bytes a token), the oldest entries go
+# first, and any expired ones at the front with them: a crowd larger than the
+# map keeps most of its tokens, where emptying the map when full made every
+# shopper's token be verified again each time it filled. Per process: with N
+# processes a shopper's token is verified up to N times.
 MAX_VERIFIED_TOKENS = 16_384
 
 
@@ -45,7 +50,10 @@ class Credentials:
         self._ttl = ttl_seconds
         self._rounds = bcrypt_rounds
         self._queue = hash_queue
-        self._verified = {}  # token -> (Session, its exp claim)
+        # token -> (Session, its exp claim), in the order they were verified.
+        # Read without the lock (one lookup); changed under it.
+        self._verified = collections.OrderedDict()
+        self._verified_lock = threading.Lock()
         # Checked against when the email is unknown, so that a login for an
         # unknown email costs the same bcrypt time as a wrong password.
         started = time.perf_counter()
@@ -110,10 +118,21 @@ class Credentials:
             raise refusal('token_expired') from None
         except (jwt.InvalidTokenError, ValueError, TypeError, AttributeError):
             raise refusal('invalid_token') from None
-        if len(self._verified) >= MAX_VERIFIED_TOKENS:
-            self._verified.clear()
-        self._verified[token] = (session, int(claims['exp']))  # as PyJWT reads it
+        self._remember(token, session, int(claims['exp']))  # exp as PyJWT reads it
         return session
+
+    def _remember(self, token, session, expires):
+        with self._verified_lock:
+            self._verified[token] = (session, expires)
+            now = time.time()
+            while len(self._verified) > MAX_VERIFIED_TOKENS or now >= next(iter(self._verified.values()))[1]:
+                self._verified.popitem(last=False)
+                if not self._verified:
+                    break
+
+    def verified_tokens(self):
+        """How many verified tokens this process remembers."""
+        return len(self._verified)
 
 
 class Authentication:

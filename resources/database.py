@@ -1,6 +1,7 @@
 """Connections to PostgreSQL: the pool the app uses, and applying schema.sql."""
 
 import contextlib
+import hashlib
 import logging
 import select
 import socket
@@ -268,9 +269,75 @@ def open_pool(settings, url):
     )
 
 
+class SchemaLocked(Exception):
+    """schema.sql must be applied, and a lock it needs was not granted within
+    the connection's lock_timeout; nothing was changed."""
+
+
 def apply_schema(conn):
-    """Apply schema.sql in one transaction. Safe to run any number of times
-    and from several processes at once."""
-    with conn.transaction():
-        conn.execute(sql.LOCK_SCHEMA)
-        conn.execute(schema_path().read_text())
+    """Bring the database to schema.sql; True if it had to be applied.
+
+    Applying takes table locks even when nothing changes (ADD COLUMN IF NOT
+    EXISTS waits for an exclusive lock on users, CREATE INDEX IF NOT EXISTS
+    for a share lock): a backup's open transaction holds it up, and every
+    purchase queues behind the waiting lock. So the file is applied only when
+    its SHA-256 differs from the one recorded with the last apply, read with
+    a plain SELECT that waits for nobody. When it must be applied, each lock
+    waits at most the connection's lock_timeout, then SchemaLocked.
+
+    Several processes at once apply it one after another (an advisory lock);
+    one that waited re-reads the digest and finds the work done. `conn`: any
+    connection in autocommit (its rows of any kind)."""
+    cur = conn.cursor(row_factory=dict_row)
+    text = schema_path().read_text()
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    if _applied_digest(cur) == digest:
+        return False
+    waiting_for = 'another process applying it, itself held up by'
+    try:
+        with conn.transaction():
+            cur.execute(sql.LOCK_SCHEMA)
+            if _applied_digest(cur) == digest:
+                return False
+            waiting_for = 'locks on users, flash_sales and orders held by'
+            cur.execute(text)
+            cur.execute(sql.RECORD_SCHEMA, {'sha256': digest})
+    except psycopg.errors.LockNotAvailable:
+        raise SchemaLocked(
+            f'schema.sql has changed, and applying it waited over {sql.value(cur, sql.LOCK_TIMEOUT)} '
+            f'(LOCK_TIMEOUT_MS) for {waiting_for} another session (a backup, a long transaction); '
+            'nothing was changed: start again once that session has ended'
+        ) from None
+    log.info('schema.sql applied (sha256 %s)', digest[:12])
+    return True
+
+
+def _applied_digest(cur):
+    """The SHA-256 recorded by the last apply, or None before the first (in
+    a savepoint when in a transaction: a missing table must not end it)."""
+    try:
+        with cur.connection.transaction():
+            return sql.value(cur, sql.APPLIED_SCHEMA)
+    except psycopg.errors.UndefinedTable:
+        return None
+
+
+def connection_budget_problem(conn, settings):
+    """What is wrong with the connections the service will open, in one
+    line, or None. Every process opens POOL_SIZE at start and keeps them
+    (open_pool), and WORKERS follows the cores: from 13 cores up the
+    defaults alone pass PostgreSQL's default max_connections of 100, and
+    the pools would then fail to fill, request by request. Connections
+    other clients (another host, a rolling restart) hold now are only
+    warned of: they may be gone by the time the pools fill."""
+    budget = sql.one(conn, sql.CONNECTION_BUDGET)
+    needed = settings.pool_size * settings.workers
+    if needed > budget['available']:
+        return (f'POOL_SIZE ({settings.pool_size}) x WORKERS ({settings.workers}) = {needed} database connections, '
+                f"but the database takes {budget['available']} (max_connections {budget['max_connections']} less "
+                f"{budget['max_connections'] - budget['available']} reserved); lower POOL_SIZE or WORKERS, "
+                'or raise max_connections')
+    if needed + budget['in_use'] > budget['available']:
+        log.warning('%d database connections are in use and this server will open %d more: the database takes %d; '
+                    'some may be refused until others close', budget['in_use'], needed, budget['available'])
+    return None

@@ -52,6 +52,8 @@ CATALOGUE = {
     'invalid_field': Code(falcon.HTTP_400, 'A field has a value this endpoint does not take.'),
     'invalid_email': Code(falcon.HTTP_400, 'That does not look like an email address.'),
     'invalid_password': Code(falcon.HTTP_400, 'The password is too short or too long.'),
+    # A query parameter (the list's page size and cursor).
+    'invalid_parameter': Code(falcon.HTTP_400, 'A query parameter has a value this endpoint does not take.'),
     # Who is asking.
     'unauthorized': Code(falcon.HTTP_401, 'Log in first: send "Authorization: Bearer <token>".', bearer=True),
     'invalid_token': Code(falcon.HTTP_401, 'The token is not valid; log in again.', bearer=True),

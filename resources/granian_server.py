@@ -12,7 +12,7 @@ signals (flashsale.py), so a stop, a restart and a dead worker mean the same
 under both servers. Each worker runs one granian WSGI worker on the
 listening socket it inherited. That is granian's Rust worker class, below
 its Python supervisor: GRANIAN_NAMES lists every name used, the version is
-pinned in setup.cfg, and tests/test_granian_contract.py fails naming what
+pinned in setup.cfg, and tests/test_granian_server.py fails naming what
 changed when granian does.
 """
 
@@ -24,12 +24,15 @@ import signal
 import threading
 import time
 
+from waitress.proxy_headers import proxy_headers_middleware
+
 from resources.errors import CATALOGUE
 from resources.middleware import API_SECURITY_HEADERS
+from resources.serving import TRUSTED_PROXY_HEADERS
 
 log = logging.getLogger('flashsale')
 
-# Every name of granian's this module uses (tests/test_granian_contract.py):
+# Every name of granian's this module uses (tests/test_granian_server.py):
 # module -> {name: the parameters it is called with, or () for a name only}.
 GRANIAN_NAMES = {
     'granian._granian': {
@@ -42,7 +45,7 @@ GRANIAN_NAMES = {
     },
     'granian._granian.WSGIWorker': {'serve_str': ()},
     'granian._granian.WorkerSignal': {'set': (), 'add_cb': ()},
-    'granian._futures': {'_new_cbscheduler': ('loop', 'cb', 'impl_asyncio')},
+    'granian._futures': {'_CBScheduler': ('loop', 'cb', 'aio_task', 'aio_tenter', 'aio_texit')},
     'granian._loops': {'loops': ()},
     'granian.wsgi': {'_callback_wrapper': ('callback', 'scope_opts', 'access_log_fmt')},
     'granian.http': {'HTTP1Settings': ('header_read_timeout', 'keep_alive', 'max_buffer_size', 'pipeline_flush')},
@@ -95,7 +98,7 @@ class Server:
     """One granian WSGI worker for `app` on `sock`, not yet serving."""
 
     def __init__(self, app, settings, sock):
-        from granian._futures import _new_cbscheduler  # noqa: PLC0415
+        from granian._futures import _CBScheduler  # noqa: PLC0415
         from granian._granian import SocketHolder  # noqa: PLC0415
         from granian._granian import WorkerSignal  # noqa: PLC0415
         from granian._granian import WSGIWorker  # noqa: PLC0415
@@ -110,8 +113,19 @@ class Server:
         # in flight has been answered.
         self._signal.add_cb(self._drained.set)
         self._loop = loops.get('auto')
-        wsgi = _BufferedBodies(app, settings.max_body_bytes)
-        self._scheduler = _new_cbscheduler(self._loop, _callback_wrapper(wsgi, {}, None), impl_asyncio=False)
+        # TRUSTED_PROXY as under waitress, by waitress' own middleware: the
+        # client's address from the last X-Forwarded-For hop of that proxy
+        # only, those headers dropped from anyone else (the rate limits
+        # count by that address).
+        wsgi = proxy_headers_middleware(_BufferedBodies(app, settings.max_body_bytes),
+                                        trusted_proxy=settings.trusted_proxy,
+                                        trusted_proxy_headers=TRUSTED_PROXY_HEADERS, clear_untrusted=True)
+        # Without the asyncio task granian's own _new_cbscheduler makes for
+        # ASGI: a WSGI call runs in granian's blocking threads and never
+        # uses it (src/wsgi/callbacks.rs), and that task, registered with
+        # asyncio but never initialised, makes asyncio.all_tasks() raise in
+        # this process for as long as the server exists.
+        self._scheduler = _CBScheduler(self._loop, _callback_wrapper(wsgi, {}, None), None, None, None)
         self._worker = WSGIWorker(
             worker_id=1,
             # granian closes the socket it is given when it stops: its own

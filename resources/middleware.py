@@ -80,6 +80,24 @@ class SecurityHeaders:
             resp.cache_control = ['no-store']
 
 
+# What a page on another origin (CORS_ORIGINS) may read of an answer besides
+# the safelisted headers: when to try again after a 429 or 503, and the id
+# to quote when something went wrong.
+CORS_EXPOSED_HEADERS = ('Retry-After', 'X-Request-ID')
+
+
+class VaryByOrigin:
+    """With CORS_ORIGINS, every answer varies by the request's Origin:
+    Falcon's CORSMiddleware names the caller's origin in
+    Access-Control-Allow-Origin, or leaves the header out. Said on every
+    answer, also to a request without Origin, so that a shared cache never
+    hands one origin's answer to another, or a plain answer to a page that
+    needs the header."""
+
+    def process_response(self, req, resp, resource, req_succeeded):
+        resp.append_header('Vary', 'Origin')
+
+
 class RequestLog:
     """One line per request: method, path, status, duration, request id."""
 

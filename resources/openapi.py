@@ -10,7 +10,9 @@ import falcon
 from resources.credentials import MAX_PASSWORD_BYTES
 from resources.credentials import MIN_PASSWORD_BYTES
 from resources.errors import CATALOGUE
+from resources.sales import MAX_PAGE_SIZE
 from resources.sales import MAX_TOTAL_STOCK
+from resources.sales import PAGE_SIZE
 
 _UUID = {'type': 'string', 'format': 'uuid'}
 # What resources/accounts.py accepts: something@something.something. (The
@@ -47,7 +49,7 @@ SCHEMAS = {
         'properties': {
             'code': {'type': 'string', 'description': 'stable, for programs'},
             'message': {'type': 'string', 'description': 'for people'},
-            'field': {'type': 'string', 'nullable': True, 'description': 'the body field at fault'},
+            'field': {'type': 'string', 'nullable': True, 'description': 'the body field or query parameter at fault'},
         },
         'additionalProperties': False,
     },
@@ -229,13 +231,23 @@ PATHS = {
     }},
     '/api/flash-sales': {
         'get': {
-            'summary': 'Every sale, newest first',
+            'summary': 'The sales, newest first, a page at a time',
+            'parameters': [
+                {'name': 'limit', 'in': 'query', 'required': False, 'description': 'sales in the page',
+                 'schema': {'type': 'integer', 'minimum': 1, 'maximum': MAX_PAGE_SIZE, 'default': PAGE_SIZE}},
+                {'name': 'cursor', 'in': 'query', 'required': False,
+                 'description': "the page after the one whose nextCursor this is (absent: the first page)",
+                 'schema': {'type': 'string', 'maxLength': 200, 'pattern': '^[A-Za-z0-9_-]+$'}},
+            ],
             'responses': {
-                '200': _ok('Sales', _object(
-                    ['flashSales', 'serverTime'],
-                    flashSales={'type': 'array', 'items': _ref('FlashSale')}, serverTime=_TIME,
+                '200': _ok('A page of sales', _object(
+                    ['flashSales', 'nextCursor', 'serverTime'],
+                    flashSales={'type': 'array', 'items': _ref('FlashSale'), 'maxItems': MAX_PAGE_SIZE},
+                    nextCursor={'type': 'string', 'nullable': True,
+                                'description': 'the cursor of the next page; null on the last'},
+                    serverTime=_TIME,
                 )),
-                **_errors(*_UNAVAILABLE),
+                **_errors('invalid_parameter', *_UNAVAILABLE),
             },
         },
         'post': {

@@ -1,5 +1,5 @@
 """Reading what a request sends, strictly: a JSON body of known fields and
-sane size, and ids in paths."""
+sane size, ids in paths, and query parameters."""
 
 import json
 import re
@@ -92,3 +92,26 @@ def path_uuid(raw, not_found):
         return uuid.UUID(raw)
     except ValueError:
         raise refusal(not_found) from None
+
+
+def query_text(req, name, *, max_length=200):
+    """A query parameter's one value, or None when it is absent; given twice
+    or too long, 400 invalid_parameter."""
+    value = req.params.get(name)
+    if isinstance(value, list):
+        raise refusal('invalid_parameter', f'"{name}" is given more than once.', field=name)
+    if value is not None and len(value) > max_length:
+        raise refusal('invalid_parameter', f'"{name}" is longer than {max_length} characters.', field=name)
+    return value
+
+
+def query_int(req, name, *, default, low, high):
+    """A whole-number query parameter from `low` to `high`, or `default`
+    when it is absent; anything else is 400 invalid_parameter."""
+    raw = query_text(req, name, max_length=12)
+    if raw is None:
+        return default
+    # isdigit() alone would take other scripts' digits, which int() then refuses.
+    if not (raw.isascii() and raw.isdigit() and low <= int(raw) <= high):
+        raise refusal('invalid_parameter', f'"{name}" must be a whole number from {low} to {high}.', field=name)
+    return int(raw)

@@ -24,6 +24,11 @@ What waitress does not do on its own:
   checks RFC 9112 asks of a server (smuggling, Host, 100-continue), a
   header parse that stays linear when trickled, and refusals a plain client
   can read.
+
+All of this is built on waitress' internals (its parser, channel, listener
+and socket loop, at the version setup.cfg pins): every name of waitress used
+here is in tests/test_waitress_contract.py (CONTRACT), which fails naming
+the ones a new waitress changes. A name used here is listed there.
 """
 
 import errno
@@ -96,6 +101,9 @@ _SEND_BYTES = 16 * 1024
 # A port held by another socket is asked again for this long before the
 # start is refused (listening_sockets).
 _PORT_WAIT_SECONDS = 3.0
+# What a TRUSTED_PROXY is believed on (and the headers dropped from any
+# other client): waitress' proxy_headers_middleware, also under granian.
+TRUSTED_PROXY_HEADERS = frozenset({'x-forwarded-for', 'x-forwarded-proto'})
 # How often the deadlines are checked (waitress' cleanup_interval, seconds).
 _SWEEP_SECONDS = 1
 # While stopping, a keep-alive connection is closed once it has been idle
@@ -561,7 +569,7 @@ def create_server(app, settings, sock=None):
         # Behind nginx: believe X-Forwarded-For/-Proto from that address only.
         proxy = {
             'trusted_proxy': settings.trusted_proxy,
-            'trusted_proxy_headers': {'x-forwarded-for', 'x-forwarded-proto'},
+            'trusted_proxy_headers': TRUSTED_PROXY_HEADERS,
         }
     # Connections, the pool, the database's files and the log: room for all.
     _allow_open_files(settings.connection_limit + 2 * settings.pool_size + 256)
@@ -592,8 +600,11 @@ def create_server(app, settings, sock=None):
     # one segment for the client to take in, not two, and no send() of the
     # worker's under the interpreter lock (README.md, "Slow commits": 11%
     # more purchases, a third more GET /health). Set on the object, not as
-    # an argument: waitress 3 warns that the argument will go, and once it
-    # has, the attribute is simply no longer read.
+    # an argument: waitress 3 warns that the argument will go. Once it has,
+    # nothing breaks: the attribute is no longer read and answers go out as
+    # with waitress' default, slower; tests/test_waitress_contract.py
+    # (test_send_bytes_is_still_honoured) fails first, to remove this line
+    # or put waitress' replacement in its place.
     adj.send_bytes = _SEND_BYTES
     server = _Listener(
         app, _sock=sock, adj=adj, bind_socket=False,

@@ -18,6 +18,34 @@ one explicitly.
 # (concurrent CREATE TABLE IF NOT EXISTS can otherwise collide on the catalog).
 LOCK_SCHEMA = 'SELECT pg_advisory_xact_lock(hashtext(\'flashsale schema\'))'
 
+# One value (or UndefinedTable before the first apply): the SHA-256 of the
+# schema.sql last applied. A plain read of a table nothing but an apply
+# writes: it waits for no lock a backup or a purchase holds.
+APPLIED_SCHEMA = 'SELECT sha256 FROM schema_applied'
+
+# One value: this connection's lock_timeout as PostgreSQL writes it ('2s'),
+# for a message that says how long a lock was waited for.
+LOCK_TIMEOUT = "SELECT current_setting('lock_timeout')"
+
+# Nothing: the schema.sql with this digest is applied (run in the
+# transaction that applied it, so the record never runs ahead of the tables).
+RECORD_SCHEMA = '''
+    INSERT INTO schema_applied (sha256) VALUES (%(sha256)s)
+    ON CONFLICT (only_row) DO UPDATE SET sha256 = EXCLUDED.sha256, applied_at = now()
+'''
+
+# One row: the connections the server takes from clients like this service
+# (max_connections less those reserved for superusers and, from PostgreSQL
+# 16, for roles with pg_use_reserved_connections), and how many client
+# connections are open now, this one included.
+CONNECTION_BUDGET = '''
+    SELECT current_setting('max_connections')::int AS max_connections,
+           current_setting('max_connections')::int
+             - current_setting('superuser_reserved_connections')::int
+             - coalesce(current_setting('reserved_connections', true)::int, 0) AS available,
+           (SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend') AS in_use
+'''
+
 # The database's clock. Every time decision (sale status, the purchase window,
 # serverTime) is made with now() in PostgreSQL, never with the app's clock, so
 # several app processes can never disagree about whether a sale has started.
@@ -137,12 +165,60 @@ CURRENT_SALE = f'''
      LIMIT 1
 '''
 
-# Many rows: every sale, newest first.
-LIST_SALES = f'''
-    SELECT {_SALE_COLUMNS}
-      FROM flash_sales
-     ORDER BY created_at DESC, id
+# A page of the list is built as JSON text by the database, not by the app:
+# encoding 200 sales in Python (their datetimes and UUIDs through json's
+# default hook) took 8 ms of the interpreter, which the polls and the
+# purchases share, against a fraction of that in PostgreSQL's json_agg. The
+# objects are the FlashSale the other statements return (_SALE_COLUMNS),
+# with times written as the app writes them (flashsale._json_default: to
+# the microsecond, as stored, and Z); tests/test_sales.py compares the two.
+_API_TIME = '''to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')'''
+
+
+def _sales_page(where):
+    """One row: `flashSales`, the JSON text of a page of sales (at most
+    %(limit)s, newest first: created_at descending, then id); `more`, whether
+    another page follows; `lastCreatedAt` and `lastId`, the place of the
+    page's last sale in that order (the next page's cursor); serverTime.
+    One index range scan (flash_sales_created_at_id_idx) of limit + 1 rows,
+    however many sales there are."""
+    return f'''
+    WITH page AS (
+        SELECT candidate.*, row_number() OVER (ORDER BY created_at DESC, id) AS n
+          FROM (SELECT * FROM flash_sales {where}
+                 ORDER BY created_at DESC, id LIMIT %(limit)s + 1) AS candidate
+    )
+    SELECT coalesce(json_agg(json_build_object(
+               'id', id, 'name', name,
+               'startDate', {_API_TIME.format('start_date')},
+               'endDate', {_API_TIME.format('end_date')},
+               'totalStock', total_stock, 'remainingStock', remaining_stock,
+               'status', CASE WHEN now() < start_date THEN 'upcoming'
+                              WHEN now() < end_date   THEN 'active'
+                              ELSE 'ended'
+                         END,
+               'createdAt', {_API_TIME.format('created_at')}
+           ) ORDER BY n) FILTER (WHERE n <= %(limit)s), '[]')::text AS "flashSales",
+           count(*) > %(limit)s AS more,
+           max(created_at) FILTER (WHERE n = %(limit)s) AS "lastCreatedAt",
+           max(id::text) FILTER (WHERE n = %(limit)s) AS "lastId",
+           now() AS "serverTime"
+      FROM page
 '''
+
+
+# One row, as _sales_page: the first page of the list, the newest sales.
+LIST_SALES = _sales_page('')
+
+# One row, as _sales_page: the page after the sale at (%(created_at)s,
+# %(id)s), the last of the page before. A keyset, not an OFFSET: a page deep
+# in the list costs what the first does, and a sale created meanwhile
+# neither repeats nor skips one. "After" in created_at descending, id
+# ascending is an earlier created_at, or the same one and a greater id; the
+# first condition is said alone as well, so that it bounds the index scan.
+LIST_SALES_AFTER = _sales_page('''
+                 WHERE created_at <= %(created_at)s
+                   AND (created_at < %(created_at)s OR id > %(id)s)''')
 
 # One row or none.
 FIND_SALE = f'''
@@ -417,6 +493,52 @@ LIST_MY_ORDERS = f'''
       FROM orders
      WHERE user_id = %(user_id)s
      ORDER BY created_at DESC, id
+'''
+
+# --- rate limits ------------------------------------------------------------
+
+# A bucket's tokens now: what it held, plus what it earned since it was
+# counted, up to the burst. Time never runs backwards here: a statement that
+# waited for the row's lock may have started (now()) before the one it waited
+# for counted.
+_REFILLED = '''least(%(burst)s::float8, bucket.tokens + %(rate)s::float8
+                        * greatest(0, extract(epoch FROM now() - bucket.counted_at)::float8))'''
+
+# One row: `wait`, 0 if the client address had a token (now spent), else the
+# seconds until it will have one (nothing spent). The register/login limit
+# of resources/ratelimit.py, one token bucket per address, shared by every
+# process and host on this database.
+#
+# Why one statement is exact under concurrency: the INSERT ... ON CONFLICT DO
+# UPDATE takes the address's row lock, so two takes of one address run one
+# after the other, and each reads the tokens the previous one left (READ
+# COMMITTED re-reads the locked row). A new address inserts a full bucket
+# less one; two racing inserts of it become an insert and an update.
+#
+# `pruned` keeps the table as small as the addresses seen within one refill
+# (a row older than that is full again, the same as no row): each take
+# deletes up to two such rows of other addresses, oldest first, so the
+# expired rows only ever shrink while any are left. SKIP LOCKED: a take never
+# waits for another take's pruning, nor for an address being counted. (Not
+# its own address: one statement may not change a row twice.)
+TAKE_AUTH_TOKEN = f'''
+    WITH pruned AS (
+        DELETE FROM auth_rate_buckets
+         WHERE address IN (
+            SELECT address FROM auth_rate_buckets
+             WHERE counted_at < now() - make_interval(secs => %(refill_seconds)s::float8)
+               AND address <> %(address)s
+             ORDER BY counted_at
+             LIMIT 2
+               FOR UPDATE SKIP LOCKED)
+    )
+    INSERT INTO auth_rate_buckets AS bucket (address, tokens, counted_at)
+    VALUES (%(address)s, %(burst)s::float8 - 1, now())
+    ON CONFLICT (address) DO UPDATE
+       SET tokens = {_REFILLED} - CASE WHEN {_REFILLED} >= 1 THEN 1 ELSE 0 END,
+           refused = {_REFILLED} < 1,
+           counted_at = greatest(bucket.counted_at, now())
+    RETURNING CASE WHEN refused THEN (1 - tokens) / %(rate)s::float8 ELSE 0 END AS wait
 '''
 
 # --- executors, named by how many rows come back ----------------------------

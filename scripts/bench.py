@@ -16,6 +16,10 @@ It registers --users buyers once (BCRYPT_ROUNDS=4) and runs:
              PostgreSQL and the client, orders per statement
   sold-out   purchases of a sold-out sale: refusals/s
   health     GET /health: what any request costs
+  floods     polls of the current sale (wrk, --flood-connections, no
+             If-None-Match) alone, then beside a flood of unknown sale ids (each
+             a 404), then beside a flood of the list's largest pages
+             (--list-limit), with --history past sales in the database
   crowd      the crowd: --crowd-rate arrivals/s for --crowd-seconds, each on a
              new connection, --crowd-users users, stock --crowd-stock
   watchers   the crowd while --watchers pages poll the sale; how many polls
@@ -69,7 +73,7 @@ from private_postgres import PrivatePostgres
 from private_postgres import server_version
 
 ROOT = servers.ROOT
-RUNS = ('purchases', 'sold-out', 'health', 'crowd', 'watchers', 'direct', 'standby', 'logins')
+RUNS = ('purchases', 'sold-out', 'health', 'floods', 'crowd', 'watchers', 'direct', 'standby', 'logins')
 # Runs that take a turn at each --connections level; the others run once.
 LEVELLED = ('purchases', 'sold-out', 'health')
 # Purchases/s no run here reaches (granian behind nginx: 5,000/s and more): wrk gets that many
@@ -103,6 +107,10 @@ def parse_args(argv, prog=None):
     parser.add_argument('--crowd-users', type=int, default=100)
     parser.add_argument('--crowd-stock', type=int, default=50)
     parser.add_argument('--watchers', type=int, default=2000, help='pages polling in the watchers run')
+    parser.add_argument('--history', type=int, default=20_000, help='past sales written for the floods run')
+    parser.add_argument('--flood-connections', type=int, default=16,
+                        help='floods run: connections of the polls, and of each flood (default 16)')
+    parser.add_argument('--list-limit', type=int, default=200, help='floods run: the page size the list flood asks')
     parser.add_argument('--commit-delay-ms', type=csv_list(float), default=[0.0],
                         help='comma-separated commit_delay values; every run at each (private PostgreSQL only)')
     parser.add_argument('--compare-with', metavar='CHECKOUT',
@@ -151,9 +159,9 @@ def header(args, argv, database):
     if _git('status', '--porcelain', '--untracked-files=no'):
         commit += ' (with uncommitted changes)'
     clients = []
-    if set(args.runs) & set(LEVELLED):
+    if set(args.runs) & {*LEVELLED, 'floods'}:
         clients.append(f'{external.version(args.client) if args.client == "wrk" else "the Python client"} '
-                       f'({", ".join(r for r in args.runs if r in LEVELLED)})')
+                       f'({", ".join(r for r in args.runs if r in (*LEVELLED, "floods"))})')
     if set(args.runs) & {'crowd', 'watchers'}:
         clients.append(f'{external.version("artillery") if args.crowd_client == "artillery" else "the Python client"}'
                        f' ({", ".join(r for r in args.runs if r in ("crowd", "watchers"))})')
@@ -208,10 +216,18 @@ class Target:
 
     def start(self):
         if self.shape == 'plain':
-            self.base_url = self.setup_url = self._serve()
+            # Users are registered and the load sent from loopback: exempt,
+            # explicitly (nothing is by default), unless the environment says.
+            self.base_url = self.setup_url = self._serve(
+                RATE_LIMIT_EXEMPT=os.environ.get('RATE_LIMIT_EXEMPT', '127.0.0.1,::1'))
         else:
+            # Every client here is loopback, and an exemption of the proxy's
+            # address is refused: the app's limits are off instead (nginx
+            # still limits logins at the door; users are registered on an
+            # app port directly).
             workers = os.environ.get('WORKERS', '1')
-            urls = [self._serve(TRUSTED_PROXY='127.0.0.1', WORKERS=workers) for _ in range(2)]
+            urls = [self._serve(TRUSTED_PROXY='127.0.0.1', WORKERS=workers, AUTH_RATE_PER_MINUTE='0',
+                                PURCHASE_RATE_PER_SECOND='0') for _ in range(2)]
             front = servers.free_port()
             nginx_dir = self.workdir / f'nginx-{self.name}'
             nginx_dir.mkdir()
@@ -346,10 +362,10 @@ class Bench:
     async def health(self, target, level, delay):
         before = self.probe(target)
         if self.args.client == 'wrk':
-            out = await asyncio.to_thread(external.run_wrk_get, target.base_url, '/health', level, self.args.seconds,
-                                          min(2, level))
+            out = await asyncio.to_thread(external.wrk_result, external.wrk_get(
+                target.base_url, 'path', '/health', level, self.args.seconds, self.workdir))
             rate, p50, p99 = out['rate'], out['p50_ms'], out['p99_ms']
-            answered, ok = rate * self.args.seconds, out['non_2xx'] == 0
+            answered, ok = sum(out['statuses'].values()), set(out['statuses']) == {'200'}
         else:
             result = await scenarios.run_plain_async(target.base_url, '/health', connections=level,
                                                      requests=len(self.users))
@@ -359,6 +375,27 @@ class Bench:
         after = self.probe(target)
         self.row('health', target, client=self.args.client, connections=level, commit_ms=delay, rate=rate, p50=p50,
                  p99=p99, cpu_ms=self.cpu_ms(before, after, answered), ok=ok)
+
+    async def floods(self, target, level, delay):
+        """The polls alone, then beside each flood, in turn."""
+        args, alone = self.args, None
+        floods = {'polls': None, 'polls + unknown ids': ('random-id', ''),
+                  'polls + list pages': ('path', f'/api/flash-sales?limit={args.list_limit}')}
+        for run, flood in floods.items():
+            flooding = flood and external.wrk_get(target.base_url, *flood, args.flood_connections, args.seconds,
+                                                  self.workdir)
+            polls = await asyncio.to_thread(external.wrk_result, external.wrk_get(
+                target.base_url, 'path', '/api/flash-sales/current', args.flood_connections, args.seconds,
+                self.workdir))
+            alone = alone or polls['p99_ms']
+            notes = f'polls {polls["statuses"]}, p99 {polls["p99_ms"] / alone:.2f}x alone'
+            ok = set(polls['statuses']) == {'200'}
+            if flooding:
+                out = await asyncio.to_thread(external.wrk_result, flooding)
+                notes += f'; the flood {out["rate"]:,.0f}/s {out["statuses"]}'
+                ok = ok and set(out['statuses']) <= {'200', '404'}
+            self.row(run, target, client='wrk', connections=args.flood_connections, commit_ms=delay,
+                     rate=round(polls['rate'], 1), p50=polls['p50_ms'], p99=polls['p99_ms'], ok=ok, notes=notes)
 
     async def crowd(self, target, level, delay, watchers=0):
         args = self.args
@@ -425,7 +462,8 @@ class Bench:
                      notes=f'every turn {[r["rate"] for r in runs]}/s' if len(runs) > 1 else '')
 
     def logins(self, target):
-        base = target._serve(BCRYPT_ROUNDS=str(logins.COST))
+        base = target._serve(BCRYPT_ROUNDS=str(logins.COST),
+                             RATE_LIMIT_EXEMPT=os.environ.get('RATE_LIMIT_EXEMPT', '127.0.0.1,::1'))
         wait_healthy(base, target.apps[-1])
         processes = int(os.environ.get('HASH_PROCESSES') or max(1, len(os.sched_getaffinity(0))
                                                                 // int(os.environ.get('WORKERS') or 1)))
@@ -451,6 +489,11 @@ class Bench:
         self.users = await self.api.register_users(self.args.users, f'bench-{self.run_id}')
         [self.early] = await self.api.register_users(1, f'bench-{self.run_id}-early')
         self.api.pool.close()
+        if 'floods' in self.args.runs and self.args.history:
+            self.log(f'writing {self.args.history} past sales ...')
+            direct.past_sales(self.url, self.args.history)
+        if 'floods' in self.args.runs:
+            await self.sales(1, 1_000_000, 'polled')  # the current sale the polls ask for
 
     async def run(self, targets):
         args = self.args

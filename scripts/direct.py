@@ -38,6 +38,16 @@ def new_users_and_sales(url, users, sales=1):
     return ids, sale_ids
 
 
+def past_sales(url, count):
+    """`count` sales that ended, one a day back, straight into the database:
+    a shop's history, for the list and the polls to be measured beside."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO flash_sales (name, start_date, end_date, total_stock, remaining_stock, created_at) "
+            "SELECT 'Past sale ' || n, now() - n * interval '1 day', now() - n * interval '1 day' + interval '1 hour', "
+            "100, 0, now() - n * interval '1 day' FROM generate_series(1, %s) AS n", (count,))
+
+
 def single_and_batched(url, users, sessions=8, batch=64):
     """sql.PURCHASE for every user once, then sql.PURCHASE_BATCH for every
     user in BATCHED_SALES sales, from `sessions` connections: two results."""

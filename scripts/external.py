@@ -134,24 +134,56 @@ def purchases_held(states, statuses, connections, bought=('201',)):
             and 0 <= orders - answered <= connections and set(statuses) <= set(bought))
 
 
-def run_wrk_get(base_url, path, connections, duration, threads=2):
-    """`duration` seconds of GET `path`: requests/s and latency (wrk's own figures)."""
-    done = subprocess.run([wrk_binary(), '-t', str(threads), '-c', str(connections), '-d', f'{duration}s',
-                           '--timeout', '10s', '--latency', base_url + path], capture_output=True, text=True,
-                          timeout=duration + 60)
-    rate = re.search(r'Requests/sec:\s+([\d.]+)', done.stdout)
-    if rate is None:
-        raise SystemExit(f'wrk printed no rate ({done.returncode}):\n{done.stdout}\n{done.stderr}')
+# wrk: GETs of one path, or of random sale ids (the benchmark's health and
+# floods runs); answers counted by status.
+WRK_GET_LUA = r'''
+local mode = os.getenv("WRK_MODE")
+local path = os.getenv("WRK_PATH")
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args)
+  statuses = {}
+  math.randomseed(os.time() * 1000 + math.floor(os.clock() * 1000000))
+end
+local function hex(n) local s = "" for _ = 1, n do s = s .. string.format("%x", math.random(0, 15)) end return s end
+function request()
+  if mode == "random-id" then
+    return wrk.format("GET", "/api/flash-sales/" .. hex(8) .. "-" .. hex(4) .. "-4" .. hex(3) .. "-a" .. hex(3) .. "-" .. hex(12))
+  end
+  return wrk.format("GET", path)
+end
+function response(status, headers, body) statuses[status] = (statuses[status] or 0) + 1 end
+function done(summary, latency, requests)
+  local counts = {}
+  for _, thread in ipairs(threads) do
+    for code, n in pairs(thread:get("statuses")) do counts[tostring(code)] = (counts[tostring(code)] or 0) + n end
+  end
+  local parts = {}
+  for code, n in pairs(counts) do parts[#parts + 1] = string.format('"%s": %d', code, n) end
+  io.write(string.format('WRK_RESULT {"statuses": {%s}, "duration_us": %d, "p50_ms": %.3f, "p99_ms": %.3f}\n',
+    table.concat(parts, ", "), summary.duration, latency:percentile(50) / 1000, latency:percentile(99) / 1000))
+end
+'''
 
-    def latency(pct):
-        found = re.search(rf'^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$', done.stdout, re.M)
-        if not found:
-            return None
-        return float(found.group(1)) * {'us': 0.001, 'ms': 1, 's': 1000}[found.group(2)]
 
-    non_2xx = re.search(r'Non-2xx or 3xx responses: (\d+)', done.stdout)
-    return {'rate': float(rate.group(1)), 'p50_ms': latency(50), 'p99_ms': latency(99),
-            'non_2xx': int(non_2xx.group(1)) if non_2xx else 0}
+def wrk_get(base_url, mode, path, connections, seconds, workdir):
+    """Start wrk GETting `path` (mode 'path') or random sale ids ('random-id'); returns the process."""
+    lua = Path(workdir) / f'get-{uuid.uuid4().hex[:8]}.lua'  # one each: a wrk starting reads its file
+    lua.write_text(WRK_GET_LUA)
+    env = dict(os.environ, WRK_MODE=mode, WRK_PATH=path)
+    return subprocess.Popen([wrk_binary(), '-t', '1', '-c', str(connections), '-d', f'{seconds}s',
+                             '--timeout', '10s', '-s', str(lua), base_url],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wrk_result(proc):
+    out, err = proc.communicate(timeout=120)
+    line = next((x for x in out.splitlines() if x.startswith('WRK_RESULT ')), None)
+    if line is None:
+        raise SystemExit(f'wrk printed no result ({proc.returncode}, {proc.args}):\n{out}\n{err}')
+    result = json.loads(line.split(' ', 1)[1])
+    result['rate'] = sum(result['statuses'].values()) / (result['duration_us'] / 1e6)
+    return result
 
 
 def artillery_script(target, rate, duration):

@@ -41,7 +41,9 @@ registers an admin user and runs `flashsale grant-admin EMAIL`, which reads
 the same DATABASE_URL as the server; --database-url is passed to it when
 given; with none, the embedded database of the current directory, as
 `flashsale serve` there uses). Registering costs the server one bcrypt hash
-per user: start it with BCRYPT_ROUNDS=4 for load tests.
+per user: start it with BCRYPT_ROUNDS=4 for load tests, and with loopback
+(where this client runs) exempt from the rate limits, RATE_LIMIT_EXEMPT=
+127.0.0.1,::1 (nothing is exempt by default).
 
 After the run the client reads the outcome back from the API (the sale, and
 for every user of the run GET /api/me/orders/{saleId} and GET /api/me/orders)
@@ -870,7 +872,8 @@ def parse_args(argv, scenario, prog=None):
     kind = SCENARIOS[scenario]
     parser = argparse.ArgumentParser(
         prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog='For big runs start the server with BCRYPT_ROUNDS=4: every user of the run is registered.',
+        epilog='For big runs start the server with BCRYPT_ROUNDS=4 (every user of the run is registered) '
+               'and RATE_LIMIT_EXEMPT=127.0.0.1,::1 (nothing is exempt by default).',
     )
     parser.add_argument('--base-url', default=os.environ.get('FLASHSALE_URL', DEFAULT_BASE_URL))
     parser.add_argument('--users', type=int, help='users in the run (scenario default)')

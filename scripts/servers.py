@@ -41,13 +41,14 @@ def flashsale_command(checkout=ROOT):
     return [sys.executable, str(Path(checkout) / 'flashsale.py')]
 
 
-def start_serve(env, log_path, timeout=60, command=None, cwd=None):
+def start_serve(env, log_path, timeout=60, command=None, cwd=None, stderr=subprocess.STDOUT):
     """`flashsale serve` as a process with `env`, its output in log_path
-    (truncated first); returns the process once it says it is listening.
-    Raises StartError (with the log) if it exits or takes longer."""
+    (truncated first; its log lines too, unless `stderr` is another file);
+    returns the process once it says it is listening. Raises StartError
+    (with the log) if it exits or takes longer."""
     command = command or [sys.executable, '-m', 'flashsale']
     with open(log_path, 'w') as log:
-        proc = subprocess.Popen([*command, 'serve'], env=env, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen([*command, 'serve'], env=env, stdout=log, stderr=stderr,
                                 stdin=subprocess.DEVNULL, cwd=cwd)
     deadline = time.monotonic() + timeout
     while 'listening on' not in Path(log_path).read_text():

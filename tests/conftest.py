@@ -12,6 +12,8 @@ import http.client
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -33,6 +35,7 @@ from servers import free_port  # noqa: F401 (for the tests: scripts/servers.py, 
 from invariants import sale_state  # noqa: F401 (for the tests: scripts/invariants.py, one checker for all)
 
 TEST_SECRET = 'test-secret-' + 'x' * 40
+LOOPBACK = ('127.0.0.1', '::1')
 
 
 @pytest.fixture(scope='session')
@@ -58,6 +61,9 @@ def settings(database_url):
         # Tests create and change sales between requests; each answer must be
         # fresh (tests/test_fast_paths.py covers the cache with an app of its own).
         poll_cache_ms=0,
+        # The tests register and log in from loopback (WebTest's REMOTE_ADDR
+        # too) far faster than any limit; tests/test_limits.py limits them.
+        rate_limit_exempt=LOOPBACK,
     )
 
 
@@ -86,7 +92,7 @@ def db(check_connection):
     (TRUNCATE waits for no one: the pool's idle connections hold no lock)."""
     if check_connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
         check_connection.rollback()  # a test that failed inside a transaction of its own
-    check_connection.execute('TRUNCATE orders, flash_sales, users')
+    check_connection.execute('TRUNCATE orders, flash_sales, users, auth_rate_buckets')
     return check_connection
 
 
@@ -170,13 +176,14 @@ def make_sale(db):
 # of its own (lock and statement timeouts are set per connection).
 POOL_SETTINGS = {'database_url', 'pool_size', 'pool_timeout', 'statement_timeout_ms', 'lock_timeout_ms'}
 
-AppUnderTest = collections.namedtuple('AppUnderTest', 'wsgi client settings pool')
+AppUnderTest = collections.namedtuple('AppUnderTest', 'wsgi client settings pool poll_cache')
 
 
 @pytest.fixture
 def make_app(settings, pool):
-    """make_app(filled=True, queue=None, **changes) -> AppUnderTest(wsgi,
-    client, settings, pool): the app with these settings changed. On the
+    """make_app(filled=True, queue=None, poll_cache=None, **changes) ->
+    AppUnderTest(wsgi, client, settings, pool, poll_cache): the app with these
+    settings changed, and its PollCache (default: one from the settings). On the
     session's pool, unless a change is one of POOL_SETTINGS: then on a pool of
     its own, closed at the end of the test, and filled before it is returned
     unless filled=False (a database that takes no connection: a standby, a
@@ -185,7 +192,7 @@ def make_app(settings, pool):
     test; its processes start at the first login)."""
     pools, queues = [], []
 
-    def make(filled=True, queue=None, **changes):
+    def make(filled=True, queue=None, poll_cache=None, **changes):
         changed = dataclasses.replace(settings, **changes)
         own = pool
         if POOL_SETTINGS & changes.keys():
@@ -196,8 +203,9 @@ def make_app(settings, pool):
         if queue is None:
             queue = flashsale.new_hash_queue(changed)
             queues.append(queue)
-        app = flashsale.create_app(changed, own, hash_queue=queue)
-        return AppUnderTest(app, webtest.TestApp(app), changed, own)
+        poll_cache = flashsale.new_poll_cache(changed) if poll_cache is None else poll_cache
+        app = flashsale.create_app(changed, own, hash_queue=queue, poll_cache=poll_cache)
+        return AppUnderTest(app, webtest.TestApp(app), changed, own, poll_cache)
 
     yield make
     for queue in queues:
@@ -298,16 +306,26 @@ def serve_env(database_url, **extra):
     """The environment of a `flashsale serve` on the tests' database and
     secret, one process unless `extra` says WORKERS (the default, one per
     core, would fork every test's server, and a connection table or a
-    process' log is one process')."""
-    return clean_env(DATABASE_URL=database_url, JWT_SECRET=TEST_SECRET, **{'BCRYPT_ROUNDS': '4', 'WORKERS': '1', **extra})
+    process' log is one process'), loopback exempt from the rate limits
+    unless `extra` says RATE_LIMIT_EXEMPT (nothing is, by default)."""
+    return clean_env(DATABASE_URL=database_url, JWT_SECRET=TEST_SECRET,
+                     **{'BCRYPT_ROUNDS': '4', 'WORKERS': '1', 'RATE_LIMIT_EXEMPT': ','.join(LOOPBACK), **extra})
 
 
-def start_serve(env, log_path, timeout=60):
+def run_cli(*args, env):
+    """A `flashsale` command run to its end: its CompletedProcess (text output)."""
+    return subprocess.run(
+        [sys.executable, '-m', 'flashsale', *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def start_serve(env, log_path, timeout=60, stderr=subprocess.STDOUT):
     """`flashsale serve` as a real process with `env`, its output in log_path
-    (truncated first); returns the process once it says it is listening
-    (scripts/servers.py: the launcher the load tool uses too)."""
+    (truncated first; its log lines too, unless `stderr` is another file);
+    returns the process once it says it is listening (scripts/servers.py:
+    the launcher the load tool uses too)."""
     try:
-        return launcher.start_serve(env, log_path, timeout)
+        return launcher.start_serve(env, log_path, timeout, stderr=stderr)
     except launcher.StartError as exc:
         pytest.fail(str(exc))
 
@@ -383,6 +401,65 @@ def serve_in_thread():
     yield serve
     for server in servers:
         server.stop()
+
+
+# --- nginx in front -------------------------------------------------------------
+
+NGINX_CONF = launcher.NGINX_CONF
+
+
+def answers_health(base_url, proc):
+    """True once GET /health through nginx is 200; fails if nginx exited."""
+    if proc.poll() is not None:
+        pytest.fail(f'{proc.args} exited with {proc.returncode}')
+    try:
+        return call(base_url, 'GET', '/health', timeout=2).status == 200
+    except OSError:
+        return False
+
+
+def nginx_binary():
+    nginx = launcher.nginx_binary()
+    if nginx is None:
+        if os.environ.get('CI'):
+            pytest.fail('nginx is missing in CI (.ci/run installs it)')
+        pytest.skip('nginx is not installed (apt-get install nginx-light)')
+    return nginx
+
+
+def start_nginx(tmp_path, upstream_ports, ready_path='/health', changes=()):
+    """The shipped nginx.conf in front of upstream_ports; returns (front URL,
+    process) once ready_path answers 200 through it (None: once its port
+    accepts connections, with no request sent upstream). `changes`: more
+    (text, replacement) pairs, each of whose text must be in the file."""
+    nginx_binary()
+    front_port = free_port()
+    front = launcher.start_nginx(tmp_path, upstream_ports, front_port, changes)
+    base_url = f'http://127.0.0.1:{front_port}'
+    if ready_path:
+        wait_for(lambda: answers_health(base_url, front), timeout=30, message='nginx to answer GET /health')
+    else:
+        wait_for(lambda: accepts(front_port, front), timeout=30, message='nginx to listen')
+    return base_url, front
+
+
+def accepts(port, proc):
+    """True once 127.0.0.1:port accepts a connection; fails if proc exited."""
+    if proc.poll() is not None:
+        pytest.fail(f'{proc.args} exited with {proc.returncode}')
+    try:
+        socket.create_connection(('127.0.0.1', port), timeout=2).close()
+        return True
+    except OSError:
+        return False
+
+
+def app_env(database_url, port, server='waitress'):
+    """A `flashsale serve` behind nginx. No exemption: one covering the
+    proxy's address is refused (flashsale.py)."""
+    return serve_env(database_url, PORT=str(port), TRUSTED_PROXY='127.0.0.1', RATE_LIMIT_EXEMPT='', THREADS='4',
+                     SERVER=server)
+
 
 
 # --- HTTP over a socket -----------------------------------------------------------

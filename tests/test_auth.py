@@ -11,6 +11,7 @@ from conftest import TEST_SECRET
 from conftest import auth
 from conftest import run_together
 from conftest import wait_for
+from resources.credentials import Credentials
 
 
 def register(client, email='shopper@example.com', password='password123', status=201):
@@ -34,6 +35,21 @@ def test_register_duplicate_email_is_409_email_taken(client, db):
     resp = register(client, email='SHOPPER@example.com', status=409)
     assert resp.json['code'] == 'email_taken'
     assert db.execute('SELECT count(*) AS n FROM users').fetchone()['n'] == 1
+
+
+@pytest.mark.parametrize('invisible', ['\u200b', '\ufeff', '\u2060', '\u200d', '\u202e', '\u00ad'],
+                         ids=['zero-width-space', 'bom', 'word-joiner', 'zero-width-joiner', 'bidi-override', 'soft-hyphen'])
+def test_invisible_format_characters_make_no_second_account(client, db, invisible):
+    """Unicode category Cf survives strip() and shows nothing: dropped from
+    an email, wherever it is, so it names the account it looks like."""
+    user_id = register(client).json['user']['id']
+    for spelling in (f'shopper@example.com{invisible}', f'{invisible}shopper@example.com',
+                     f'shop{invisible}per@example{invisible}.com'):
+        resp = register(client, email=spelling, status=409)
+        assert resp.json['code'] == 'email_taken'
+        login = client.post_json('/api/auth/login', {'email': spelling, 'password': 'password123'}, status=200)
+        assert login.json['user']['id'] == user_id
+    assert db.execute('SELECT email FROM users').fetchall() == [{'email': 'shopper@example.com'}]
 
 
 def test_racing_registrations_of_one_email_create_one_user(wsgi_app, db):
@@ -215,5 +231,22 @@ def test_the_remembered_tokens_are_bounded(monkeypatch, settings):
     for token in tokens:
         session = creds.session(falcon.testing.create_req(headers={'Authorization': f'Bearer {token}'}))
         assert str(session.user_id) == jwt.decode(token, options={'verify_signature': False})['sub']
-        sizes.append(len(creds._verified))
-    assert max(sizes) == 3 and sizes[-1] <= 3, sizes
+        sizes.append(creds.verified_tokens())
+    # Full, the oldest goes, not all of them.
+    assert sizes == [1, 2, 3, 3, 3, 3, 3], sizes
+    assert list(creds._verified) == tokens[-3:]
+
+
+def test_expired_tokens_leave_the_memory_first(settings):
+    creds = Credentials(settings.jwt_secret, settings.jwt_ttl_seconds, settings.bcrypt_rounds)
+
+    def verify(token):
+        creds.session(falcon.testing.create_req(headers={'Authorization': f'Bearer {token}'}))
+
+    exp = int(time.time()) + 1
+    verify(jwt.encode({'sub': str(uuid.uuid4()), 'iat': exp - 1, 'exp': exp}, TEST_SECRET, algorithm='HS256'))
+    assert creds.verified_tokens() == 1
+    wait_for(lambda: time.time() >= exp, timeout=10, message="the token's exp second")
+    later = creds.issue(uuid.uuid4())
+    verify(later)
+    assert list(creds._verified) == [later]

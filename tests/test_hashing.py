@@ -17,6 +17,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from conftest import LOOPBACK
 from conftest import TEST_SECRET
 from conftest import call
 from conftest import clean_env
@@ -178,7 +179,8 @@ def serve(database_url, tmp_path, **env):
     # One process (WORKERS defaults to one per core): the tests count one
     # process's queue, threads and hashing processes.
     proc = start_serve(clean_env(DATABASE_URL=database_url, JWT_SECRET=TEST_SECRET, PORT=str(port),
-                                 LOG_LEVEL='INFO', **{'WORKERS': '1', **env}), tmp_path / 'serve.log')
+                                 LOG_LEVEL='INFO', RATE_LIMIT_EXEMPT=','.join(LOOPBACK), **{'WORKERS': '1', **env}),
+                       tmp_path / 'serve.log')
     return proc, port
 
 

@@ -1,6 +1,8 @@
 """Request limits and rate limits: what a hostile or broken client gets."""
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
@@ -10,6 +12,7 @@ import flashsale
 from conftest import auth
 from conftest import raw_http
 from conftest import raw_post
+from conftest import serve_env
 from resources import parsing
 from resources.ratelimit import TokenBuckets
 
@@ -125,7 +128,7 @@ def test_wrong_method_is_405_json_with_allow(client, method, path, allowed):
 
 def limited_client(make_app, address='203.0.113.7', **limits):
     """A WebTest client of an app with these limits, calling from `address`
-    (not loopback, which is exempt by default)."""
+    (not loopback, which the tests' settings exempt)."""
     return webtest.TestApp(make_app(**limits).wsgi, extra_environ={'REMOTE_ADDR': address})
 
 
@@ -147,11 +150,40 @@ def test_register_and_login_share_a_per_address_limit(make_app, db):
     client.get('/api/flash-sales', status=200)
 
 
-def test_loopback_is_exempt_by_default(client):
-    """The test suite and the load tests call from 127.0.0.1 (docs/security.md: Rate limits)."""
-    assert flashsale.Settings().rate_limit_exempt == ('127.0.0.1', '::1')
-    for _ in range(2 * flashsale.Settings().auth_rate_per_minute):
+def test_no_address_is_exempt_by_default(make_app):
+    """Behind a proxy on the same host every client is loopback: a loopback
+    exemption by default would turn every limit off there."""
+    assert flashsale.Settings().rate_limit_exempt == flashsale.Settings.from_env({}).rate_limit_exempt == ()
+    client = limited_client(make_app, address='127.0.0.1', rate_limit_exempt=(), auth_rate_per_minute=2)
+    login = {'email': 'nobody@example.com', 'password': 'password123'}
+    client.post_json('/api/auth/login', login, status=401)
+    client.post_json('/api/auth/login', login, status=401)
+    assert client.post_json('/api/auth/login', login, status=429).json['code'] == 'rate_limited'
+
+
+def test_an_exempt_address_is_not_limited(make_app):
+    """How the tests and the load tests call from loopback (README: Rate limits)."""
+    client = limited_client(make_app, address='127.0.0.1', rate_limit_exempt=('127.0.0.1',), auth_rate_per_minute=2)
+    for _ in range(5):
         client.post_json('/api/auth/login', {'email': 'nobody@example.com', 'password': 'password123'}, status=401)
+
+
+@pytest.mark.parametrize(('proxy', 'exempt'), [('127.0.0.1', '127.0.0.1,::1'), ('*', '10.0.0.5')])
+def test_an_exemption_covering_the_trusted_proxy_is_refused(proxy, exempt):
+    """Every client the proxy forwards without X-Forwarded-For would be
+    exempt; with every proxy trusted, any client could claim an exempt address."""
+    with pytest.raises(flashsale.ConfigError, match='RATE_LIMIT_EXEMPT must not cover TRUSTED_PROXY'):
+        flashsale.Settings.from_env({'TRUSTED_PROXY': proxy, 'RATE_LIMIT_EXEMPT': exempt})
+    # Another address, or none, is fine.
+    flashsale.Settings.from_env({'TRUSTED_PROXY': '127.0.0.1', 'RATE_LIMIT_EXEMPT': '127.0.0.2'})
+    flashsale.Settings.from_env({'TRUSTED_PROXY': proxy, 'RATE_LIMIT_EXEMPT': ''})
+
+
+def test_serve_refuses_an_exemption_covering_the_proxy_in_one_line(database_url):
+    result = subprocess.run([sys.executable, '-m', 'flashsale', 'serve'], capture_output=True, text=True, timeout=60,
+                            env=serve_env(database_url, TRUSTED_PROXY='127.0.0.1', RATE_LIMIT_EXEMPT='127.0.0.1'))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count('\n') == 1 and result.stderr.startswith('flashsale: RATE_LIMIT_EXEMPT must not cover')
 
 
 def test_purchases_are_limited_per_user_not_per_address(make_app, make_user, make_sale):

@@ -17,9 +17,10 @@ import time
 import flashsale
 import invariants
 import pytest
-import servers
 
+from conftest import NGINX_CONF
 from conftest import answer
+from conftest import app_env
 from conftest import call
 from conftest import connect
 from conftest import free_port
@@ -27,62 +28,10 @@ from conftest import race_and_check
 from conftest import raw_http
 from conftest import sale_state
 from conftest import send
-from conftest import serve_env
+from conftest import start_nginx
 from conftest import start_serve
 from conftest import wait_for
-
-NGINX_CONF = servers.NGINX_CONF
-
-
-def answers_health(base_url, proc):
-    """True once GET /health through nginx is 200; fails if nginx exited."""
-    if proc.poll() is not None:
-        pytest.fail(f'{proc.args} exited with {proc.returncode}')
-    try:
-        return call(base_url, 'GET', '/health', timeout=2).status == 200
-    except OSError:
-        return False
-
-
-def nginx_binary():
-    nginx = servers.nginx_binary()
-    if nginx is None:
-        if os.environ.get('CI'):
-            pytest.fail('nginx is missing in CI (.ci/run installs it)')
-        pytest.skip('nginx is not installed (apt-get install nginx-light)')
-    return nginx
-
-
-def start_nginx(tmp_path, upstream_ports, ready_path='/health', changes=()):
-    """The shipped nginx.conf in front of upstream_ports; returns (front URL,
-    process) once ready_path answers 200 through it (None: once its port
-    accepts connections, with no request sent upstream). `changes`: more
-    (text, replacement) pairs, each of whose text must be in the file."""
-    nginx_binary()
-    front_port = free_port()
-    front = servers.start_nginx(tmp_path, upstream_ports, front_port, changes)
-    base_url = f'http://127.0.0.1:{front_port}'
-    if ready_path:
-        wait_for(lambda: answers_health(base_url, front), timeout=30, message='nginx to answer GET /health')
-    else:
-        wait_for(lambda: accepts(front_port, front), timeout=30, message='nginx to listen')
-    return base_url, front
-
-
-def accepts(port, proc):
-    """True once 127.0.0.1:port accepts a connection; fails if proc exited."""
-    if proc.poll() is not None:
-        pytest.fail(f'{proc.args} exited with {proc.returncode}')
-    try:
-        socket.create_connection(('127.0.0.1', port), timeout=2).close()
-        return True
-    except OSError:
-        return False
-
-
-def app_env(database_url, port, server='waitress'):
-    return serve_env(database_url, PORT=str(port), TRUSTED_PROXY='127.0.0.1', THREADS='4', SERVER=server)
-
+from resources import ratelimit
 
 class AppLog:
     """An app process' access log, read once every line written so far is in it."""
@@ -418,3 +367,43 @@ def test_a_rolling_restart_behind_nginx_fails_no_purchase(database_url, tmp_path
         for app in apps:
             app.terminate()
             app.wait(timeout=30)
+
+
+def nginx_locations(conf):
+    """[(modifier, path, body)] of every location block of an nginx.conf
+    (modifier '' for a prefix location)."""
+    return re.findall(r'^\s*location\s+(=|~\*|~|\^~)?\s*(\S+)\s*\{(.*?)^\s*\}', conf, re.M | re.S)
+
+
+def test_nginx_limits_exactly_the_routes_the_app_limits():
+    """scripts/nginx.conf and resources/ratelimit.py agree: the same routes,
+    POSTs only, at the app's default rate and burst."""
+    conf = NGINX_CONF.read_text()
+    limited = [(modifier, path, body) for modifier, path, body in nginx_locations(conf) if 'limit_req ' in body]
+    # Exact locations: a prefix or a pattern would limit routes the app does not.
+    assert {modifier for modifier, _, _ in limited} == {'='}, limited
+    assert {path for _, path, _ in limited} == ratelimit.AUTH_ROUTES
+    per_minute = flashsale.Settings().auth_rate_per_minute
+    for _, path, body in limited:
+        assert re.search(rf'^\s*limit_req zone=auth burst={per_minute} nodelay;', body, re.M), (path, body)
+    key, rate = re.search(r'^\s*limit_req_zone (\S+) zone=auth:\S+ rate=(\d+)r/m;', conf, re.M).groups()
+    assert int(rate) == per_minute
+    # The app counts POSTs only (a GET there is its 405): so does nginx. A
+    # request whose key is empty is not counted.
+    choices = re.search(r'^\s*map \$request_method \%s \{(.*?)\}' % key, conf, re.M | re.S).group(1)
+    assert dict(re.findall(r'(\S+)\s+(\S+);', choices)) == {'POST': '$binary_remote_addr', 'default': '""'}
+
+
+def test_refresh_is_not_limited_behind_nginx_and_a_password_change_is(behind_nginx):
+    base_url, _ = behind_nginx
+    status, _, body = call(base_url, 'POST', '/api/auth/register', {'email': 'me@example.com', 'password': 'password123'})
+    assert status == 201, body
+    token = body['token']
+    per_minute = flashsale.Settings().auth_rate_per_minute
+    for _ in range(per_minute + 10):
+        status, _, body = call(base_url, 'POST', '/api/auth/refresh', token=token)
+        assert status == 200, body
+    change = {'currentPassword': 'wrong password', 'newPassword': 'password123'}
+    statuses = collections.Counter(call(base_url, 'POST', '/api/me/password', change, token=token).status
+                                   for _ in range(per_minute + 10))
+    assert set(statuses) == {401, 429} and statuses[429] >= 5, statuses

@@ -24,6 +24,7 @@ from conftest import TEST_SECRET
 from conftest import call
 from conftest import wait_for
 from resources import hashing
+from resources import sales
 
 try:
     from playwright.sync_api import expect
@@ -599,3 +600,21 @@ def test_the_page_has_words_for_every_error_code_the_api_sends():
     assert proxy_codes - set(known) == set(), 'codes nginx sends that the page has no words for'
     assert set(known) - set(CATALOGUE) == {'network'} | (proxy_codes - set(CATALOGUE)), \
         'codes in MESSAGES that neither the API nor nginx sends'
+
+
+def test_the_admin_table_shows_the_newest_page_and_older_ones_on_request(open_page, admin_email, db):
+    db.execute("INSERT INTO flash_sales (name, start_date, end_date, total_stock, remaining_stock, created_at) "
+               "SELECT 'Sale ' || n, now(), now() + interval '1 hour', 1, 1, now() - n * interval '1 second' "
+               'FROM generate_series(1, %s) AS n', (sales.PAGE_SIZE + 10,))
+    page = open_page()
+    log_in(page, admin_email)
+    rows = page.get_by_test_id('sale-row')
+    expect(rows).to_have_count(sales.PAGE_SIZE)
+    expect(rows.first.get_by_test_id('sale-row-name')).to_have_text('Sale 1')
+    page.get_by_test_id('sales-more').click()
+    expect(rows).to_have_count(sales.PAGE_SIZE + 10)
+    expect(rows.last.get_by_test_id('sale-row-name')).to_have_text(f'Sale {sales.PAGE_SIZE + 10}')
+    expect(page.get_by_test_id('sales-more')).to_be_hidden()
+    # A refresh keeps the pages shown.
+    page.get_by_test_id('sales-refresh').click()
+    expect(rows).to_have_count(sales.PAGE_SIZE + 10)

@@ -13,12 +13,16 @@ import time
 import pytest
 
 import invariants
+from conftest import answer
 from conftest import backends_waiting_on_a_lock
 from conftest import buy_over_http
 from conftest import call
+from conftest import connect
 from conftest import free_port
 from conftest import hold_sale_row
 from conftest import requests_read_by_server
+from conftest import sale_state
+from conftest import send
 from conftest import SERVERS
 from conftest import serve_env
 from conftest import start_serve
@@ -94,16 +98,19 @@ def test_a_killed_worker_is_replaced_and_the_other_keeps_selling(
         wait_for(lambda: 'started in place of the one that died' in log_path.read_text(), timeout=30,
                  message='a replacement worker')
         replacement = int(re.search(r'worker (\d+) started in place', log_path.read_text()).group(1))
+        # The parent forks with no thread of its own running (a fork copies
+        # only the forking thread, and any lock another one held).
+        assert os.listdir(f'/proc/{proc.pid}/task') == [str(proc.pid)]
         wait_for(lambda: replacement in answering_pids(base_url), timeout=30, message='the replacement to answer')
         assert proc.poll() is None
         # Only what the killed worker was serving went unanswered.
         lost = [a for a in answers if a.kind == 'no_answer']
         assert len(lost) <= 16, lost
         # The users left without an answer settle it by buying again.
-        for index, answer in enumerate(answers):
-            if answer.kind == 'no_answer':
+        for index, lost_one in enumerate(answers):
+            if lost_one.kind == 'no_answer':
                 status, code, order, _ = buy_over_http(base_url, sale_id, users[index][1])
-                answers.append(invariants.Answer(answer.user, 'created' if status == 201 else code,
+                answers.append(invariants.Answer(lost_one.user, 'created' if status == 201 else code,
                                                  (order or {}).get('id')))
         state, orders = invariants.read_sale(db, sale_id)
         checks = invariants.check_sale(state, orders, answers, unknown_ok=True)
@@ -224,7 +231,9 @@ def test_sigterm_on_a_busy_host_answers_the_logins_being_hashed_within_the_grace
     try:
         for thread in threads:
             thread.start()
-        wait_for(lambda: requests_read_by_server(port) >= 3, timeout=30, message='3 registrations read')
+        # Each read by the server (or, if its hash was quick, answered already).
+        wait_for(lambda: requests_read_by_server(port) + sum(r is not None for r in results) >= 3, timeout=30,
+                 message='3 registrations read')
         proc.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         for thread in threads:
@@ -241,3 +250,40 @@ def test_sigterm_on_a_busy_host_answers_the_logins_being_hashed_within_the_grace
     assert all(after for status, after in results if status == 503), results
     # Half the grace for the hashes, the rest for sending; a busy host's slack.
     assert answered_in < 2.0 + 3.0 and exited_in < 2.0 + 5.0, (answered_in, exited_in)
+
+
+@pytest.mark.parametrize('server', SERVERS)
+def test_the_answers_of_a_stopping_server_say_connection_close(server, database_url, tmp_path, make_users,
+                                                                 make_sale, db):
+    """A purchase held behind the sale's row lock at SIGTERM is answered on
+    its keep-alive connection with Connection: close, so the client sends
+    its next request on a new connection (to another process) instead of
+    on one about to close; under waitress, a request that comes on an open
+    keep-alive connection during the stop is served the same way."""
+    log_path = tmp_path / 'serve.log'
+    proc = start_serve(serve_env(database_url, PORT=str(free_port()), SERVER=server), log_path)
+    base_url = re.search(r'listening on (\S+)', log_path.read_text()).group(1)
+    sale_id = make_sale(stock=5)
+    (_, first), (_, second) = make_users(2)
+    held = connect(base_url)
+    idle = connect(base_url)
+    send(idle, 'GET', '/health')
+    assert answer(idle).status == 200
+    locker = hold_sale_row(database_url, sale_id)
+    try:
+        send(held, 'POST', f'/api/flash-sales/{sale_id}/purchase', token=first)
+        wait_for(lambda: backends_waiting_on_a_lock(database_url) >= 1, timeout=30, message='the purchase waiting')
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: 'SIGTERM: stopping' in log_path.read_text(), timeout=30, message='the stop')
+        if server == 'waitress':
+            send(idle, 'POST', f'/api/flash-sales/{sale_id}/purchase', token=second)
+    finally:
+        locker.commit()
+        locker.close()
+    got = answer(held)
+    assert got.status == 201 and got.headers['Connection'].lower() == 'close', (got.status, dict(got.headers))
+    if server == 'waitress':
+        late = answer(idle)
+        assert late.status == 201 and late.headers['Connection'].lower() == 'close'
+    assert proc.wait(timeout=30) == 0
+    assert sale_state(db, sale_id).orders == (2 if server == 'waitress' else 1)

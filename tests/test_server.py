@@ -3,21 +3,22 @@
 import os
 import re
 import signal
-import subprocess
-import sys
 
 import pytest
 
+import flashsale
 from conftest import call
 from conftest import clean_env
 from conftest import free_port
 from conftest import race_and_check
+from conftest import run_cli
 from conftest import sale_state
 from conftest import run_together
 from conftest import serve_env
 from conftest import start_serve
 from conftest import timed
 from conftest import wait_for
+from resources import embedded
 
 
 def test_waitress_serves_health_with_security_headers(live_server):
@@ -46,12 +47,6 @@ def test_health_is_503_when_the_database_is_unreachable(make_app):
     assert resp.headers['Retry-After']
 
 
-def run_cli(*args, env):
-    return subprocess.run(
-        [sys.executable, '-m', 'flashsale', *args], env=env, capture_output=True, text=True, timeout=60
-    )
-
-
 @pytest.mark.parametrize('secret', [None, 'too-short'])
 def test_serve_refuses_to_start_without_a_strong_jwt_secret(database_url, secret):
     env = clean_env(DATABASE_URL=database_url, PORT=str(free_port()))
@@ -61,6 +56,17 @@ def test_serve_refuses_to_start_without_a_strong_jwt_secret(database_url, secret
     assert result.returncode == 2
     assert 'JWT_SECRET' in result.stderr
     assert 'Traceback' not in result.stderr
+
+
+def test_serve_refuses_more_pool_connections_than_the_database_takes_in_one_line(database_url, db):
+    budget = db.execute("SELECT current_setting('max_connections')::int AS n").fetchone()['n']
+    workers = budget // 8 + 1  # at the default POOL_SIZE of 8, one process too many
+    result = run_cli('serve', env=serve_env(database_url, PORT=str(free_port()), WORKERS=str(workers)))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count('\n') == 1, result.stderr
+    assert result.stderr.startswith(f'flashsale: POOL_SIZE (8) x WORKERS ({workers}) = {8 * workers} database '
+                                    'connections, but the database takes ')
+    assert f'(max_connections {budget} less ' in result.stderr
 
 
 def test_grant_admin_makes_a_registered_user_admin(database_url, make_user, db):
@@ -99,11 +105,15 @@ def test_embedded_serve_seeds_a_demo_survives_sigkill_and_stops_cleanly(tmp_path
     """No DATABASE_URL: the server starts its own PostgreSQL, seeds a demo
     admin and sale, and prints them. Killed with SIGKILL it leaves that
     PostgreSQL running; the next start adopts it, and a SIGTERM then stops
-    both (exit 0) instead of leaving the database running forever."""
+    both (exit 0) instead of leaving the database running forever. (Its
+    JWT secret file is left blank, as a crash while writing it would: it is
+    replaced, and logins work.)"""
     port = free_port()
     base_url = f'http://127.0.0.1:{port}'
+    (tmp_path / 'jwt_secret').write_text('\n')
     proc, output = start_embedded_serve(tmp_path, port)
     try:
+        assert 'jwt_secret was unusable (empty): replaced with a new secret' in output
         password = re.search(r'admin@example\.com / (\S+)', output).group(1)
         status, _, body = call(base_url, 'GET', '/api/flash-sales/current')
         assert status == 200
@@ -123,6 +133,28 @@ def test_embedded_serve_seeds_a_demo_survives_sigkill_and_stops_cleanly(tmp_path
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
     assert not postgres_running(tmp_path)
+
+
+@pytest.mark.parametrize('kept', ['', ' \n', 'too-short-by-far'], ids=['empty', 'blank', 'short'])
+def test_an_unusable_development_secret_is_replaced_once_and_kept(tmp_path, kept):
+    path = tmp_path / 'jwt_secret'
+    path.write_text(kept)
+    secret = embedded.jwt_secret(tmp_path, flashsale.MIN_JWT_SECRET_BYTES)
+    assert len(secret.encode()) >= flashsale.MIN_JWT_SECRET_BYTES
+    assert path.read_text() == secret
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert embedded.jwt_secret(tmp_path, flashsale.MIN_JWT_SECRET_BYTES) == secret
+
+
+def test_embedded_serve_refuses_in_one_line_a_secret_it_cannot_keep(tmp_path):
+    (tmp_path / 'jwt_secret').mkdir()  # unreadable and unreplaceable, as on a broken disk
+    result = run_cli('serve', env=clean_env(FLASHSALE_DATA_DIR=str(tmp_path), PORT=str(free_port())))
+    assert result.returncode == 2, result.stderr
+    assert 'Traceback' not in result.stderr
+    # One line, beside the log's "DATABASE_URL is not set".
+    [line] = [line for line in result.stderr.splitlines() if line.startswith('flashsale: ')]
+    assert line.startswith(f'flashsale: cannot keep the development JWT secret in {tmp_path}/jwt_secret: ')
+    assert not (tmp_path / 'pgdata').exists()  # said before the database was started
 
 
 def test_workers_share_one_port_and_keep_the_invariants(database_url, make_users, make_sale, db, tmp_path):

@@ -26,6 +26,7 @@ const state = {
   buying: false,
   busyUntil: 0, // local ms: the server asked us to wait until then
   retryingIn: 0, // seconds until an automatic retry of a busy purchase, shown on the button
+  salesPages: 1, // pages of the admin's table shown (the API answers the list a page at a time)
 };
 
 // ---------------------------------------------------------------- the API
@@ -117,6 +118,7 @@ const MESSAGES = {
   missing_field: apiMessage,
   unknown_field: apiMessage,
   invalid_field: apiMessage,
+  invalid_parameter: apiMessage,
   unauthorized: SESSION_EXPIRED,
   invalid_token: SESSION_EXPIRED,
   token_expired: SESSION_EXPIRED,
@@ -661,11 +663,23 @@ function saleRow(sale) {
   return row;
 }
 
+// The newest sales, as many pages as the admin has asked for ("Older
+// sales" adds one); every refresh reloads those pages, following each
+// page's nextCursor.
 async function loadSales() {
   try {
-    const { data } = await api('GET', '/api/flash-sales');
-    $('sales-rows').replaceChildren(...data.flashSales.map(saleRow));
-    setText($('sales-message'), data.flashSales.length ? '' : 'No sales yet.');
+    const sales = [];
+    let cursor = null;
+    for (let page = 0; page < state.salesPages; page += 1) {
+      const query = cursor ? `?cursor=${encodeURIComponent(cursor)}` : '';
+      const { data } = await api('GET', `/api/flash-sales${query}`);
+      sales.push(...data.flashSales);
+      cursor = data.nextCursor;
+      if (!cursor) break;
+    }
+    $('sales-rows').replaceChildren(...sales.map(saleRow));
+    $('sales-more').hidden = !cursor;
+    setText($('sales-message'), sales.length ? '' : 'No sales yet.');
     $('sales-message').classList.remove('error');
   } catch (error) {
     if (isSessionError(error)) return sessionExpired();
@@ -692,6 +706,10 @@ $('logout').addEventListener('click', () => {
 });
 $('create-sale-form').addEventListener('submit', createSale);
 $('sales-refresh').addEventListener('click', loadSales);
+$('sales-more').addEventListener('click', () => {
+  state.salesPages += 1;
+  loadSales();
+});
 
 document.addEventListener('visibilitychange', poll);
 document.addEventListener('visibilitychange', () => { if (!document.hidden) renewSession(); });

@@ -1,17 +1,26 @@
-"""resources/granian_server.py drives granian below its public API (its Rust
-worker class, its callback scheduler): every name it uses is listed in
-granian_server.GRANIAN_NAMES, granian is pinned exactly in setup.cfg, and
-this test says which names or parameters changed when granian does."""
+"""granian as `flashsale serve` runs it (resources/granian_server.py).
 
+It drives granian below its public API (its Rust worker class, its callback
+scheduler): every name it uses is listed in granian_server.GRANIAN_NAMES,
+granian is pinned exactly in setup.cfg, and the contract tests here say
+which names or parameters changed when granian does. Then what
+granian_server adds: chunked bodies read, asyncio left usable."""
+
+import asyncio
 import configparser
 import importlib
+import json
 import importlib.metadata
 import inspect
 import re
+import uuid
 from pathlib import Path
 
 import pytest
 
+from conftest import ServerInThread
+from conftest import call
+from conftest import raw_http
 from resources import granian_server
 
 SETUP_CFG = Path(__file__).resolve().parent.parent / 'setup.cfg'
@@ -118,3 +127,38 @@ def test_the_names_listed_are_the_ones_the_module_imports(owner):
     assert imported <= listed, imported - listed
     module = owner if not owner.rsplit('.', 1)[-1][0].isupper() else owner.rsplit('.', 1)[0]
     assert any(m == module for m, _ in imported), f'{owner} is listed but not imported'
+
+
+def test_a_granian_server_leaves_asyncio_usable_in_its_process(wsgi_app, settings):
+    """granian's own scheduler registers an asyncio task it never
+    initialises, after which asyncio.all_tasks() raises in that process
+    (asyncio.run's shutdown, Playwright): ours makes none."""
+    server = ServerInThread(wsgi_app, settings, engine='granian')
+    try:
+        assert call(server.base_url, 'GET', '/health').status == 200
+        loop = asyncio.new_event_loop()
+        try:
+            assert asyncio.all_tasks(loop) == set()
+        finally:
+            loop.close()
+    finally:
+        server.stop()
+
+
+def test_a_chunked_body_reaches_the_app_under_granian_up_to_the_body_limit(wsgi_app, settings):
+    """granian hands a chunked request on without a Content-Length, which
+    the app would read as an empty body: granian_server reads it, up to
+    MAX_BODY_BYTES (413 in the API's shape past it)."""
+    server = ServerInThread(wsgi_app, settings, engine='granian')
+    try:
+        body = json.dumps({'email': f'chunked-{uuid.uuid4()}@example.com', 'password': 'a long password'}).encode()
+        chunked = b'%x\r\n%s\r\n0\r\n\r\n' % (len(body), body)
+        head = (b'POST /api/auth/register HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n'
+                b'Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n')
+        status, _, answer = raw_http(server.base_url, head + chunked)
+        assert status == 201, answer
+        too_big = b'x' * (settings.max_body_bytes + 1)
+        status, headers, answer = raw_http(server.base_url, head + b'%x\r\n%s\r\n0\r\n\r\n' % (len(too_big), too_big))
+        assert status == 413 and json.loads(answer)['code'] == 'payload_too_large', (status, answer)
+    finally:
+        server.stop()
