@@ -102,10 +102,9 @@ def parse_args(argv, prog=None):
                         help='comma-separated connection counts for purchases, sold-out, health (default 64)')
     parser.add_argument('--seconds', type=int, default=5, help='seconds per wrk run (default 5)')
     parser.add_argument('--users', type=int, default=2000, help='buyers registered (default 2000)')
-    parser.add_argument('--crowd-rate', type=int, default=1000)
-    parser.add_argument('--crowd-seconds', type=int, default=4)
-    parser.add_argument('--crowd-users', type=int, default=100)
-    parser.add_argument('--crowd-stock', type=int, default=50)
+    for name, default, what in (('rate', 1000, 'arrivals per second'), ('seconds', 4, 'seconds of arrivals'),
+                                ('users', 100, 'users'), ('stock', 50, "the sale's stock")):
+        parser.add_argument(f'--crowd-{name}', type=int, default=default, help=f'the crowd: {what} (default {default})')
     parser.add_argument('--watchers', type=int, default=2000, help='pages polling in the watchers run')
     parser.add_argument('--history', type=int, default=20_000, help='past sales written for the floods run')
     parser.add_argument('--flood-connections', type=int, default=16,

@@ -5,7 +5,8 @@
 
 Load tests against a running server (it prepares its own users and sale
 through the API, runs the load, reads the outcome back and checks the
-invariants; start the server with BCRYPT_ROUNDS=4):
+invariants; start the server with BCRYPT_ROUNDS=4 and
+RATE_LIMIT_EXEMPT=127.0.0.1,::1):
 
   crowd        100 users, stock 50, 1,000 purchases/s for 4 s (--start-delay:
                the sale opens during the run)

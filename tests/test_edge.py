@@ -117,10 +117,8 @@ def granian_behind_nginx(database_url, tmp_path_factory):
         yield int(base_url.rsplit(':', 1)[1])
     finally:
         if front is not None:
-            front.terminate()
-            front.wait(timeout=30)
-        app.terminate()
-        app.wait(timeout=30)
+            servers.stop(front)
+        servers.stop(app)
 
 
 # The edge a client meets: the raw waitress port (`flashsale serve`), and
