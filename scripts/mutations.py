@@ -149,10 +149,16 @@ def failed_tests(copy, tests, python):
     env = {k: v for k, v in os.environ.items() if k not in ('TEST_DATABASE_URL', 'CI')}
     # The copy's own modules first (the interpreter's editable install points at the real tree).
     env['PYTHONPATH'] = str(copy)
+    # A temporary directory of the run's own: pytest's default one is shared by
+    # every pytest of this user, and a concurrent run's clean-up of the oldest
+    # ones deletes an embedded database in use.
+    basetemp = tempfile.mkdtemp(prefix='pytest-', dir=copy.parent)
     run = subprocess.run(
-        [python, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-rfE', '--tb=no', *tests],
+        [python, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-rfE', '--tb=no', f'--basetemp={basetemp}',
+         *tests],
         cwd=copy, env=env, capture_output=True, text=True, timeout=600,
     )
+    shutil.rmtree(basetemp, ignore_errors=True)
     failed = sorted(set(re.findall(r'^FAILED (\S+)', run.stdout, re.M)))
     if run.returncode not in (0, 1) or re.search(r'^ERROR ', run.stdout, re.M):
         raise SystemExit(f'pytest could not run on the copy (exit {run.returncode}):\n{run.stdout}{run.stderr}')
