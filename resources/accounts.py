@@ -8,6 +8,7 @@ import falcon
 from resources import sql
 from resources.credentials import MAX_PASSWORD_BYTES
 from resources.credentials import MIN_PASSWORD_BYTES
+from resources.credentials import UserReader
 from resources.credentials import current_user
 from resources.errors import ACCOUNT_GONE
 from resources.errors import invalid
@@ -59,12 +60,16 @@ def _new_password(password, field):
     return password
 
 
-class Register:
+class _WithCredentials:
+    """A resource that hashes or checks passwords (Register, Login, Password)."""
+
     def __init__(self, pool, credentials, settings):
         self._pool = pool
         self._credentials = credentials
         self._settings = settings
 
+
+class Register(_WithCredentials):
     def on_post(self, req, resp):
         email, password = _credentials_from(req, self._settings)
         password_hash = self._credentials.hash_password(_new_password(password, 'password'))
@@ -75,12 +80,7 @@ class Register:
         resp.media = {'user': user, 'token': self._credentials.issue(user['id'])}
 
 
-class Login:
-    def __init__(self, pool, credentials, settings):
-        self._pool = pool
-        self._credentials = credentials
-        self._settings = settings
-
+class Login(_WithCredentials):
     def on_post(self, req, resp):
         email, password = _credentials_from(req, self._settings)
         with self._pool.connection() as conn:
@@ -93,12 +93,7 @@ class Login:
         resp.media = {'user': user, 'token': self._credentials.issue(user['id'], generation)}
 
 
-class Me:
-    login_required = frozenset({'GET'})
-
-    def __init__(self, pool):
-        self._pool = pool
-
+class Me(UserReader):
     def on_get(self, req, resp):
         with self._pool.connection() as conn:
             resp.media = {'user': current_user(conn, req)}
@@ -122,17 +117,12 @@ class Refresh:
         resp.media = {'user': user, 'token': self._credentials.issue(user['id'], req.context.token_generation)}
 
 
-class Password:
+class Password(_WithCredentials):
     """POST /api/me/password {currentPassword, newPassword}: a new password,
     and the end of every other session: the user's token generation moves on,
     so every token issued before fails (the answer carries a new one)."""
 
     login_required = frozenset({'POST'})
-
-    def __init__(self, pool, credentials, settings):
-        self._pool = pool
-        self._credentials = credentials
-        self._settings = settings
 
     def on_post(self, req, resp):
         body = read_object(req, self._settings.max_body_bytes, required=('currentPassword', 'newPassword'))

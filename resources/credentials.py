@@ -153,6 +153,16 @@ class Authentication:
             req.context.token_generation = session.generation
 
 
+class UserReader:
+    """A resource that reads what is the verified caller's own (who they
+    are, their orders): its GET takes a token (Authentication above)."""
+
+    login_required = frozenset({'GET'})
+
+    def __init__(self, pool):
+        self._pool = pool
+
+
 def current_user(conn, req):
     """The row of the user the request's verified token names; 401 if they
     were deleted since, or the token's generation was revoked."""

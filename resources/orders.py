@@ -4,6 +4,7 @@ import falcon
 
 from resources import metrics
 from resources import sql
+from resources.credentials import UserReader
 from resources.credentials import current_user
 from resources.errors import ACCOUNT_GONE
 from resources.errors import refusal
@@ -51,12 +52,7 @@ class Purchase:
         resp.media = {'order': row}
 
 
-class MyOrder:
-    login_required = frozenset({'GET'})
-
-    def __init__(self, pool):
-        self._pool = pool
-
+class MyOrder(UserReader):
     def on_get(self, req, resp, sale_id):
         sale_id = path_uuid(sale_id, 'order_not_found')
         with self._pool.connection() as conn:
@@ -67,12 +63,7 @@ class MyOrder:
         resp.media = {'order': row}
 
 
-class MyOrders:
-    login_required = frozenset({'GET'})
-
-    def __init__(self, pool):
-        self._pool = pool
-
+class MyOrders(UserReader):
     def on_get(self, req, resp):
         with self._pool.connection() as conn:
             # A deleted user's token is refused (401), not answered "no orders".

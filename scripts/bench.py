@@ -1,55 +1,45 @@
-#!/usr/bin/env python3
-"""flashsale's benchmark in one go: what the HTTP service gets out of PostgreSQL.
+"""The benchmark (`scripts/load.py bench`): servers of its own, the runs asked
+for, and one report that says where and how its figures were made.
 
-    python scripts/bench.py --start-server --database-url postgresql://postgres@127.0.0.1:5432/benchdb
+It starts a private PostgreSQL (in /dev/shm where there is one, fsync on,
+commit_siblings=0, so that --commit-delay-ms can make every commit wait that
+long with the sale row locked: a database whose commit is slow), or uses
+--database-url. Then, for every --server (SERVER in the environment of the
+`flashsale serve` it starts) and every --behind shape (`plain`: one `flashsale
+serve` with its defaults; `nginx`: two single-process `flashsale serve`
+behind scripts/nginx.conf), and for another checkout with --compare-with, it
+starts the processes, all at once, so that the runs can take them in turns.
+It registers --users buyers once (BCRYPT_ROUNDS=4) and runs:
 
---start-server runs `flashsale serve` on a free port against --database-url,
-with BCRYPT_ROUNDS=4 and a generated JWT_SECRET (THREADS, POOL_SIZE and the
-other settings pass through from the environment), and stops it at the end.
-That is the documented way to run it. Against a server already running, give
---base-url and an admin (--admin-email/--admin-password, or --grant-admin with
-the server's DATABASE_URL in --database-url); the direct-to-database part
-needs --database-url and is skipped without it.
+  purchases  every request a distinct user's first purchase, stock that never
+             runs out: answers/s, latency, CPU per purchase of the server,
+             PostgreSQL and the client, orders per statement
+  sold-out   purchases of a sold-out sale: refusals/s
+  health     GET /health: what any request costs
+  floods     polls of the current sale (wrk, --flood-connections, no
+             If-None-Match) alone, then beside a flood of unknown sale ids (each
+             a 404), then beside a flood of the list's largest pages
+             (--list-limit), with --history past sales in the database
+  crowd      the crowd: --crowd-rate arrivals/s for --crowd-seconds, each on a
+             new connection, --crowd-users users, stock --crowd-stock
+  watchers   the crowd while --watchers pages poll the sale; how many polls
+             reached the app (its access log)
+  direct     sql.PURCHASE and sql.PURCHASE_BATCH straight through psycopg
+  standby    sql.PURCHASE straight through psycopg with an asynchronous, then a
+             synchronous standby (a private primary and standby of its own)
+  logins     bcrypt, logins through the server at the default cost, purchase
+             latency during a login storm, the opening crowd (plain only)
 
-It prints one table:
+purchases, sold-out and health use --client: wrk (a C client, default) or the
+Python client; crowd and watchers use --crowd-client: python (default) or
+artillery. After every purchase run the sales are read back from the database
+(remaining + orders == total, one order per user, every 201 an order), and the
+exit status is 1 if any check failed.
 
-  1. purchases over HTTP, closed model at concurrency 8/32/64, stock that never
-     runs out (every request a different user's first purchase): req/s, p50, p99
-  2. the same statement (resources/sql.py's PURCHASE) straight through psycopg,
-     no HTTP, same concurrencies (threads, each with its own connection), and
-     the HTTP/direct ratio
-  3. sold-out refusals per second over HTTP, and the ratio to GET /health at
-     the same concurrency
-  4. the crowd scenario (100 users, stock 50, 1,000 req/s for 4 s): exact
-     counts, p99, invariants
-  5. the server's resident memory (VmRSS, and the peak VmHWM) after the runs
-
-`--logins` runs the login benchmark instead (scripts/login_bench.py: bcrypt
-and the interpreter lock, logins/s at the default cost, purchases during a
-login storm, the opening-crowd scenario), with a server of its own at
-BCRYPT_ROUNDS=12.
-
-It reuses loadtest.py's client, setup and checks (scripts/invariants.py); --json writes every figure.
-
---metrics-cost measures what the metrics (METRICS=on, the default) cost the
-hot path: two servers on one database, one with METRICS=on and one with
-METRICS=off, driven by wrk in turns (--repeat rounds, the order swapped each
-round): purchases (every request a distinct user's first purchase, stock
-never running out) and sold-out refusals (answered from memory), each for
---wrk-seconds at --refusal-concurrency connections. It prints each one's
-answers/s and server CPU per answer, medians of the rounds, and on/off; then
-the app's own CPU per purchase and per sold-out answer, called as a WSGI
-function in a process of its own (no HTTP, no server: the figure the
-machine's other work disturbs least), on and off in turns.
-
---standby-cost measures something else instead: what a synchronous standby
-costs each purchase. It makes a private primary with a streaming standby
-(tests/private_postgres.py) and runs the purchase statement straight through
-psycopg (as in 2.) with the standby asynchronous, then synchronous, in turns
-(--repeat rounds, same cluster, same load), and prints purchases/s for each
-and their ratio.
-The machine's cores are shared by this client, the server and PostgreSQL:
-the figures are for that whole machine, and vary run to run (take --repeat).
+The report (printed, and written by --markdown and --json) starts with the
+date, the commit, the machine's cores, the exact command and the clients, so
+that no figure is quoted without them. The machine's cores are shared by the
+clients, the servers and PostgreSQL: compare figures of one report.
 """
 
 from __future__ import annotations
@@ -58,993 +48,568 @@ import argparse
 import asyncio
 import json
 import os
+import platform
+import re
 import secrets
 import shlex
-import shutil
-import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 import uuid
+from datetime import datetime
 from datetime import timedelta
+from datetime import timezone
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / 'scripts'))
+import direct
+import external
+import loadclient
+import logins
+import scenarios
+import servers
+from private_postgres import PrivatePostgres
+from private_postgres import server_version
 
-import invariants  # noqa: E402
-import loadtest  # noqa: E402
-from wrk_purchases import purchases_held  # noqa: E402
-from wrk_purchases import run_wrk  # noqa: E402
-
-
-# --- the server ---------------------------------------------------------------
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def flashsale_command():
-    """This checkout's flashsale.py when there is one (so the bench measures the code beside it,
-    whatever an editable install elsewhere points `flashsale` at), else the installed command."""
-    if (ROOT / 'flashsale.py').is_file():
-        return [sys.executable, str(ROOT / 'flashsale.py')]
-    found = shutil.which('flashsale') or shutil.which('flashsale', path=os.path.dirname(sys.executable))
-    if not found:
-        raise SystemExit('bench: neither flashsale.py beside scripts/ nor a `flashsale` command')
-    return [found]
+ROOT = servers.ROOT
+RUNS = ('purchases', 'sold-out', 'health', 'floods', 'crowd', 'watchers', 'direct', 'standby', 'logins')
+# Runs that take a turn at each --connections level; the others run once.
+LEVELLED = ('purchases', 'sold-out', 'health')
+# Purchases/s no run here reaches (granian behind nginx: 5,000/s and more): wrk gets that many
+# (sale, user) pairs per second.
+WRK_MAX_RATE = 12000
 
 
-def start_server(database_url, log_path, secret=None, checkout=ROOT, bcrypt_rounds='4', settings=None):
-    """`flashsale serve` on a free port with BCRYPT_ROUNDS=4 (or `bcrypt_rounds`)
-    and a fresh JWT_SECRET (or `secret`), from `checkout` (default: this one);
-    `settings`: more environment variables for it. Loopback, where the bench
-    registers its users and sends its load from, is exempt from the rate
-    limits unless RATE_LIMIT_EXEMPT says otherwise."""
-    port = free_port()
-    env = dict({'RATE_LIMIT_EXEMPT': '127.0.0.1,::1'}, **os.environ, DATABASE_URL=database_url,
-               JWT_SECRET=secret or secrets.token_urlsafe(48), BCRYPT_ROUNDS=bcrypt_rounds, HOST='127.0.0.1',
-               PORT=str(port), **(settings or {}))
-    log = open(log_path, 'w')
-    command = flashsale_command() if checkout == ROOT else [sys.executable, str(Path(checkout) / 'flashsale.py')]
-    proc = subprocess.Popen(command + ['serve'], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=checkout)
-    base_url = f'http://127.0.0.1:{port}'
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f'bench: the server exited ({proc.returncode}); see {log_path}:\n'
-                             + Path(log_path).read_text()[-2000:])
-        try:
-            with urllib.request.urlopen(base_url + '/health', timeout=2) as resp:
-                if resp.status == 200:
-                    return proc, base_url
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit(f'bench: the server did not answer /health within 60 s; see {log_path}')
+def csv_list(kind=str):
+    return lambda text: [kind(x) for x in text.split(',') if x]
 
 
-def stop_server(proc):
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def parse_args(argv, prog=None):
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--runs', type=csv_list(), default=['purchases', 'sold-out', 'crowd'],
+                        help=f'comma-separated, of {", ".join(RUNS)} (default purchases,sold-out,crowd)')
+    parser.add_argument('--server', type=csv_list(), default=['waitress'],
+                        help='comma-separated values of SERVER for `flashsale serve` (default waitress)')
+    parser.add_argument('--behind', type=csv_list(), default=['plain'],
+                        help='comma-separated: plain, nginx (default plain)')
+    parser.add_argument('--client', choices=['wrk', 'python'], default='wrk',
+                        help='for purchases, sold-out and health (default wrk)')
+    parser.add_argument('--crowd-client', choices=['python', 'artillery'], default='python',
+                        help='for crowd and watchers (default python)')
+    parser.add_argument('--connections', type=csv_list(int), default=[64],
+                        help='comma-separated connection counts for purchases, sold-out, health (default 64)')
+    parser.add_argument('--seconds', type=int, default=5, help='seconds per wrk run (default 5)')
+    parser.add_argument('--users', type=int, default=2000, help='buyers registered (default 2000)')
+    for name, default, what in (('rate', 1000, 'arrivals per second'), ('seconds', 4, 'seconds of arrivals'),
+                                ('users', 100, 'users'), ('stock', 50, "the sale's stock")):
+        parser.add_argument(f'--crowd-{name}', type=int, default=default, help=f'the crowd: {what} (default {default})')
+    parser.add_argument('--watchers', type=int, default=2000, help='pages polling in the watchers run')
+    parser.add_argument('--history', type=int, default=20_000, help='past sales written for the floods run')
+    parser.add_argument('--flood-connections', type=int, default=16,
+                        help='floods run: connections of the polls, and of each flood (default 16)')
+    parser.add_argument('--list-limit', type=int, default=200, help='floods run: the page size the list flood asks')
+    parser.add_argument('--commit-delay-ms', type=csv_list(float), default=[0.0],
+                        help='comma-separated commit_delay values; every run at each (private PostgreSQL only)')
+    parser.add_argument('--metrics', type=csv_list(), default=['on'],
+                        help="METRICS of the servers started (default on); 'on,off' measures what the metrics "
+                             'cost: both variants, taken in turns')
+    parser.add_argument('--compare-with', metavar='CHECKOUT',
+                        help="also every run against another checkout's `flashsale serve` (e.g. an export of "
+                             'main), in turns')
+    parser.add_argument('--database-url', help='use this database instead of a private PostgreSQL')
+    parser.add_argument('--repeat', type=int, default=1, help='turns per run (default 1)')
+    parser.add_argument('--markdown', help='write the report here (Markdown)')
+    parser.add_argument('--json', dest='json_file', help='write the report here (JSON)')
+    args = parser.parse_args(argv)
+    for run in args.runs:
+        if run not in RUNS:
+            parser.error(f'unknown run {run!r}; of {", ".join(RUNS)}')
+    for shape in args.behind:
+        if shape not in ('plain', 'nginx'):
+            parser.error(f'unknown --behind {shape!r}: plain or nginx')
+    if args.database_url and args.commit_delay_ms != [0.0]:
+        parser.error('--commit-delay-ms needs the private PostgreSQL (no --database-url)')
+    return args
 
 
-def pid_listening_on(port):
-    """The process with a listening TCP socket on `port`, found through /proc (Linux)."""
-    inodes = set()
-    for table in ('/proc/net/tcp', '/proc/net/tcp6'):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if fields[3] == '0A' and int(fields[1].rsplit(':', 1)[1], 16) == port:  # 0A = LISTEN
-                inodes.add(f'socket:[{fields[9]}]')
-    for proc_dir in Path('/proc').iterdir():
-        if not proc_dir.name.isdigit():
-            continue
-        try:
-            for fd in (proc_dir / 'fd').iterdir():
-                if os.readlink(fd) in inodes:
-                    return int(proc_dir.name)
-        except OSError:
-            continue
-    return None
+# --- the header every figure carries ---------------------------------------------------
 
 
-def server_processes(pid):
-    """The server's process and its worker processes (WORKERS > 1: forked children)."""
-    pids = [pid]
-    for proc_dir in Path('/proc').iterdir():
-        if proc_dir.name.isdigit():
-            try:
-                fields = (proc_dir / 'stat').read_text().rsplit(')', 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:  # ppid
-                pids.append(int(proc_dir.name))
-    return pids
+def _git(*args):
+    done = subprocess.run(['git', *args], cwd=ROOT, capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else None
 
 
-def cpu_seconds_of(pid):
-    """User + system CPU seconds the server (all its threads, and its worker
-    processes) has used, from /proc/PID/stat."""
-    total = 0
-    for one in server_processes(pid):
-        try:
-            fields = Path(f'/proc/{one}/stat').read_text().rsplit(')', 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / os.sysconf('SC_CLK_TCK')
+def command_line(argv):
+    python = Path(sys.executable)
+    if python.is_relative_to(ROOT):
+        python = python.relative_to(ROOT)
+    return shlex.join([str(python), 'scripts/load.py', 'bench', *argv])
 
 
-class CpuSplit(tuple):
-    """CPU seconds of (the server, PostgreSQL, this load tool), read together;
-    subtracting two readings gives what each used in between."""
-
-    def __sub__(self, other):
-        return CpuSplit(a - b for a, b in zip(self, other, strict=True))
-
-
-def cpu_split_probe(server_pid, postmaster_pid):
-    def probe():
-        # This process and the children it has waited for (wrk).
-        mine = os.times()
-        client = mine.user + mine.system + mine.children_user + mine.children_system
-        return CpuSplit((cpu_seconds_of(server_pid), cpu_seconds_of(postmaster_pid), client))
-    return probe
+def cpu_model():
+    for line in Path('/proc/cpuinfo').read_text().splitlines():
+        if line.startswith('model name'):
+            return line.split(':', 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
-def cpu_ms_per_answer(result):
-    if result.get('probe_delta') is None or not result['answered']:
-        return None
-    return round(result['probe_delta'] * 1000 / result['answered'], 3)
-
-
-def memory_of(pid):
-    """{'rss_mib', 'peak_rss_mib'} of the largest server process, from
-    /proc/PID/status, and how many processes there are (with WORKERS > 1 the
-    workers share the parent's pages copy-on-write; 'pss_total_mib' counts
-    each page once, shared ones in proportion)."""
-    rss, peak, pss = [], [], 0.0
-    pids = server_processes(pid)
-    for one in pids:
-        values = {}
-        for line in Path(f'/proc/{one}/status').read_text().splitlines():
-            key, _, rest = line.partition(':')
-            if key in ('VmRSS', 'VmHWM'):
-                values[key] = int(rest.split()[0]) / 1024
-        rss.append(values.get('VmRSS', 0))
-        peak.append(values.get('VmHWM', 0))
-        try:
-            for line in Path(f'/proc/{one}/smaps_rollup').read_text().splitlines():
-                if line.startswith('Pss:'):
-                    pss += int(line.split()[1]) / 1024
-        except OSError:
-            pass
-    return {'rss_mib': round(max(rss), 1), 'peak_rss_mib': round(max(peak), 1),
-            'processes': len(pids), 'pss_total_mib': round(pss, 1)}
-
-
-# --- the purchase straight through psycopg -------------------------------------
-
-
-def run_released(worker, concurrency, barrier):
-    """worker(k) in `concurrency` threads, timed from when they are all at
-    `barrier` (a Barrier of concurrency + 1) until the last one ends: seconds."""
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for t in threads:
-        t.join()
-    return time.perf_counter() - started
-
-
-def direct_purchases(database_url, sale_id, user_ids, concurrency):
-    """sql.PURCHASE for every user once, from `concurrency` threads with a connection each."""
-    import psycopg
-    from psycopg.rows import dict_row
-
-    from resources import sql as flashsale_sql
-
-    barrier = threading.Barrier(concurrency + 1)
-    latencies = [[] for _ in range(concurrency)]
-    outcomes = [{} for _ in range(concurrency)]
-
-    def worker(k):
-        with psycopg.connect(database_url, autocommit=True, row_factory=dict_row,
-                             options='-c TimeZone=UTC') as conn:
-            mine = user_ids[k::concurrency]
-            barrier.wait()
-            for user_id in mine:
-                started = time.perf_counter()
-                try:
-                    row = conn.execute(flashsale_sql.PURCHASE, {'sale_id': sale_id, 'user_id': user_id,
-                                                              'generation': 0}).fetchone()
-                    outcome = row['outcome']
-                except psycopg.errors.UniqueViolation:
-                    outcome = 'already_purchased'
-                latencies[k].append(time.perf_counter() - started)
-                outcomes[k][outcome] = outcomes[k].get(outcome, 0) + 1
-
-    elapsed = run_released(worker, concurrency, barrier)
-    merged = {}
-    for part in outcomes:
-        for key, n in part.items():
-            merged[key] = merged.get(key, 0) + n
-    flat = [v for part in latencies for v in part]
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        state = invariants.sale_state(conn, sale_id)
+def header(args, argv, database):
+    commit = _git('rev-parse', '--short', 'HEAD') or 'unknown'
+    if _git('status', '--porcelain', '--untracked-files=no'):
+        commit += ' (with uncommitted changes)'
+    clients = []
+    if set(args.runs) & {*LEVELLED, 'floods'}:
+        clients.append(f'{external.version(args.client) if args.client == "wrk" else "the Python client"} '
+                       f'({", ".join(r for r in args.runs if r in (*LEVELLED, "floods"))})')
+    if set(args.runs) & {'crowd', 'watchers'}:
+        clients.append(f'{external.version("artillery") if args.crowd_client == "artillery" else "the Python client"}'
+                       f' ({", ".join(r for r in args.runs if r in ("crowd", "watchers"))})')
+    if set(args.runs) & {'direct', 'standby', 'logins'}:
+        clients.append(f'psycopg / the Python client ({", ".join(r for r in args.runs if r in ("direct", "standby", "logins"))})')
     return {
-        'concurrency': concurrency,
-        'requests': len(flat),
-        'rate': round(len(flat) / elapsed, 1),
-        'latency_ms': loadtest.latency_summary(flat),
-        'outcomes': merged,
-        'invariant_ok': not invariants.failures(invariants.stock_checks(state))
-        and merged.get('created', 0) == state.orders,
+        'date': datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
+        'commit': commit,
+        'cores': len(os.sched_getaffinity(0)),
+        'machine': f'{cpu_model()}, {platform.system()} {platform.release()}, load average '
+                   f'{os.getloadavg()[0]:.2f} at the start',
+        'command': command_line(argv),
+        'client': '; '.join(clients) or '-',
+        'python': platform.python_version(),
+        'database': database,
+        'settings': {k: os.environ[k] for k in sorted(os.environ) if k in SETTINGS_NAMES},
     }
 
 
-# --- what a synchronous standby costs ------------------------------------------
-
-
-def standby_cost(args, log):
-    """Purchases/s with the standby asynchronous and synchronous, A/B in turns."""
-    import psycopg
-
-    sys.path.insert(0, str(ROOT / 'tests'))
-    from private_postgres import PrivatePostgres
-    from resources import database
-
-    rows = {}
-    with tempfile.TemporaryDirectory(prefix='flashsale-standby-cost-') as tmp:
-        with PrivatePostgres(Path(tmp) / 'primary') as primary:
-            with psycopg.connect(primary.url, autocommit=True) as conn:
-                database.apply_schema(conn)
-            with primary.add_standby(Path(tmp) / 'standby', synchronous=False) as standby:
-                for round_ in range(args.repeat):
-                    for mode in ('async', 'sync'):
-                        primary.set_synchronous(standby if mode == 'sync' else None)
-                        for level in args.levels:
-                            with psycopg.connect(primary.url, autocommit=True) as conn:
-                                ids = [row[0] for row in conn.execute(
-                                    "INSERT INTO users (email, password_hash) SELECT 'cost-' || gen_random_uuid() "
-                                    "|| '@example.com', 'x' FROM generate_series(1, %s) RETURNING id",
-                                    (args.purchases,))]
-                                sale_id = conn.execute(
-                                    'INSERT INTO flash_sales (name, start_date, end_date, total_stock, '
-                                    "remaining_stock) VALUES ('cost', now() - interval '1 second', "
-                                    "now() + interval '1 hour', %s, %s) RETURNING id",
-                                    (len(ids), len(ids))).fetchone()[0]
-                            log(f'round {round_ + 1}: {mode} standby, concurrency {level} ...')
-                            run = direct_purchases(primary.url, sale_id, ids, level)
-                            if not run['invariant_ok']:
-                                raise SystemExit(f'bench: invariants failed: {run}')
-                            rows.setdefault((level, mode), []).append(run)
-    out = [f'purchases/s straight through psycopg, {args.purchases} per run, median of {args.repeat} '
-           '(async and sync in turns, one primary and one standby on this machine):', '']
-    out.append(f'{"concurrency":>11}  {"async standby":>24}  {"sync standby":>24}  sync/async')
-    results = []
-    for level in args.levels:
-        cells = {}
-        for mode in ('async', 'sync'):
-            best = median_by_rate(rows[(level, mode)], key=lambda r: r['rate'])
-            cells[mode] = best
-            results.append({'concurrency': level, 'standby': mode, 'rate': best['rate'],
-                            'latency_ms': best['latency_ms'], 'all_rates': [r['rate'] for r in rows[(level, mode)]]})
-        a, b = cells['async'], cells['sync']
-        out.append(f'{level:>11}  {a["rate"]:>9,.0f}/s p50 {a["latency_ms"]["p50"]:5.2f} ms  '
-                   f'{b["rate"]:>9,.0f}/s p50 {b["latency_ms"]["p50"]:5.2f} ms  {b["rate"] / a["rate"]:10.2f}')
-    print('\n'.join(out))
-    if args.json_file:
-        with open(args.json_file, 'w') as fh:
-            json.dump(results, fh, indent=2)
-    return 0
-
-
-# --- slow commits ----------------------------------------------------------------
-
-
-def direct_batches(database_url, sale_ids, user_ids, concurrency, batch):
-    """sql.PURCHASE_BATCH over every user once in each sale (sale after sale),
-    `batch` users per statement, from `concurrency` threads with a connection
-    each. Several sales, so that the run is long enough to time: one sale's
-    2,000 users are only 32 statements."""
-    import psycopg
-    from psycopg.rows import dict_row
-
-    from resources import sql as flashsale_sql
-
-    barrier = threading.Barrier(concurrency + 1)
-    counts = [0] * concurrency
-
-    def worker(k):
-        with psycopg.connect(database_url, autocommit=True, row_factory=dict_row,
-                             options='-c TimeZone=UTC') as conn:
-            mine = user_ids[k::concurrency]
-            barrier.wait()
-            for sale_id in sale_ids:
-                for i in range(0, len(mine), batch):
-                    chunk = mine[i:i + batch]
-                    while chunk:
-                        rows = conn.execute(flashsale_sql.PURCHASE_BATCH, {
-                            'sale_id': sale_id, 'user_ids': chunk, 'generations': [0] * len(chunk),
-                        }).fetchall()
-                        counts[k] += sum(1 for r in rows if r['outcome'] == 'created')
-                        chunk = [u for u, r in zip(chunk, rows) if r['outcome'] == 'retry']
-
-    elapsed = run_released(worker, concurrency, barrier)
-    wanted = len(user_ids) * len(sale_ids)
-    return {'concurrency': concurrency, 'batch': batch, 'rate': round(wanted / elapsed, 1),
-            'created': sum(counts), 'invariant_ok': sum(counts) == wanted}
-
-
-# The batched statement straight through psycopg sells every user in this
-# many sales, one after another (see direct_batches).
-DIRECT_BATCHED_SALES = 5
-
-# Purchases/s no run here reaches: wrk gets that many (sale, user) pairs per second.
-WRK_MAX_RATE = 4000
-
-
-def wrk_purchases_run(base_url, sales, users, connections, seconds, database_url, probe):
-    """`seconds` of purchases through wrk (a C client: the cores it leaves go
-    to the server), each request one user's first purchase, sale after sale;
-    then every sale read back from the database: remaining + orders ==
-    total, no user twice, and every 201 an order. wrk stops at its deadline
-    without reading the answers in flight: up to `connections` orders may
-    have no 201 counted, never the other way round."""
-    workdir = tempfile.mkdtemp(prefix='flashsale-bench-wrk-')
-    before = probe()
-    result = run_wrk(base_url, [(sale, u.token) for sale in sales for u in users], workdir, connections, seconds,
-                     threads=min(2, connections))
-    cpu = probe() - before
-    shutil.rmtree(workdir, ignore_errors=True)
-    states = [loadtest.read_database(database_url, sale) for sale in sales]
-    ok = purchases_held(states, result['statuses'], connections)
-    return {'rate': result['rate'], 'answered': sum(result['statuses'].values()), 'cpu': cpu,
-            'latency_ms': {'p50': result['p50_ms'], 'p99': result['p99_ms']}, 'verdict': 'pass' if ok else 'fail'}
-
-
-def statement_sizes(database_url, *sale_ids):
-    """(statements, mean orders per statement, largest) of these sales' orders:
-    the orders one transaction wrote share its id, xmin."""
-    import psycopg
-
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        sizes = [n for (n,) in conn.execute(
-            'SELECT count(*) FROM orders WHERE flash_sale_id = ANY(%s::uuid[]) GROUP BY xmin::text', (list(sale_ids),))]
-    if not sizes:
-        return {'statements': 0, 'mean': None, 'max': None}
-    return {'statements': len(sizes), 'mean': round(sum(sizes) / len(sizes), 1), 'max': max(sizes)}
-
-
-def set_commit_delay(database_url, delay_ms):
-    import psycopg
-
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(f'ALTER SYSTEM SET commit_delay = {int(delay_ms * 1000)}')
-        conn.execute('SELECT pg_reload_conf()')
-
-
-async def new_sales(api, admin, count, stock, label):
-    """`count` sales open now, for ten minutes: their ids."""
-    ids = []
-    for _ in range(count):
-        now, _ = await api.server_clock()
-        ids.append((await api.create_sale(admin, stock, now - timedelta(seconds=1), timedelta(minutes=10),
-                                          f'bench {label}'))['id'])
-    api.pool.close()
-    return ids
-
-
-def wrk_sales_needed(users, seconds):
-    """Sales of len(users) stock that a wrk run of `seconds` cannot exhaust."""
-    return -(-WRK_MAX_RATE * seconds // len(users))
-
-
-async def slow_commit_bench(args, servers, database_url, postmaster_pid, log):
-    """At 0 ms and at --commit-delay-ms: HTTP purchases at each level for every
-    server (interleaved), then the single and the batched statement direct.
-    servers: (name, base URL, pid)."""
-    api = loadtest.Api(servers[0][1])
-    run_id = uuid.uuid4().hex[:8]
-    results = {'delays': [], 'servers': [name for name, _, _ in servers]}
-
-    try:
-        admin = await api.admin_token(None, None, True, shlex.join(flashsale_command()), database_url, run_id)
-        log(f'registering {args.purchases} users ...')
-        users = await api.register_users(args.purchases, f'bench-{run_id}', args.register_concurrency)
-        api.pool.close()
-        for name, base, _ in servers:
-            await loadtest.run_plain_async(base, '/health', connections=8, requests=300)  # warm-up
-        for delay in (0, args.commit_delay_ms):
-            set_commit_delay(database_url, delay)
-            row = {'delay_ms': delay, 'http': [], 'direct': []}
-            for level in [1] + args.levels:
-                for name, base, pid in servers:
-                    log(f'commit {delay} ms: HTTP purchases at {level} connections, {name} ({args.client}) ...')
-                    probe = cpu_split_probe(pid, postmaster_pid)
-                    if args.client == 'wrk':
-                        # wrk runs for a set time: enough (sale, user) pairs
-                        # for any rate here, sale after sale.
-                        sales = await new_sales(api, admin, wrk_sales_needed(users, args.wrk_seconds), len(users),
-                                                f'wrk {run_id}')
-                        out = await asyncio.to_thread(wrk_purchases_run, base, sales, users, level, args.wrk_seconds,
-                                                      database_url, probe)
-                    else:
-                        count = min(len(users), 400) if level == 1 else len(users)
-                        run = await loadtest.run_scenario_async(
-                            'throughput', base_url=base, prepared_users=users[:count], admin_token=admin,
-                            users=count, requests=count, connections=level, timeout=args.timeout, probe=probe)
-                        sales = [run['sale']['id']]
-                        out = {'rate': run['answered_rate'], 'answered': run['answered'], 'cpu': run['probe_delta'],
-                               'latency_ms': run['latency_ms'], 'verdict': run['invariants']['verdict']}
-                    row['http'].append({
-                        'server': name, 'concurrency': level, 'rate': out['rate'],
-                        'cpu_ms': dict(zip(('server', 'postgres', 'client'),
-                                           (round(s * 1000 / out['answered'], 3) for s in out['cpu']))),
-                        'latency_ms': out['latency_ms'], 'verdict': out['verdict'],
-                        'statements': statement_sizes(database_url, *sales)})
-            user_ids = [u.id for u in users]
-            for label, runner, count in (
-                    ('single', lambda sales: direct_purchases(database_url, sales[0], user_ids, 8), 1),
-                    ('batched', lambda sales: direct_batches(database_url, sales, user_ids, 8, args.direct_batch),
-                     DIRECT_BATCHED_SALES)):
-                log(f'commit {delay} ms: direct, {label} statement ...')
-                sales = await new_sales(api, admin, count, len(user_ids), f'direct {run_id}')
-                out = await asyncio.to_thread(runner, sales)
-                out['statement'] = label
-                out['statements'] = statement_sizes(database_url, *sales)
-                row['direct'].append(out)
-            results['delays'].append(row)
-    finally:
-        set_commit_delay(database_url, 0)
-        api.close()
-    return results
-
-
-def format_slow_commit(results, delay):
-    out = [f'slow commits: a private PostgreSQL (in /dev/shm, fsync on, commit_siblings=0), commit_delay 0 or {delay} ms '
-           f'(every commit waits that long before its flush, the sale row locked), {os.cpu_count()} cores shared '
-           'by client, server and PostgreSQL', '']
-    out.append('  commit | server  conn |  HTTP req/s  p50 ms  p99 ms | statements  mean batch  max | '
-               'CPU ms per purchase: server  postgres  client | checks')
-    for row in results['delays']:
-        for h in row['http']:
-            st = h['statements']
-            out.append(f'  {row["delay_ms"]:>3g} ms | {h["server"]:<7} {h["concurrency"]:>4} | {h["rate"]:>11,.0f} '
-                       f'{h["latency_ms"]["p50"]:>7.2f} {h["latency_ms"]["p99"]:>7.1f} | {st["statements"]:>10} '
-                       f'{st["mean"] or 0:>10} {st["max"] or 0:>4} | {" " * 20}{h["cpu_ms"]["server"]:>6.3f} '
-                       f'{h["cpu_ms"]["postgres"]:>9.3f} {h["cpu_ms"]["client"]:>7.3f} | {h["verdict"]}')
-        for d in row['direct']:
-            st = d['statements']
-            out.append(f'  {row["delay_ms"]:>3g} ms | direct {d["statement"]:<8} x{d["concurrency"]} sessions: '
-                       f'{d["rate"]:>9,.0f} purchases/s, {st["statements"]} statements '
-                       f'(mean {st["mean"]}, max {st["max"]}), {"ok" if d["invariant_ok"] else "FAIL"}')
-    out.append('')
-    by = {(r['delay_ms'], h['server'], h['concurrency']): h['rate'] for r in results['delays'] for h in r['http']}
-    direct = {(r['delay_ms'], d['statement']): d['rate'] for r in results['delays'] for d in r['direct']}
-    top = max(h['concurrency'] for r in results['delays'] for h in r['http'])
-    name = results['servers'][0]
-    ratios = [
-        (f'HTTP at {top} conn, {delay} ms / direct single at {delay} ms', by[(delay, name, top)] / direct[(delay, 'single')]),
-        (f'HTTP at {top} conn, {delay} ms / HTTP at {top} conn, 0 ms', by[(delay, name, top)] / by[(0, name, top)]),
-        (f'direct batched / direct single, {delay} ms', direct[(delay, 'batched')] / direct[(delay, 'single')]),
-    ]
-    if len(results['servers']) > 1:
-        other = results['servers'][1]
-        for lv in sorted({h['concurrency'] for r in results['delays'] for h in r['http']}):
-            ratios.append((f'{name} / {other}, 0 ms, {lv} conn', by[(0, name, lv)] / by[(0, other, lv)]))
-    for label, value in ratios:
-        out.append(f'  {label}: {value:.2f}')
-    return '\n'.join(out)
-
-
-def slow_commit_main(args, log):
-    sys.path.insert(0, str(ROOT / 'tests'))
-    from private_postgres import PrivatePostgres
-
-    # In memory (tmpfs) where there is one: a flush there costs ~0.1 ms, so
-    # commit_delay is the commit time, not the disk's noise (a busy shared
-    # disk here took 2 to 9 ms per fsync). fsync on: PostgreSQL skips
-    # commit_delay without it. commit_delay itself is set with ALTER SYSTEM
-    # (a -c on the command line would override that).
-    shm = '/dev/shm' if os.path.isdir('/dev/shm') else None
-    directory = tempfile.mkdtemp(prefix='flashsale-bench-pg-', dir=shm)
-    cluster = PrivatePostgres(directory)
-    cluster.start(options='-c fsync=on -c commit_siblings=0 -c max_connections=200')
-    procs = []
-    try:
-        secret = secrets.token_urlsafe(48)
-        servers = []
-        for name, checkout in [('this', ROOT)] + ([('before', args.compare_with)] if args.compare_with else []):
-            log_path = os.path.join(tempfile.gettempdir(), f'flashsale-bench-{os.getpid()}-{name}.log')
-            proc, base = start_server(cluster.url, log_path, secret=secret, checkout=checkout)
-            procs.append(proc)
-            servers.append((name, base, proc.pid))
-            log(f'started {name} server (pid {proc.pid}) at {base}; its log: {log_path}')
-        results = asyncio.run(slow_commit_bench(args, servers, cluster.url, cluster.pid(), log))
-    finally:
-        for proc in procs:
-            stop_server(proc)
-        cluster.close()
-    print(format_slow_commit(results, args.commit_delay_ms))
-    if args.json_file:
-        with open(args.json_file, 'w') as fh:
-            json.dump(results, fh, indent=2)
-    ok = all(h['verdict'] == 'pass' for r in results['delays'] for h in r['http']) and \
-        all(d['invariant_ok'] for r in results['delays'] for d in r['direct'])
-    return 0 if ok else 1
-
-
-# --- what the metrics cost ------------------------------------------------------------
-
-
-async def metrics_cost_bench(args, servers, database_url, log):
-    """Purchases and sold-out refusals through wrk against each server in
-    turns. servers: {'on'|'off': (base URL, pid)}."""
-    api = loadtest.Api(servers['on'][0])
-    run_id = uuid.uuid4().hex[:8]
-    runs = {(name, kind): [] for name in servers for kind in ('purchases', 'sold_out')}
-    workdir = tempfile.mkdtemp(prefix='flashsale-bench-metrics-')
-    try:
-        admin = await api.admin_token(None, None, True, shlex.join(flashsale_command()), database_url, run_id)
-        log(f'registering {args.purchases} users ...')
-        users = await api.register_users(args.purchases, f'bench-{run_id}', args.register_concurrency)
-        # Sold out once, by one purchase: every purchase after it, in either
-        # server's processes, is answered from memory once each has learnt it.
-        [gone] = await new_sales(api, admin, 1, 1, f'metrics sold out {run_id}')
-        await api.purchase(users[0], gone)
-        api.pool.close()
-        for base, _ in servers.values():
-            await loadtest.run_plain_async(base, '/health', connections=8, requests=300)  # warm-up
-        for round_ in range(args.repeat):
-            for name in (('on', 'off') if round_ % 2 == 0 else ('off', 'on')):
-                base, pid = servers[name]
-                probe = lambda pid=pid: cpu_seconds_of(pid)  # noqa: E731
-                log(f'round {round_ + 1}: METRICS={name}: purchases, then sold-out refusals ...')
-                sales = await new_sales(api, admin, wrk_sales_needed(users, args.wrk_seconds), len(users),
-                                        f'metrics {name} {run_id}')
-                for kind, pairs, cycle in (('purchases', [(s, u.token) for s in sales for u in users], False),
-                                           ('sold_out', [(gone, u.token) for u in users], True)):
-                    before = probe()
-                    result = await asyncio.to_thread(run_wrk, base, pairs, workdir, args.refusal_concurrency,
-                                                     args.wrk_seconds, cycle, min(2, args.refusal_concurrency))
-                    statuses = dict(result['statuses'])
-                    answered = sum(statuses.values())
-                    # 503 (busy, nothing bought) is an answer too, on a machine this loaded.
-                    busy = statuses.pop('503', 0)
-                    if set(statuses) - ({'201'} if kind == 'purchases' else {'409'}):
-                        raise SystemExit(f'bench: METRICS={name} {kind}: unexpected answers {result["statuses"]}')
-                    if kind == 'purchases':
-                        states = [loadtest.read_database(database_url, sale) for sale in sales]
-                        if not purchases_held(states, statuses, args.refusal_concurrency):
-                            raise SystemExit(f'bench: METRICS={name}: the purchase invariants failed: {states}')
-                    runs[(name, kind)].append({'rate': result['rate'], 'p50_ms': result['p50_ms'],
-                                               'p99_ms': result['p99_ms'], 'busy': busy,
-                                               'cpu_ms': round((probe() - before) * 1000 / answered, 3)})
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-        api.close()
-    return runs
-
-
-def format_metrics_cost(runs, args):
-    out = [f'METRICS=on against METRICS=off: wrk at {args.refusal_concurrency} connections, {args.wrk_seconds} s '
-           f'a run, {args.repeat} rounds in turns (medians); {os.cpu_count()} cores shared by wrk, both servers '
-           '(WORKERS from the environment) and PostgreSQL', '',
-           '  answers         | METRICS | answers/s  p50 ms  p99 ms  server CPU ms/answer  503s | every round (answers/s)']
-    for kind, label in (('purchases', 'purchases (201)'), ('sold_out', 'sold out (409)')):
-        medians = {}
-        for name in ('on', 'off'):
-            rounds = runs[(name, kind)]
-            medians[name] = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
-            m = medians[name]
-            out.append(f'  {label:<15} | {name:>7} | {m["rate"]:>9,.0f} {m["p50_ms"]:>7.2f} {m["p99_ms"]:>7.1f} '
-                       f'{m["cpu_ms"]:>21.3f} {sum(r["busy"] for r in rounds):>5} | '
-                       + ', '.join(f'{r["rate"]:,.0f}' for r in rounds))
-        on, off = medians['on'], medians['off']
-        out.append(f'  {"":<15} | on/off  | {on["rate"] / off["rate"]:>9.3f} {"":>15} '
-                   f'{on["cpu_ms"] / off["cpu_ms"]:>21.3f} {"":>5} |')
-    return '\n'.join(out)
-
-
-APP_COST_SOLD_OUT = 20_000
-APP_COST_PURCHASES = 2_000
-
-
-def app_cost(database_url, mode):
-    """The app's own CPU per answer, no HTTP and no server (--app-cost, in a
-    process of its own): create_app with METRICS=`mode` (in multiprocess
-    mode when on, as `flashsale serve` runs it), called as a WSGI function
-    from one thread. Prints {answer kind: microseconds of this process' CPU}."""
-    import io  # noqa: PLC0415
-
-    import psycopg  # noqa: PLC0415
-
-    import flashsale  # noqa: PLC0415
-    from resources import database  # noqa: PLC0415
-    from resources import metrics  # noqa: PLC0415
-    from resources.credentials import Credentials  # noqa: PLC0415
-
-    settings = flashsale.Settings(database_url=database_url, jwt_secret=secrets.token_urlsafe(48), bcrypt_rounds=4,
-                                  metrics=mode)
-    metrics.prepare(settings)
-    credentials = Credentials(settings.jwt_secret, 3600, 4)
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        user_ids = [row[0] for row in conn.execute(
-            "INSERT INTO users (email, password_hash) SELECT 'app-cost-' || gen_random_uuid() || '@example.com', 'x' "
-            'FROM generate_series(1, %s) RETURNING id', (APP_COST_PURCHASES,))]
-        sales = [conn.execute(
-            'INSERT INTO flash_sales (name, start_date, end_date, total_stock, remaining_stock) VALUES '
-            "('app cost', now() - interval '1 minute', now() + interval '1 hour', %s, %s) RETURNING id",
-            (stock, stock)).fetchone()[0] for stock in (APP_COST_PURCHASES, 1)]
-    tokens = [credentials.issue(user_id) for user_id in user_ids]
-    pool = database.open_pool(settings, database_url)
-    app = flashsale.create_app(settings, pool)
-
-    def purchase(sale_id, token):
-        environ = {'REQUEST_METHOD': 'POST', 'PATH_INFO': f'/api/flash-sales/{sale_id}/purchase', 'QUERY_STRING': '',
-                   'SERVER_NAME': 'bench', 'SERVER_PORT': '80', 'SERVER_PROTOCOL': 'HTTP/1.1',
-                   'wsgi.url_scheme': 'http', 'wsgi.input': io.BytesIO(b''), 'wsgi.errors': sys.stderr,
-                   'REMOTE_ADDR': '127.0.0.1', 'CONTENT_LENGTH': '0', 'HTTP_AUTHORIZATION': f'Bearer {token}'}
-        b''.join(app(environ, lambda status, headers, exc_info=None: None))
-
-    def cpu_us(calls):
-        started = time.process_time()
-        for call in calls:
-            call()
-        return round((time.process_time() - started) / len(calls) * 1e6, 2)
-
-    gone, still = sales[1], sales[0]
-    purchase(gone, tokens[0])  # bought out: the next purchases learn it, then are answered from memory
-    purchase(gone, tokens[1])
-    out = {'purchase': cpu_us([lambda t=t: purchase(still, t) for t in tokens]),
-           'sold_out': cpu_us([lambda: purchase(gone, tokens[0])] * APP_COST_SOLD_OUT)}
-    pool.close()
-    print(json.dumps(out))
-
-
-def app_costs(database_url, rounds, log):
-    """app_cost() in a fresh process for each mode, `rounds` times, in turns."""
-    costs = {'on': [], 'off': []}
-    env = {k: v for k, v in os.environ.items() if k != 'PROMETHEUS_MULTIPROC_DIR'}
-    for round_ in range(rounds):
-        for mode in (('on', 'off') if round_ % 2 == 0 else ('off', 'on')):
-            log(f'round {round_ + 1}: the app alone, METRICS={mode} ...')
-            done = subprocess.run([sys.executable, __file__, '--app-cost', mode, '--database-url', database_url],
-                                  env=env, capture_output=True, text=True, timeout=600)
-            if done.returncode:
-                raise SystemExit(f'bench: --app-cost {mode} failed:\n{done.stderr}')
-            costs[mode].append(json.loads(done.stdout.strip().splitlines()[-1]))
-    return costs
-
-
-def format_app_costs(costs):
-    out = ['', '  the app alone (a WSGI call, no HTTP), CPU per answer, median of the rounds:']
-    for kind in ('purchase', 'sold_out'):
-        on, off = (statistics.median(run[kind] for run in costs[mode]) for mode in ('on', 'off'))
-        out.append(f'  {kind:<10} METRICS=on {on:7.2f} us  off {off:7.2f} us  +{on - off:5.2f} us  '
-                   f'(every round: on {", ".join(str(r[kind]) for r in costs["on"])}; '
-                   f'off {", ".join(str(r[kind]) for r in costs["off"])})')
-    return '\n'.join(out)
-
-
-def metrics_cost_main(args, log):
-    if not args.database_url:
-        from resources import embedded  # noqa: PLC0415
-
-        log('bench: no --database-url: starting a throwaway embedded PostgreSQL')
-        args.database_url = embedded.start(tempfile.mkdtemp(prefix='flashsale-bench-'), delete_on_exit=True)
-    secret = secrets.token_urlsafe(48)
-    procs, servers = [], {}
-    try:
-        for name in ('on', 'off'):
-            log_path = os.path.join(tempfile.gettempdir(), f'flashsale-bench-{os.getpid()}-metrics-{name}.log')
-            proc, base = start_server(args.database_url, log_path, secret=secret, settings={'METRICS': name})
-            procs.append(proc)
-            servers[name] = (base, proc.pid)
-            log(f'started METRICS={name} server (pid {proc.pid}) at {base}; its log: {log_path}')
-        runs = asyncio.run(metrics_cost_bench(args, servers, args.database_url, log))
-    except loadtest.SetupError as exc:
-        raise SystemExit(f'bench: {exc}') from None
-    finally:
-        for proc in procs:
-            stop_server(proc)
-    costs = app_costs(args.database_url, max(args.repeat, 2), log)
-    print(format_metrics_cost(runs, args) + format_app_costs(costs))
-    if args.json_file:
-        with open(args.json_file, 'w') as fh:
-            json.dump({'http': {f'{name} {kind}': rounds for (name, kind), rounds in runs.items()}, 'app': costs},
-                      fh, indent=2)
-    return 0
-
-
-# --- the runs -------------------------------------------------------------------
-
-
-def median_by_rate(runs, key):
-    """The run with the median rate (the middle one of an odd number)."""
-    ordered = sorted(runs, key=key)
-    return ordered[len(ordered) // 2]
-
-
-async def bench(args, base_url, pid, log):
-    results = {'base_url': base_url, 'levels': args.levels, 'purchases_per_level': args.purchases}
-    # The server's CPU per answer is steadier than its rate on a machine shared with other work.
-    probe = (lambda: cpu_seconds_of(pid)) if pid else None
-    api = loadtest.Api(base_url)
-    run_id = uuid.uuid4().hex[:8]
-    try:
-        admin = await api.admin_token(args.admin_email, args.admin_password, args.grant_admin or args.start_server,
-                                      shlex.join(flashsale_command()), args.database_url, run_id)
-        log(f'registering {args.purchases} users ...')
-        t0 = time.monotonic()
-        users = await api.register_users(args.purchases, f'bench-{run_id}', args.register_concurrency)
-        results['registration'] = {'users': len(users), 'seconds': round(time.monotonic() - t0, 2)}
-        api.pool.close()
-        await loadtest.run_plain_async(base_url, '/health', connections=8, requests=500)  # warm-up
-
-        # 1. purchases over HTTP
-        results['http'] = []
-        for level in args.levels:
-            runs = []
-            for _ in range(args.repeat):
-                log(f'HTTP purchases at concurrency {level} ...')
-                runs.append(await loadtest.run_scenario_async(
-                    'throughput', base_url=base_url, prepared_users=users, admin_token=admin,
-                    users=len(users), requests=len(users), connections=level, timeout=args.timeout, probe=probe))
-            best = median_by_rate(runs, key=lambda r: r['answered_rate'])
-            results['http'].append({
-                'concurrency': level, 'rate': best['answered_rate'], 'latency_ms': best['latency_ms'],
-                'by_code': best['by_code'], 'verdict': best['invariants']['verdict'],
-                'all_rates': [r['answered_rate'] for r in runs],
-                'server_cpu_ms': statistics.median([cpu_ms_per_answer(r) or 0 for r in runs]) if probe else None,
-            })
-
-        # 2. the same statement without HTTP
-        results['direct'] = []
-        if args.database_url:
-            user_ids = [u.id for u in users]
-            for level in args.levels:
-                runs = []
-                for _ in range(args.repeat):
-                    log(f'direct purchases at concurrency {level} ...')
-                    now, _ = await api.server_clock()
-                    sale = await api.create_sale(admin, len(user_ids), now - timedelta(seconds=1),
-                                                 timedelta(minutes=10), f'bench direct {run_id}')
-                    api.pool.close()
-                    runs.append(await asyncio.to_thread(direct_purchases, args.database_url, sale['id'],
-                                                        user_ids, level))
-                best = median_by_rate(runs, key=lambda r: r['rate'])
-                best['all_rates'] = [r['rate'] for r in runs]
-                results['direct'].append(best)
-
-        # 3. sold-out refusals against GET /health
-        log(f'sold-out refusals and /health at concurrency {args.refusal_concurrency} ...')
-        sold_out = await loadtest.run_scenario_async(
-            'sold-out', base_url=base_url, prepared_users=users, admin_token=admin, users=min(200, len(users)),
-            model='closed', connections=args.refusal_concurrency, requests=args.refusals, timeout=args.timeout,
-            probe=probe)
-        health = await loadtest.run_plain_async(base_url, '/health', connections=args.refusal_concurrency,
-                                                requests=args.refusals, timeout=args.timeout, probe=probe)
-        results['sold_out'] = {'rate': sold_out['answered_rate'], 'latency_ms': sold_out['latency_ms'],
-                               'by_code': sold_out['by_code'], 'verdict': sold_out['invariants']['verdict'],
-                               'server_cpu_ms': cpu_ms_per_answer(sold_out)}
-        results['health'] = {'rate': health['answered_rate'], 'latency_ms': health['latency_ms'],
-                             'by_code': health['by_code'], 'server_cpu_ms': cpu_ms_per_answer(health)}
-
-        # 4. the crowd
-        log('crowd: 100 users, stock 50, 1,000 req/s for 4 s ...')
-        crowd = await loadtest.run_scenario_async('crowd', base_url=base_url, prepared_users=users,
-                                                  admin_token=admin, users=100, database_url=args.database_url,
-                                                  timeout=args.timeout)
-        results['crowd'] = {'by_code': crowd['by_code'], 'latency_ms': crowd['latency_ms'],
-                            'achieved_rate': crowd['achieved_rate'], 'verdict': crowd['invariants']['verdict'],
-                            'orders': crowd['invariants']['orders'], 'remaining': crowd['invariants']['remaining'],
-                            'errors': crowd['errors']}
-    finally:
-        api.close()
-    return results
-
-
-def format_table(results):
-    out = []
-    rate = lambda v: '-' if v is None else f'{v:,.0f}'  # noqa: E731
-    ms = lambda v: '-' if v is None else f'{v:.1f}'  # noqa: E731
-    out.append(f'flashsale bench against {results["base_url"]}'
-               + (f' (server pid {results["server"]["pid"]})' if results.get('server') else '')
-               + f', {os.cpu_count()} cores shared by client, server and PostgreSQL')
-    out.append('')
-    direct = {d['concurrency']: d for d in results.get('direct', [])}
-    out.append(f'1-2. purchase, stock never runs out, {results["purchases_per_level"]} distinct users per level '
-               '(closed model)')
-    out.append('  conc |  HTTP req/s  p50 ms  p99 ms  srv CPU ms/req | direct tx/s  p50 ms  p99 ms | HTTP/direct '
-               '| checks')
-    for h in results['http']:
-        d = direct.get(h['concurrency'])
-        ratio = f'{h["rate"] / d["rate"]:.2f}' if d and d['rate'] else '-'
-        checks = h['verdict'] + ('' if not d else (', direct ok' if d['invariant_ok'] else ', direct FAIL'))
-        cpu = '-' if h.get('server_cpu_ms') is None else f'{h["server_cpu_ms"]:.2f}'
-        out.append(f'  {h["concurrency"]:>4} | {rate(h["rate"]):>11} {ms(h["latency_ms"]["p50"]):>7} '
-                   f'{ms(h["latency_ms"]["p99"]):>7} {cpu:>15} | '
-                   + (f'{rate(d["rate"]):>11} {ms(d["latency_ms"]["p50"]):>7} {ms(d["latency_ms"]["p99"]):>7}'
-                      if d else f'{"(no --database-url)":>27}')
-                   + f' | {ratio:>11} | {checks}')
-    if any(len(h['all_rates']) > 1 for h in results['http']):
-        out.append('  every run (req/s), median shown above: '
-                   + '; '.join(f'HTTP {h["concurrency"]}: ' + ', '.join(rate(v) for v in h['all_rates'])
-                               for h in results['http'])
-                   + ''.join(f'; direct {d["concurrency"]}: ' + ', '.join(rate(v) for v in d['all_rates'])
-                             for d in results.get('direct', [])))
-    so, he = results['sold_out'], results['health']
-    out.append('')
-    out.append(f'3. sold-out refusals at concurrency {results["refusal_concurrency"]}: {rate(so["rate"])}/s '
-               f'(p50 {ms(so["latency_ms"]["p50"])} ms, p99 {ms(so["latency_ms"]["p99"])} ms, {so["verdict"]}); '
-               f'GET /health: {rate(he["rate"])}/s (p99 {ms(he["latency_ms"]["p99"])} ms); '
-               f'refusals/health = {so["rate"] / he["rate"]:.2f}'
-               + (f'; server CPU per answer {so["server_cpu_ms"]:.2f} vs {he["server_cpu_ms"]:.2f} ms'
-                  if so.get('server_cpu_ms') is not None and he.get('server_cpu_ms') is not None else ''))
-    cr = results['crowd']
-    out.append('')
-    out.append(f'4. crowd, 100 users, stock 50, 1,000 req/s x 4 s (achieved {rate(cr["achieved_rate"])} req/s): '
-               + ', '.join(f'{n} x {label}' for label, n in cr['by_code'].items()))
-    out.append(f'   orders {cr["orders"]}, remaining {cr["remaining"]}; latency p50 {ms(cr["latency_ms"]["p50"])} ms, '
-               f'p99 {ms(cr["latency_ms"]["p99"])} ms, max {ms(cr["latency_ms"]["max"])} ms; '
-               f'invariants: {cr["verdict"].upper()}')
-    out.append('')
-    mem = results.get('memory')
-    if mem:
-        if mem.get('processes', 1) > 1:
-            out.append(f'5. server memory after the runs (pid {mem["pid"]} and {mem["processes"] - 1} workers): '
-                       f'RSS {mem["rss_mib"]} MiB in the largest process, peak {mem["peak_rss_mib"]} MiB; '
-                       f'all together {mem["pss_total_mib"]} MiB PSS (shared pages counted once)')
+def settings_of(checkout):
+    """The names of the settings a checkout's `flashsale serve` reads (its --help)."""
+    shown = subprocess.run([*servers.flashsale_command(checkout), 'serve', '--help'], capture_output=True,
+                           text=True, cwd=checkout).stdout
+    return set(re.findall(r'^  ([A-Z][A-Z0-9_]+) ', shown, re.M))
+
+
+SETTINGS_NAMES = settings_of(ROOT) | {'SERVER'}
+
+
+# --- the servers under test --------------------------------------------------------------
+
+
+class Target:
+    """One server variant in one shape: its processes, its URL, its CPU."""
+
+    def __init__(self, name, server, shape, checkout, env, workdir):
+        self.name, self.server, self.shape = name, server, shape
+        self.checkout, self.env, self.workdir = Path(checkout), env, Path(workdir)
+        self.apps, self.logs, self.nginx = [], [], None
+        # A checkout whose settings have no SERVER runs its one server whatever SERVER says.
+        self.note = '' if server == 'waitress' or 'SERVER' in settings_of(checkout) else \
+            f'this checkout has no SERVER setting: its default server ran, not {server}'
+
+    def _serve(self, **extra):
+        port = servers.free_port()
+        log_path = self.workdir / f'{self.name}-{self.shape}-{port}.log'
+        env = dict(self.env, PORT=str(port), SERVER=self.server, **extra)
+        self.apps.append(servers.start_serve(env, log_path, command=servers.flashsale_command(self.checkout),
+                                             cwd=self.checkout))
+        self.logs.append(log_path)
+        return f'http://127.0.0.1:{port}'
+
+    def start(self):
+        if self.shape == 'plain':
+            # Users are registered and the load sent from loopback: exempt,
+            # explicitly (nothing is by default), unless the environment says.
+            self.base_url = self.setup_url = self._serve(
+                RATE_LIMIT_EXEMPT=os.environ.get('RATE_LIMIT_EXEMPT', '127.0.0.1,::1'))
         else:
-            out.append(f'5. server memory after the runs (pid {mem["pid"]}): RSS {mem["rss_mib"]} MiB, '
-                       f'peak {mem["peak_rss_mib"]} MiB')
-    else:
-        out.append('5. server memory: unknown (pass --server-pid, or run the server on this machine)')
-    return '\n'.join(out)
+            # Every client here is loopback, and an exemption of the proxy's
+            # address is refused: the app's limits are off instead (nginx
+            # still limits logins at the door; users are registered on an
+            # app port directly).
+            workers = os.environ.get('WORKERS', '1')
+            urls = [self._serve(TRUSTED_PROXY='127.0.0.1', WORKERS=workers, AUTH_RATE_PER_MINUTE='0',
+                                PURCHASE_RATE_PER_SECOND='0') for _ in range(2)]
+            front = servers.free_port()
+            nginx_dir = self.workdir / f'nginx-{self.name}'
+            nginx_dir.mkdir()
+            self.nginx = servers.start_nginx(nginx_dir, [int(u.rsplit(':', 1)[1]) for u in urls], front)
+            # nginx limits /api/auth/ per address: users are registered on an app process.
+            self.setup_url, self.base_url = urls[0], f'http://127.0.0.1:{front}'
+        wait_healthy(self.base_url, self.nginx or self.apps[0])
+        return self
+
+    def cpu(self):
+        return servers.cpu_seconds(*(p.pid for p in self.apps))
+
+    def log_count(self, needle):
+        return sum(path.read_text(errors='replace').count(needle) for path in self.logs)
+
+    def stop(self):
+        for proc in ([self.nginx] if self.nginx else []) + self.apps:
+            servers.stop(proc)
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--start-server', action='store_true',
-                        help='run `flashsale serve` (BCRYPT_ROUNDS=4, generated JWT_SECRET) on a free port')
-    parser.add_argument('--base-url', default=loadtest.DEFAULT_BASE_URL, help='a running server (no --start-server)')
-    parser.add_argument('--database-url', default=os.environ.get('DATABASE_URL'),
-                        help='the server\'s database: for --start-server, grant-admin and the direct runs (default: '
-                             'DATABASE_URL; with neither, --start-server starts a throwaway embedded PostgreSQL)')
-    parser.add_argument('--admin-email')
-    parser.add_argument('--admin-password')
-    parser.add_argument('--grant-admin', action='store_true')
-    parser.add_argument('--server-pid', type=int, help='for the memory figure (default: found by port)')
-    parser.add_argument('--levels', type=lambda s: [int(x) for x in s.split(',')], default=[8, 32, 64],
-                        help='concurrencies, comma-separated (default 8,32,64)')
-    parser.add_argument('--purchases', type=int, default=3000, help='distinct users = purchases per level')
-    parser.add_argument('--refusals', type=int, default=5000, help='requests for the sold-out and /health runs')
-    parser.add_argument('--refusal-concurrency', type=int, default=32)
-    parser.add_argument('--repeat', type=int, default=1, help='runs per level; the median is shown')
-    parser.add_argument('--register-concurrency', type=int, default=loadtest.DEFAULT_REGISTER_CONCURRENCY)
-    parser.add_argument('--timeout', type=float, default=30.0)
-    parser.add_argument('--json', dest='json_file')
-    parser.add_argument('--standby-cost', action='store_true',
-                        help='instead: purchases/s with an asynchronous and a synchronous standby (see above)')
-    parser.add_argument('--commit-delay-ms', type=float,
-                        help='slow-commit mode: a private PostgreSQL (fsync on, commit_siblings=0), and every '
-                             'figure at commit_delay 0 and at this many ms')
-    parser.add_argument('--compare-with', metavar='CHECKOUT',
-                        help='slow-commit mode: also run the HTTP figures against `flashsale serve` from this '
-                             'other checkout (e.g. an export of main), interleaved, same settings')
-    parser.add_argument('--client', choices=['wrk', 'python'], default='wrk',
-                        help='slow-commit mode: the HTTP load generator: wrk (default; a C client, see '
-                             'scripts/wrk_purchases.py) or loadtest.py\'s Python client')
-    parser.add_argument('--wrk-seconds', type=int, default=5, help='slow-commit mode: seconds per wrk run')
-    parser.add_argument('--direct-batch', type=int, default=64, help='users per batched statement, direct')
-    parser.add_argument('--metrics-cost', action='store_true',
-                        help='instead: purchases and sold-out refusals with METRICS=on against METRICS=off, '
-                             'in turns (see above)')
-    parser.add_argument('--app-cost', choices=['on', 'off'], help=argparse.SUPPRESS)  # app_cost(), in a child
-    parser.add_argument('--logins', action='store_true',
-                        help='instead: the login benchmark (scripts/login_bench.py), with a server of its own '
-                             'at the default bcrypt cost')
-    return parser.parse_args(argv)
+def wait_healthy(base_url, proc, timeout=60):
+    """Once GET /health answers 200 (through nginx, too); StartError if proc exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(base_url + '/health', timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise servers.StartError(f'{base_url}/health never answered 200 ({shlex.join(map(str, proc.args))})')
+        time.sleep(0.1)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+# --- the runs ------------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args, database_url, postmaster_pid, workdir, log):
+        self.args, self.url, self.postmaster_pid = args, database_url, postmaster_pid
+        self.workdir, self.log = Path(workdir), log
+        self.secret = secrets.token_urlsafe(48)
+        self.run_id = uuid.uuid4().hex[:8]
+        self.rows = []
+
+    def probe(self, target):
+        """(server, PostgreSQL, client) CPU seconds so far."""
+        mine = os.times()
+        return (target.cpu(), servers.cpu_seconds(self.postmaster_pid) if self.postmaster_pid else 0.0,
+                mine.user + mine.system + mine.children_user + mine.children_system)
+
+    def cpu_ms(self, before, after, answered):
+        names = ('server', 'postgres', 'client') if self.postmaster_pid else ('server', None, 'client')
+        return {n: round((b - a) * 1000 / answered, 3) for n, a, b in zip(names, before, after, strict=True)
+                if n and answered}
+
+    def row(self, run, target=None, **fields):
+        row = {'run': run, 'server': target.name if target else '-', 'behind': target.shape if target else '-',
+               **fields}
+        if target and target.note:
+            row['notes'] = '; '.join(filter(None, [row.get('notes'), target.note]))
+        self.rows.append(row)
+        ok = {True: 'ok', False: 'FAIL', None: '-'}[row.get('ok')]
+        self.log(f'  {run} {row["server"]} {row["behind"]}: {row.get("rate")}/s {ok} {row.get("notes", "")}')
+        return row
+
+    async def sales(self, count, stock, label):
+        ids = []
+        for _ in range(count):
+            now, _ = await self.api.server_clock()
+            sale = await self.api.create_sale(self.admin, stock, now - timedelta(seconds=1), timedelta(hours=1),
+                                              f'bench {label} {self.run_id}')
+            ids.append(sale['id'])
+        self.api.pool.close()
+        return ids
+
+    async def purchases(self, target, level, delay):
+        args, users = self.args, self.users
+        before = self.probe(target)
+        if args.client == 'wrk':
+            sales = await self.sales(-(-WRK_MAX_RATE * args.seconds // len(users)), len(users), 'purchases')
+            out = await asyncio.to_thread(external.run_wrk, target.base_url,
+                                          [(s, u.token) for s in sales for u in users], self.workdir, level,
+                                          args.seconds, threads=min(2, level))
+            after = self.probe(target)
+            states = [scenarios.read_database(self.url, s) for s in sales]
+            ok = external.purchases_held(states, out['statuses'], level)
+            answered, rate, p50, p99 = sum(out['statuses'].values()), out['rate'], out['p50_ms'], out['p99_ms']
+            notes = f'statuses {out["statuses"]}'
+        else:
+            result = await scenarios.run_scenario_async(
+                'throughput', base_url=target.base_url, prepared_users=users, admin_token=self.admin,
+                users=len(users), requests=len(users), connections=level, timeout=30, settle=0.6)
+            after = self.probe(target)
+            sales, ok = [result['sale']['id']], result['invariants']['verdict'] == 'pass'
+            answered, rate = result['answered'], result['answered_rate']
+            p50, p99 = result['latency_ms']['p50'], result['latency_ms']['p99']
+            notes = f'answers {result["by_code"]}'
+        st = direct.statement_sizes(self.url, *sales)
+        self.row('purchases', target, client=args.client, connections=level, commit_ms=delay, rate=rate, p50=p50,
+                 p99=p99, cpu_ms=self.cpu_ms(before, after, answered), batch=(st['mean'], st['max']), ok=ok,
+                 notes=notes)
+
+    async def sold_out(self, target, level, delay):
+        args, users = self.args, self.users
+        before = self.probe(target)
+        if args.client == 'wrk':
+            [sale] = await self.sales(1, 1, 'sold-out')
+            status, _ = await self.api.purchase(self.early, sale)
+            self.api.pool.close()
+            before = self.probe(target)
+            out = await asyncio.to_thread(external.run_wrk, target.base_url, [(sale, u.token) for u in users],
+                                          self.workdir, level, args.seconds, cycle=True, threads=min(2, level))
+            statuses, rate, p50, p99 = out['statuses'], out['rate'], out['p50_ms'], out['p99_ms']
+            answered = sum(statuses.values())
+        else:
+            result = await scenarios.run_scenario_async(
+                'sold-out', base_url=target.base_url, prepared_users=users, admin_token=self.admin,
+                users=min(200, len(users)), model='closed', connections=level, requests=len(users), timeout=30,
+                settle=0.6)
+            sale, status = result['sale']['id'], 201  # its early bird's purchase, checked by the scenario
+            statuses = dict(result['by_status'])
+            rate, answered = result['answered_rate'], result['answered']
+            p50, p99 = result['latency_ms']['p50'], result['latency_ms']['p99']
+        after = self.probe(target)
+        state = scenarios.read_database(self.url, sale)
+        ok = status == 201 and state['orders'] == 1 and state['remaining'] == 0 and set(statuses) == {'409'}
+        self.row('sold-out', target, client=args.client, connections=level, commit_ms=delay, rate=rate, p50=p50,
+                 p99=p99, cpu_ms=self.cpu_ms(before, after, answered), ok=ok, notes=f'statuses {statuses}')
+
+    async def health(self, target, level, delay):
+        before = self.probe(target)
+        if self.args.client == 'wrk':
+            out = await asyncio.to_thread(external.wrk_result, external.wrk_get(
+                target.base_url, 'path', '/health', level, self.args.seconds, self.workdir))
+            rate, p50, p99 = out['rate'], out['p50_ms'], out['p99_ms']
+            answered, ok = sum(out['statuses'].values()), set(out['statuses']) == {'200'}
+        else:
+            result = await scenarios.run_plain_async(target.base_url, '/health', connections=level,
+                                                     requests=len(self.users))
+            rate, answered = result['answered_rate'], result['answered']
+            p50, p99 = result['latency_ms']['p50'], result['latency_ms']['p99']
+            ok = set(result['by_status']) == {'200'}
+        after = self.probe(target)
+        self.row('health', target, client=self.args.client, connections=level, commit_ms=delay, rate=rate, p50=p50,
+                 p99=p99, cpu_ms=self.cpu_ms(before, after, answered), ok=ok)
+
+    async def floods(self, target, level, delay):
+        """The polls alone, then beside each flood, in turn."""
+        args, alone = self.args, None
+        floods = {'polls': None, 'polls + unknown ids': ('random-id', ''),
+                  'polls + list pages': ('path', f'/api/flash-sales?limit={args.list_limit}')}
+        for run, flood in floods.items():
+            flooding = flood and external.wrk_get(target.base_url, *flood, args.flood_connections, args.seconds,
+                                                  self.workdir)
+            polls = await asyncio.to_thread(external.wrk_result, external.wrk_get(
+                target.base_url, 'path', '/api/flash-sales/current', args.flood_connections, args.seconds,
+                self.workdir))
+            alone = alone or polls['p99_ms']
+            notes = f'polls {polls["statuses"]}, p99 {polls["p99_ms"] / alone:.2f}x alone'
+            ok = set(polls['statuses']) == {'200'}
+            if flooding:
+                out = await asyncio.to_thread(external.wrk_result, flooding)
+                notes += f'; the flood {out["rate"]:,.0f}/s {out["statuses"]}'
+                ok = ok and set(out['statuses']) <= {'200', '404'}
+            self.row(run, target, client='wrk', connections=args.flood_connections, commit_ms=delay,
+                     rate=round(polls['rate'], 1), p50=polls['p50_ms'], p99=polls['p99_ms'], ok=ok, notes=notes)
+
+    async def crowd(self, target, level, delay, watchers=0):
+        args = self.args
+        users = self.users[:args.crowd_users]
+        run = 'watchers' if watchers else 'crowd'
+        polls_before = target.log_count('GET /api/flash-sales/current ')
+        if args.crowd_client == 'artillery':
+            [sale] = await self.sales(1, args.crowd_stock, 'crowd')
+            watch = scenarios.Watchers(target.base_url, watchers) if watchers else None
+            if watch:
+                await watch.start()
+                await asyncio.sleep(watch.interval)
+            started = time.monotonic()
+            out = await asyncio.to_thread(external.run_artillery, target.base_url, users, sale, self.workdir,
+                                          args.crowd_rate, args.crowd_seconds)
+            elapsed = time.monotonic() - started
+            watched = await watch.stop() if watch else None
+            await asyncio.sleep(1.0)  # past the server's poll cache
+            db = scenarios.read_database(self.url, sale)
+            created = out['codes'].get('201', 0)
+            ok = (db['remaining'] + db['orders'] == db['total'] and db['duplicates'] == 0
+                  and db['orders'] == created == min(args.crowd_stock, len(users)) and not out['errors'])
+            rate, p50, p99 = round(out['requests'] / args.crowd_seconds, 1), out['p50_ms'], out['p99_ms']
+            notes = f'codes {out["codes"]}, errors {out["errors"] or 0}'
+        else:
+            started = time.monotonic()
+            result = await scenarios.run_scenario_async(
+                run, base_url=target.base_url, prepared_users=users, admin_token=self.admin, users=len(users),
+                stock=args.crowd_stock, rate=args.crowd_rate, duration=args.crowd_seconds,
+                connection_model='per-arrival', watchers=watchers, database_url=self.url, timeout=30)
+            elapsed = time.monotonic() - started
+            watched = result['watchers']
+            ok = result['invariants']['verdict'] == 'pass' and not result['errors']
+            rate, p50, p99 = result['achieved_rate'], result['latency_ms']['p50'], result['latency_ms']['p99']
+            notes = f'answers {result["by_code"]}, errors {sum(result["errors"].values())}'
+        if watched:
+            app_polls = target.log_count('GET /api/flash-sales/current ') - polls_before
+            notes += (f'; {watched["watchers"]} watchers: {watched["answered"]} polls answered '
+                      f'{watched["by_status"]}, errors {watched["errors"] or 0}, the app saw '
+                      f'{app_polls / elapsed:.1f} polls/s')
+            ok = ok and not watched['errors']
+        self.row(run, target, client=args.crowd_client, connections='per arrival', commit_ms=delay, rate=rate,
+                 p50=p50, p99=p99, ok=ok, notes=notes)
+
+    async def watchers(self, target, level, delay):
+        await self.crowd(target, level, delay, watchers=self.args.watchers)
+
+    def direct(self, delay):
+        single, batched = direct.single_and_batched(self.url, len(self.users))
+        for name, out in (('PURCHASE', single), ('PURCHASE_BATCH', batched)):
+            st = out['statements']
+            self.row(f'direct {name}', client='psycopg', connections=out['concurrency'], commit_ms=delay,
+                     rate=out['rate'], p50=(out.get('latency_ms') or {}).get('p50'),
+                     p99=(out.get('latency_ms') or {}).get('p99'), batch=(st['mean'], st['max']),
+                     ok=out['invariant_ok'])
+
+    def standby(self):
+        with tempfile.TemporaryDirectory(prefix='bench-standby-', dir=self.workdir) as tmp:
+            found = direct.standby_cost(tmp, self.args.connections, len(self.users), self.args.repeat, self.log)
+        for (level, mode), runs in sorted(found.items()):
+            best = sorted(runs, key=lambda r: r['rate'])[len(runs) // 2]
+            self.row(f'direct PURCHASE, {mode} standby', client='psycopg', connections=level, rate=best['rate'],
+                     p50=best['latency_ms']['p50'], p99=best['latency_ms']['p99'], ok=best['invariant_ok'],
+                     notes=f'every turn {[r["rate"] for r in runs]}/s' if len(runs) > 1 else '')
+
+    def logins(self, target):
+        base = target._serve(BCRYPT_ROUNDS=str(logins.COST),
+                             RATE_LIMIT_EXEMPT=os.environ.get('RATE_LIMIT_EXEMPT', '127.0.0.1,::1'))
+        wait_healthy(base, target.apps[-1])
+        processes = int(os.environ.get('HASH_PROCESSES') or max(1, len(os.sched_getaffinity(0))
+                                                                // int(os.environ.get('WORKERS') or 1)))
+        out = asyncio.run(logins.run(base, self.url, self.secret, processes, self.log))
+        servers.stop(target.apps.pop())
+        lg, oc = out['logins'], out['opening_crowd']
+        self.row('logins', target, client='python', connections=50, rate=round(lg['logins_per_s'], 1),
+                 p50=lg['p50'], p99=lg['p99'], ok=None,
+                 notes=f'{lg["ratio_to_bcrypt_alone"]:.0%} of bcrypt alone in {processes} processes')
+        calm = max(out['calm_before']['p99'], out['calm_after']['p99'])
+        self.row('purchases in a login storm', target, client='python', connections='100/s', rate=100,
+                 p50=out['storm']['p50'], p99=out['storm']['p99'], ok=None,
+                 notes=f'p99 {out["storm"]["p99"] / calm:.1f}x the calm p99 ({calm} ms)')
+        self.row('opening', target, client='python', connections='per person', p99=oc['latency_ms']['login']['p99'],
+                 ok=oc['verdict'] == 'pass', notes=f'{oc["users"]} people over 20 s, the last settled '
+                                                   f'{oc["last_settled_s"]} s in; p99 is the login\'s')
+
+    async def prepare(self, target):
+        self.api = loadclient.Api(target.setup_url)
+        self.admin = await self.api.admin_token(grant_admin=True, flashsale_cmd=shlex.join(servers.flashsale_command()),
+                                                database_url=self.url, run_id=self.run_id)
+        self.log(f'registering {self.args.users} buyers ...')
+        self.users = await self.api.register_users(self.args.users, f'bench-{self.run_id}')
+        [self.early] = await self.api.register_users(1, f'bench-{self.run_id}-early')
+        self.api.pool.close()
+        if 'floods' in self.args.runs and self.args.history:
+            self.log(f'writing {self.args.history} past sales ...')
+            direct.past_sales(self.url, self.args.history)
+        if 'floods' in self.args.runs:
+            await self.sales(1, 1_000_000, 'polled')  # the current sale the polls ask for
+
+    async def run(self, targets):
+        args = self.args
+        await self.prepare(targets[0])
+        for delay in args.commit_delay_ms:
+            if self.postmaster_pid:
+                direct.set_commit_delay(self.url, delay)
+            for run in args.runs:
+                if run == 'direct':
+                    self.direct(delay)
+                    continue
+                if run in ('standby', 'logins'):
+                    continue
+                for level in args.connections if run in LEVELLED else [None]:
+                    for _ in range(args.repeat):
+                        for target in targets:
+                            self.log(f'{run}: {target.name} {target.shape}, commit {delay:g} ms, '
+                                     f'{level or ""} ...')
+                            await getattr(self, run.replace('-', '_'))(target, level, delay)
+        if self.postmaster_pid:
+            direct.set_commit_delay(self.url, 0)
+        self.api.close()
+
+
+# --- the report --------------------------------------------------------------------------
+
+
+def _cell(value):
+    if value is None:
+        return '-'
+    if isinstance(value, float):
+        return f'{value:,.1f}' if value >= 10 else f'{value:.2f}'
+    if isinstance(value, int):
+        return f'{value:,}'
+    return str(value)
+
+
+def markdown(report):
+    h = report['header']
+    lines = [f'- date: {h["date"]}', f'- commit: {h["commit"]}', f'- cores: {h["cores"]} ({h["machine"]})',
+             f'- client: {h["client"]}', f'- database: {h["database"]}',
+             f'- settings from the environment: {", ".join(f"{k}={v}" for k, v in h["settings"].items()) or "none"}',
+             '- command:', '', '```sh', h['command'], '```', '',
+             '| run | server | behind | client | connections | commit ms | per s | p50 ms | p99 ms '
+             '| CPU ms: server / PostgreSQL / client | orders per statement: mean (max) | checks | notes |',
+             '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+    for r in report['rows']:
+        cpu = r.get('cpu_ms')
+        cpu = ' / '.join(_cell(cpu.get(k)) for k in ('server', 'postgres', 'client')) if cpu else '-'
+        batch = r.get('batch')
+        batch = f'{_cell(batch[0])} ({_cell(batch[1])})' if batch else '-'
+        ok = {True: 'pass', False: '**FAIL**', None: '-'}[r.get('ok')]
+        lines.append('| ' + ' | '.join([r['run'], r['server'], r['behind'], _cell(r.get('client')),
+                                        _cell(r.get('connections')), '-' if r.get('commit_ms') is None else f"{r['commit_ms']:g}",
+                                        _cell(r.get('rate')),
+                                        _cell(r.get('p50')), _cell(r.get('p99')), cpu, batch, ok,
+                                        r.get('notes', '').replace('|', '/')]) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
+def main(argv, prog=None):
+    args = parse_args(argv, prog)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-    if args.standby_cost:
-        return standby_cost(args, log)
-    if args.commit_delay_ms is not None:
-        return slow_commit_main(args, log)
-    if args.logins:
-        return bench_logins(args, log)
-    if args.metrics_cost:
-        return metrics_cost_main(args, log)
-    if args.app_cost:
-        return app_cost(args.database_url, args.app_cost)
-    proc = None
-    if args.start_server:
-        if not args.database_url:
-            # As the server does: no database configured, an embedded one (a
-            # throwaway one in a temporary directory, gone when the bench ends).
-            from resources import embedded
-
-            log('bench: no --database-url: starting a throwaway embedded PostgreSQL')
-            args.database_url = embedded.start(tempfile.mkdtemp(prefix='flashsale-bench-'), delete_on_exit=True)
-        log_path = os.path.join(tempfile.gettempdir(), f'flashsale-bench-{os.getpid()}.log')
-        proc, base_url = start_server(args.database_url, log_path)
-        log(f'started flashsale serve (pid {proc.pid}) at {base_url}; its log: {log_path}')
-    else:
-        base_url = args.base_url
+    shm = '/dev/shm' if os.path.isdir('/dev/shm') else None
+    workdir = tempfile.mkdtemp(prefix='flashsale-bench-')
+    cluster = None
+    targets = []
     try:
-        pid = proc.pid if proc else (args.server_pid or pid_listening_on(loadtest.split_base_url(base_url)[1]))
-        results = asyncio.run(bench(args, base_url, pid, log))
-        results['refusal_concurrency'] = args.refusal_concurrency
-        if pid:
-            results['memory'] = dict(memory_of(pid), pid=pid)
-            results['server'] = {'pid': pid}
-    except loadtest.SetupError as exc:
-        raise SystemExit(f'bench: {exc}') from None
+        if args.database_url:
+            url, postmaster, database = args.database_url, None, 'the one in --database-url'
+        else:
+            # In memory: a flush costs ~0.1 ms there, so commit_delay is the
+            # commit time, not a shared disk's noise. fsync on: PostgreSQL
+            # skips commit_delay without it; commit_delay itself is set with
+            # ALTER SYSTEM (a -c on the command line would override that).
+            cluster = PrivatePostgres(tempfile.mkdtemp(prefix='flashsale-bench-pg-', dir=shm))
+            cluster.start(options='-c fsync=on -c commit_siblings=0 -c max_connections=300')
+            url, postmaster = cluster.url, cluster.pid()
+            database = f'a private PostgreSQL {server_version()} in {shm or "a temporary directory"} ' \
+                       '(fsync on, commit_siblings=0)'
+        report = {'header': header(args, argv, database)}
+        bench = Bench(args, url, postmaster, workdir, log)
+        env = dict(os.environ, DATABASE_URL=url, JWT_SECRET=bench.secret, BCRYPT_ROUNDS='4', HOST='127.0.0.1')
+        checkouts = [('', ROOT)] + ([('@' + Path(args.compare_with).name, args.compare_with)]
+                                    if args.compare_with else [])
+        for suffix, checkout in checkouts:
+            for server in args.server:
+                for shape in args.behind:
+                    for metrics in args.metrics:
+                        name = server + suffix + ('' if args.metrics == ['on'] else f' METRICS={metrics}')
+                        log(f'starting {name} ({shape}) ...')
+                        targets.append(Target(name, server, shape, checkout, dict(env, METRICS=metrics),
+                                              workdir).start())
+        asyncio.run(bench.run(targets))
+        if 'logins' in args.runs:
+            for target in targets:
+                if target.shape == 'plain':
+                    bench.logins(target)
+        if 'standby' in args.runs:
+            bench.standby()
+        report['rows'] = bench.rows
+    except (servers.StartError, loadclient.SetupError) as exc:
+        log(f'bench: {exc}')
+        return 3
     finally:
-        if proc:
-            stop_server(proc)
-    print(format_table(results))
+        for target in targets:
+            target.stop()
+        if cluster is not None:
+            cluster.close()
+    text = markdown(report)
+    print(text)
+    if args.markdown:
+        Path(args.markdown).write_text(text)
     if args.json_file:
-        with open(args.json_file, 'w') as fh:
-            json.dump(results, fh, indent=2)
-    failed = [r for r in results['http'] if r['verdict'] != 'pass'] + \
-        [r for r in results['direct'] if not r['invariant_ok']]
-    if failed or results['crowd']['verdict'] != 'pass' or results['sold_out']['verdict'] != 'pass':
-        return 1
-    return 0
+        Path(args.json_file).write_text(json.dumps(report, indent=2, default=str))
+    return 1 if any(r.get('ok') is False for r in report['rows']) else 0
 
-
-def bench_logins(args, log):
-    import login_bench  # noqa: PLC0415
-
-    if not args.database_url:
-        from resources import embedded  # noqa: PLC0415
-
-        args.database_url = embedded.start(tempfile.mkdtemp(prefix='flashsale-bench-'), delete_on_exit=True)
-    secret = secrets.token_urlsafe(48)
-    log_path = os.path.join(tempfile.gettempdir(), f'flashsale-bench-logins-{os.getpid()}.log')
-    proc, base_url = start_server(args.database_url, log_path, secret=secret, bcrypt_rounds=str(login_bench.COST))
-    log(f'started flashsale serve (pid {proc.pid}) at {base_url}, BCRYPT_ROUNDS={login_bench.COST}; log: {log_path}')
-    processes = int(os.environ.get('HASH_PROCESSES') or max(1, len(os.sched_getaffinity(0))
-                                                            // int(os.environ.get('WORKERS') or 1)))
-    try:
-        results = asyncio.run(login_bench.run(base_url, args.database_url, secret, processes, log))
-    except loadtest.SetupError as exc:
-        raise SystemExit(f'bench: {exc}') from None
-    finally:
-        stop_server(proc)
-    print(login_bench.format_table(results))
-    if args.json_file:
-        with open(args.json_file, 'w') as fh:
-            json.dump(results, fh, indent=2, default=str)
-    return 0 if results['opening_crowd']['verdict'] == 'pass' else 1
-
-
-if __name__ == '__main__':
-    sys.exit(main())

@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
-"""Chaos: a purchase storm against a real `flashsale serve` while its database,
-or the server itself, is restarted under it; then the invariants.
+"""Chaos (`scripts/load.py chaos`): a purchase storm against a real
+`flashsale serve` while its database, or the server itself, is restarted
+under it; then the invariants.
 
 Everything it touches it makes itself, in a temporary directory: a private
-PostgreSQL cluster (tests/private_postgres.py; never a database anyone
+PostgreSQL cluster (scripts/private_postgres.py; never a database anyone
 else uses), a `flashsale serve` on a free port, users and a sale. Shoppers
 (threads, each on its own keep-alive connection) buy at a steady pace, one
 user after another; a user whose answer settles nothing (503, no answer at
-all) tries again later, the way the README tells clients to. Meanwhile the
+all) tries again later, the way docs/operating.md tells clients to. Meanwhile the
 events given run at even intervals:
 
   db:fast       pg_ctl stop -m fast, then start (a planned restart, failover)
@@ -35,10 +36,10 @@ has its order, no order without a 201 or an answer that admits not knowing
 (503 outcome_unknown, or no answer when the server was killed), every
 already_purchased has an order, only documented answers, every user settled.
 
-    python scripts/chaos.py                          # db:fast, db:immediate
-    python scripts/chaos.py --events db:kill app:kill app:term --users 1000
-    python scripts/chaos.py --events db:failover                 # sync standby
-    python scripts/chaos.py --events db:failover --standby async --lag 0.5
+    python scripts/load.py chaos                          # db:fast, db:immediate
+    python scripts/load.py chaos --events db:kill app:kill app:term --users 1000
+    python scripts/load.py chaos --events db:failover                 # sync standby
+    python scripts/load.py chaos --events db:failover --standby async --lag 0.5
 
 Needs the project installed (pip install -e .): it runs `python -m flashsale`.
 tests/test_faults.py runs it with small numbers.
@@ -52,8 +53,6 @@ import json
 import os
 import secrets
 import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -61,15 +60,11 @@ from pathlib import Path
 
 import psycopg
 
-ROOT = Path(__file__).resolve().parent.parent
-# The private cluster is test support: it lives beside the tests, not in the package.
-sys.path.insert(0, str(ROOT / 'tests'))
-
-import invariants  # noqa: E402 (beside this script)
-from resources import database  # noqa: E402
-from resources.credentials import Credentials  # noqa: E402
-from private_postgres import PrivatePostgres  # noqa: E402
-from private_postgres import free_port  # noqa: E402
+import invariants
+import servers
+from private_postgres import PrivatePostgres
+from resources import database
+from resources.credentials import Credentials
 
 EVENTS = ('db:fast', 'db:immediate', 'db:kill', 'db:freeze', 'db:failover', 'app:kill', 'app:term')
 
@@ -79,29 +74,30 @@ RETRY = {'database_unavailable', 'overloaded', 'rate_limited'}
 
 
 class Server:
-    """`flashsale serve` in a process of its own, on a fixed port."""
+    """`flashsale serve` in a process of its own, on a fixed port; each start
+    logs to a file of its own beside `log_path`."""
 
     def __init__(self, env, log_path):
         self.env = env
         self.port = int(env['PORT'])
-        self.log_path = log_path
+        self.log_path = Path(log_path)
+        self.starts = 0
         self.proc = None
 
     def start(self, timeout=30):
-        log = open(self.log_path, 'a')
-        self.proc = subprocess.Popen(
-            [sys.executable, '-m', 'flashsale', 'serve'], env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
-        log.close()
+        self.starts += 1
+        try:
+            self.proc = servers.start_serve(self.env, self.current_log(), timeout)
+        except servers.StartError as exc:
+            raise RuntimeError(str(exc)) from None
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f'flashsale serve exited with {self.proc.returncode}:\n{self.log_tail()}')
-            if http_get(self.port, '/health')[0] == 200:
-                return
+        while http_get(self.port, '/health')[0] != 200:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f'flashsale serve did not become healthy:\n{self.log_tail()}')
             time.sleep(0.05)
-        raise RuntimeError(f'flashsale serve did not become healthy:\n{self.log_tail()}')
+
+    def current_log(self):
+        return self.log_path.with_name(f'{self.log_path.stem}-{self.starts}{self.log_path.suffix}')
 
     def kill(self):
         self.proc.kill()
@@ -113,7 +109,7 @@ class Server:
 
     def log_tail(self, lines=30):
         try:
-            return '\n'.join(Path(self.log_path).read_text().splitlines()[-lines:])
+            return '\n'.join(self.current_log().read_text().splitlines()[-lines:])
         except OSError:
             return ''
 
@@ -279,7 +275,7 @@ def run(events=('db:fast', 'db:immediate'), users=400, stock=300, rate=150.0, sh
                    '?target_session_attrs=read-write')
             log(f'{standby} streaming standby on port {replica.port}; DATABASE_URL={url}')
         env = {k: v for k, v in os.environ.items() if k not in ('TEST_DATABASE_URL',)}
-        env.update(DATABASE_URL=url, JWT_SECRET=secret, PORT=str(free_port()), HOST='127.0.0.1',
+        env.update(DATABASE_URL=url, JWT_SECRET=secret, PORT=str(servers.free_port()), HOST='127.0.0.1',
                    BCRYPT_ROUNDS='4', THREADS='8', LOG_LEVEL='WARNING',
                    # The storm comes from loopback, faster than a user's limit.
                    RATE_LIMIT_EXEMPT='127.0.0.1,::1')
@@ -376,8 +372,8 @@ def run(events=('db:fast', 'db:immediate'), users=400, stock=300, rate=150.0, sh
     return result
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+def main(argv, prog=None):
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument('--events', nargs='*', default=['db:fast', 'db:immediate'], choices=EVENTS,
                         help='what happens during the storm, in order (default: db:fast db:immediate)')
@@ -398,7 +394,3 @@ def main(argv=None):
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0 if result['ok'] else 1
-
-
-if __name__ == '__main__':
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """How long a fresh client waits while hostile sockets hold the server.
 
-    .venv/bin/python scripts/hostile_clients.py [--sockets 1100] [--tries 10]
+    .venv/bin/python scripts/load.py hostile [--sockets 1100] [--tries 10]
 
 Starts `flashsale serve` on a free port with its defaults (settings such as
 CONNECTION_LIMIT pass through from the environment; with no DATABASE_URL it
@@ -8,18 +8,16 @@ starts a throwaway embedded PostgreSQL), then for each kind of attack opens
 --sockets connections that hold the server: `idle` (one keep-alive answer,
 then silence) and `trickle` (a request line started, one more byte every half
 second, never finished). Meanwhile a fresh client sends GET /health --tries
-times; the script prints how long each took, and how many of the hostile
-connections the server still holds. README.md, "Abuse and bad input", quotes
-its figures.
+times; it prints how long each took, and how many of the hostile
+connections the server still holds (docs/security.md, "Connections").
+tests/test_edge.py opens its attackers with hostile_sockets() and trickle().
 """
 
 import argparse
 import http.client
 import os
-import re
 import resource
 import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -28,21 +26,16 @@ import threading
 import time
 from pathlib import Path
 
+import servers
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def start_server(database_url, log_path):
     env = {**os.environ, 'DATABASE_URL': database_url, 'JWT_SECRET': secrets.token_urlsafe(48), 'PORT': '0',
-           'LOG_LEVEL': 'WARNING'}
-    with open(log_path, 'w') as log:
-        proc = subprocess.Popen([sys.executable, '-m', 'flashsale', 'serve'], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, cwd=ROOT)
-    deadline = time.monotonic() + 60
-    while not (found := re.search(r'listening on http://[^:]+:(\d+)', Path(log_path).read_text())):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            sys.exit('flashsale serve did not start:\n' + Path(log_path).read_text())
-        time.sleep(0.05)
-    return proc, int(found.group(1))
+           'LOG_LEVEL': 'WARNING', 'WORKERS': '1'}
+    proc = servers.start_serve(env, log_path, cwd=ROOT)
+    return proc, int(servers.listening_url(log_path).rsplit(':', 1)[1])
 
 
 def held_by_server(port):
@@ -94,33 +87,28 @@ def attack(port, count, kind, tries):
     return sorted(waits), held
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+def main(argv, prog=None):
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split('\n\n')[0],
                                      epilog=__doc__.split('\n\n', 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--sockets', type=int, default=1100)
     parser.add_argument('--tries', type=int, default=10)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < args.sockets + 100:
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, args.sockets + 100), hard))
-    sys.path.insert(0, str(ROOT))
     database_url = os.environ.get('DATABASE_URL')
     if not database_url:
         from resources import embedded  # noqa: PLC0415
 
-        print('hostile_clients: no DATABASE_URL: starting a throwaway embedded PostgreSQL', file=sys.stderr)
+        print('hostile: no DATABASE_URL: starting a throwaway embedded PostgreSQL', file=sys.stderr)
         database_url = embedded.start(tempfile.mkdtemp(prefix='flashsale-hostile-'), delete_on_exit=True)
     for kind in ('idle', 'trickle'):
         proc, port = start_server(database_url, Path(tempfile.gettempdir()) / f'flashsale-hostile-{os.getpid()}.log')
         try:
             waits, held = attack(port, args.sockets, kind, args.tries)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=30)
+            servers.stop(proc)
         print(f'{args.sockets} {kind} sockets: GET /health from a fresh client took '
               f'{", ".join(f"{w:.1f}" for w in waits)} ms (median {waits[len(waits) // 2]:.1f}); '
               f'the server held {held} of those connections')
-
-
-if __name__ == '__main__':
-    main()
+    return 0

@@ -1,8 +1,9 @@
 """What must hold for a sale after any storm of purchases, checked in one place.
 
-scripts/loadtest.py checks what it reads back through the API, scripts/chaos.py
-and the tests what is in the database; all three describe the outcome the same
-way and get the same checks:
+The load tool's scenarios check what they read back through the API, its chaos
+run and the tests what is in the database, and `scripts/load.py check` a sale
+after any other tool; all describe the outcome the same way and get the same
+checks:
 
 - a SaleState (total, remaining, orders) and the orders by user;
 - the answers the clients received, as Answer(user, kind, order): kind is
@@ -10,7 +11,7 @@ way and get the same checks:
   UNKNOWN when the client cannot know whether it bought.
 
 Each Check's ok is True, False, or None when the answers cannot decide it.
-Standard library only (loadtest.py needs no more); read_sale() takes a
+Standard library only (the scenarios need no more); read_sale() takes a
 psycopg connection its caller opened.
 """
 
@@ -52,7 +53,7 @@ SALE_ORDERS = (
 def read_sale(conn, sale_id):
     """(SaleState, {user id: [order id, ...]}) straight from the database, on
     any psycopg connection whatever its row factory."""
-    from psycopg.rows import tuple_row  # noqa: PLC0415 (loadtest.py imports this module without psycopg)
+    from psycopg.rows import tuple_row  # noqa: PLC0415 (the scenarios import this module without psycopg)
 
     rows = conn.cursor(row_factory=tuple_row).execute(SALE_ORDERS, (sale_id,)).fetchall()
     if not rows:
@@ -132,3 +133,50 @@ def verdict(checks):
 def failures(checks):
     """The checks that did not pass (for `assert not failures(checks)`)."""
     return [c for c in checks if c.ok is not True]
+
+
+def check_after(conn, sale_id, created=None, in_flight=0):
+    """The checks on a sale after a run of any tool (k6, Artillery, locust,
+    wrk): the stock, one order per user, and, when the tool counted its 201
+    answers (`created`), that every one is an order and no order is without
+    one, but for up to `in_flight` requests it stopped without reading."""
+    state, by_user = read_sale(conn, sale_id)
+    several = [u for u, orders in by_user.items() if len(orders) > 1]
+    checks = stock_checks(state) + [
+        Check('at most one order per user', not several,
+              f'{state.orders} orders, {len(by_user)} buyers'
+              + (f', {len(several)} users with several orders' if several else '')),
+    ]
+    if created is not None:
+        checks.append(Check(
+            "the orders are the tool's 201s" + (f' (up to {in_flight} unread)' if in_flight else ''),
+            0 <= state.orders - created <= in_flight,
+            f'{state.orders} orders, {created} answered 201'))
+    return checks
+
+
+def main(argv, prog=None):
+    """`scripts/load.py check`: a sale's invariants, straight from the database."""
+    import argparse  # noqa: PLC0415
+    import os  # noqa: PLC0415
+
+    import psycopg  # noqa: PLC0415
+
+    parser = argparse.ArgumentParser(
+        prog=prog, description='Check a sale after a load test by any tool: remaining + orders == total, stock '
+        'never negative, one order per user, and (with --created) every 201 an order and no order without one.')
+    parser.add_argument('--sale', required=True, help="the sale's id")
+    parser.add_argument('--database-url', default=os.environ.get('DATABASE_URL'),
+                        help="the server's database (default: DATABASE_URL)")
+    parser.add_argument('--created', type=int, help='the 201 answers the tool counted')
+    parser.add_argument('--in-flight', type=int, default=0,
+                        help='requests the tool stopped without reading (wrk: its connections), which may have bought')
+    args = parser.parse_args(argv)
+    if not args.database_url:
+        parser.error('--database-url (or DATABASE_URL) is needed')
+    with psycopg.connect(args.database_url, autocommit=True) as conn:
+        checks = check_after(conn, args.sale, args.created, args.in_flight)
+    for c in checks:
+        print(f'  [{"PASS" if c.ok else "FAIL"}] {c.name}: {c.detail}')
+    print('all invariants hold' if not failures(checks) else 'INVARIANT VIOLATED')
+    return 1 if failures(checks) else 0

@@ -26,6 +26,7 @@ from datetime import timezone
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
+DEFAULT_BASE_URL = 'http://127.0.0.1:8000'
 USER_PASSWORD = 'loadtest-password'
 
 # The server queues registrations (resources/hashing.py) and serves them in
@@ -132,7 +133,17 @@ class Connection:
             pass
 
 
-class ConnectionPool:
+class PoolFigures:
+    """What a run's summary reads from its connections, whichever kind."""
+
+    def __init__(self, size=0, max_size=0):
+        self.size = size
+        self.max_size = max_size
+        self.in_use = self.peak_in_use = self.peak_open = 0
+        self.discarded = self.waited = self.connect_errors = 0
+
+
+class ConnectionPool(PoolFigures):
     """Keep-alive connections to one server.
 
     ``size`` connections are opened up front; when none is idle a new one is
@@ -145,19 +156,12 @@ class ConnectionPool:
     """
 
     def __init__(self, host, port, size, max_size):
+        super().__init__(size, max(size, max_size))
         self.host = host
         self.port = port
-        self.size = size
-        self.max_size = max(size, max_size)
         self.idle = collections.deque()
         self.waiters = collections.deque()
         self.open_count = 0
-        self.in_use = 0
-        self.peak_in_use = 0
-        self.peak_open = 0
-        self.discarded = 0
-        self.waited = 0
-        self.connect_errors = 0
 
     async def start(self):
         results = await asyncio.gather(
@@ -256,26 +260,18 @@ class ConnectionPool:
             self.open_count -= 1
 
 
-class FreshConnections:
+class FreshConnections(PoolFigures):
     """In place of a ConnectionPool: every request on a new connection of its
     own, left open after the answer, as a crowd arrives (each visitor a new
     client; Artillery's virtual users and browsers keep theirs open). Closed
     `linger` seconds after the answer, or (None) when the run ends."""
 
     def __init__(self, host, port, linger=None):
+        super().__init__()
         self.host = host
         self.port = port
         self.linger = linger
         self.open = set()
-        # the figures summarize() reads from a ConnectionPool
-        self.size = 0
-        self.max_size = 0
-        self.peak_open = 0
-        self.peak_in_use = 0
-        self.in_use = 0
-        self.discarded = 0
-        self.waited = 0
-        self.connect_errors = 0
 
     async def start(self):
         pass

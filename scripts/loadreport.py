@@ -1,9 +1,42 @@
 """The load tool's reports: the text summary it prints and the HTML page with
 charts (inline SVG, no external assets) that --html writes, both from the
-result dict that --json writes. Standard library only."""
+result dict that --json writes, and the latency figures in them. Standard
+library only."""
 
 import html
 import json
+import math
+
+
+def percentile(sorted_values, p):
+    """Nearest-rank percentile of an already sorted list (None when empty)."""
+    if not sorted_values:
+        return None
+    rank = max(1, math.ceil(p / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def latency_summary(latencies):
+    values = sorted(latencies)
+    ms = lambda v: None if v is None else round(v * 1000, 2)  # noqa: E731
+    return {
+        'p50': ms(percentile(values, 50)),
+        'p90': ms(percentile(values, 90)),
+        'p99': ms(percentile(values, 99)),
+        'max': ms(values[-1] if values else None),
+        'mean': ms(sum(values) / len(values) if values else None),
+    }
+
+
+def deliver(text, result, json_file=None, html_file=None):
+    """Print a run's report; write its result as JSON and as an HTML page where asked."""
+    print(text)
+    if json_file:
+        with open(json_file, 'w') as fh:
+            json.dump(result, fh, indent=2, default=str)
+    if html_file:
+        with open(html_file, 'w') as fh:
+            fh.write(html_report(result))
 
 
 def format_report(result):

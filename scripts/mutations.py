@@ -8,6 +8,7 @@ NOT CAUGHT, and exits 1 if any bug survives.
     .venv/bin/python scripts/mutations.py               # every bug, once
     .venv/bin/python scripts/mutations.py --repeat 10   # each bug's tests 10 times
     .venv/bin/python scripts/mutations.py on_conflict_do_nothing no_unique_constraint --repeat 10
+    .venv/bin/python scripts/mutations.py batch_no_stock_guard batch_on_conflict_do_nothing --repeat 10
 
 With --repeat N a bug counts as caught only if it was caught in every one of
 the N runs (a race test that catches a bug by chance is not good enough).
@@ -35,11 +36,38 @@ MUTATIONS = {
     ),
     'no_stock_guard': (
         'resources/sql.py',
-        # The single purchase's guard (the batched statement decides its units on the locked row).
+        # The single purchase's guard (the batched statement's is batch_no_stock_guard).
         "           AND remaining_stock > 0\n           AND now() >= start_date AND now() < end_date\n"
         "           AND NOT (SELECT yes FROM bought_before)\n",
         "           AND now() >= start_date AND now() < end_date\n           AND NOT (SELECT yes FROM bought_before)\n",
         ['tests/test_races.py', 'tests/test_purchase.py'],
+    ),
+    # The batched statement (sql.PURCHASE_BATCH), which sells most units of a crowd:
+    # orders for more members than the units the row gave up,
+    'batch_no_stock_guard': (
+        'resources/sql.py',
+        "        SELECT least(wanted.units, sale.remaining_stock) AS units\n",
+        "        SELECT wanted.units AS units\n",
+        ['tests/test_batching.py::test_purchases_arriving_during_a_statement_go_in_the_next_one_and_the_earliest'
+         '_arrivals_win', 'tests/test_batching.py::test_in_a_batch_that_sells_out_a_second_tab_of_a_refused_user_is'
+         '_sold_out_too'],
+    ),
+    # a duplicate committed by another process skipped instead of aborting the
+    # batch (its unit stays taken: stock lost),
+    'batch_on_conflict_do_nothing': (
+        'resources/sql.py',
+        "         WHERE fresh.rank <= given.units\n        RETURNING id, user_id, flash_sale_id, created_at\n",
+        "         WHERE fresh.rank <= given.units\n        ON CONFLICT DO NOTHING\n"
+        "        RETURNING id, user_id, flash_sale_id, created_at\n",
+        ['tests/test_batching.py::test_a_racing_duplicate_from_another_process_aborts_the_batch_and_every_member'
+         '_settles'],
+    ),
+    # and a user's second tab in the batch told what the first was ("created").
+    'batch_second_tab_answered_created': (
+        'resources/sql.py',
+        "                WHEN decided.outcome = 'created'     THEN 'already_purchased'\n",
+        "",
+        ['tests/test_batching.py::test_tabs_of_one_user_in_the_same_and_in_different_batches_make_one_order'],
     ),
     'no_unique_constraint': (
         'schema.sql',
@@ -121,10 +149,16 @@ def failed_tests(copy, tests, python):
     env = {k: v for k, v in os.environ.items() if k not in ('TEST_DATABASE_URL', 'CI')}
     # The copy's own modules first (the interpreter's editable install points at the real tree).
     env['PYTHONPATH'] = str(copy)
+    # A temporary directory of the run's own: pytest's default one is shared by
+    # every pytest of this user, and a concurrent run's clean-up of the oldest
+    # ones deletes an embedded database in use.
+    basetemp = tempfile.mkdtemp(prefix='pytest-', dir=copy.parent)
     run = subprocess.run(
-        [python, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-rfE', '--tb=no', *tests],
+        [python, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-rfE', '--tb=no', f'--basetemp={basetemp}',
+         *tests],
         cwd=copy, env=env, capture_output=True, text=True, timeout=600,
     )
+    shutil.rmtree(basetemp, ignore_errors=True)
     failed = sorted(set(re.findall(r'^FAILED (\S+)', run.stdout, re.M)))
     if run.returncode not in (0, 1) or re.search(r'^ERROR ', run.stdout, re.M):
         raise SystemExit(f'pytest could not run on the copy (exit {run.returncode}):\n{run.stdout}{run.stderr}')

@@ -11,7 +11,6 @@ import functools
 import http.client
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -19,7 +18,6 @@ import threading
 import time
 import urllib.parse
 import uuid
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -32,7 +30,8 @@ from resources import database
 from resources import embedded
 from resources import serving
 from resources.credentials import Credentials
-from private_postgres import free_port  # noqa: F401 (for the tests)
+import servers as launcher
+from servers import free_port  # noqa: F401 (for the tests: scripts/servers.py, one for the tests and the tools)
 from invariants import sale_state  # noqa: F401 (for the tests: scripts/invariants.py, one checker for all)
 
 TEST_SECRET = 'test-secret-' + 'x' * 40
@@ -323,18 +322,12 @@ def run_cli(*args, env):
 def start_serve(env, log_path, timeout=60, stderr=subprocess.STDOUT):
     """`flashsale serve` as a real process with `env`, its output in log_path
     (truncated first; its log lines too, unless `stderr` is another file);
-    returns the process once it says it is listening."""
-    with open(log_path, 'w') as log:
-        proc = subprocess.Popen(
-            [sys.executable, '-m', 'flashsale', 'serve'], env=env, stdout=log, stderr=stderr
-        )
-    deadline = time.monotonic() + timeout
-    while 'listening on' not in Path(log_path).read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail('flashsale serve did not start:\n' + Path(log_path).read_text())
-        time.sleep(0.05)
-    return proc
+    returns the process once it says it is listening (scripts/servers.py:
+    the launcher the load tool uses too)."""
+    try:
+        return launcher.start_serve(env, log_path, timeout, stderr=stderr)
+    except launcher.StartError as exc:
+        pytest.fail(str(exc))
 
 
 # The servers `flashsale serve` can run (SERVER): server-level tests run on each.
@@ -412,7 +405,7 @@ def serve_in_thread():
 
 # --- nginx in front -------------------------------------------------------------
 
-NGINX_CONF = Path(__file__).resolve().parent.parent / 'scripts' / 'nginx.conf'
+NGINX_CONF = launcher.NGINX_CONF
 
 
 def answers_health(base_url, proc):
@@ -426,7 +419,7 @@ def answers_health(base_url, proc):
 
 
 def nginx_binary():
-    nginx = shutil.which('nginx') or ('/usr/sbin/nginx' if os.path.exists('/usr/sbin/nginx') else None)
+    nginx = launcher.nginx_binary()
     if nginx is None:
         if os.environ.get('CI'):
             pytest.fail('nginx is missing in CI (.ci/run installs it)')
@@ -439,25 +432,9 @@ def start_nginx(tmp_path, upstream_ports, ready_path='/health', changes=()):
     process) once ready_path answers 200 through it (None: once its port
     accepts connections, with no request sent upstream). `changes`: more
     (text, replacement) pairs, each of whose text must be in the file."""
-    nginx = nginx_binary()
+    nginx_binary()
     front_port = free_port()
-    conf = NGINX_CONF.read_text()
-    for text, replacement in changes:
-        assert conf.count(text) == 1, f'{text!r} is not in scripts/nginx.conf exactly once'
-        conf = conf.replace(text, replacement)
-    conf = (
-        conf
-        .replace('127.0.0.1:8001', f'127.0.0.1:{upstream_ports[0]}')
-        .replace('127.0.0.1:8002', f'127.0.0.1:{upstream_ports[1]}')
-        .replace('127.0.0.1:8080', f'127.0.0.1:{front_port}')
-    )
-    assert f'127.0.0.1:{front_port}' in conf and f'127.0.0.1:{upstream_ports[1]}' in conf
-    (tmp_path / 'nginx.conf').write_text(conf)
-    (tmp_path / 'nginx-tmp').mkdir()
-    # As root (CI), nginx's workers would run as nobody, who cannot write the
-    # cache under the test's private temporary directory.
-    globals_ = 'daemon off;' + (' user root;' if os.geteuid() == 0 else '')
-    front = subprocess.Popen([nginx, '-p', str(tmp_path), '-c', 'nginx.conf', '-g', globals_])
+    front = launcher.start_nginx(tmp_path, upstream_ports, front_port, changes)
     base_url = f'http://127.0.0.1:{front_port}'
     if ready_path:
         wait_for(lambda: answers_health(base_url, front), timeout=30, message='nginx to answer GET /health')

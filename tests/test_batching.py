@@ -137,6 +137,16 @@ def batch_behind_held_row(base, batches, db, database_url, sale_id, tokens):
     return holder, buyers
 
 
+def queued_batch(server, make_sale, make_users, db, database_url, stock, count, **settings):
+    """A sale of `stock` whose row a test connection holds, and `count` users'
+    purchases of it: the first alone on the row, the rest queued behind it
+    (batch_behind_held_row). Returns (sale id, holder, buyers)."""
+    base, batches = server(**settings)
+    sale_id = make_sale(stock=stock)
+    tokens = [token for _, token in make_users(count)]
+    return (sale_id, *batch_behind_held_row(base, batches, db, database_url, sale_id, tokens))
+
+
 def statements(db, sale_id):
     """The size of every statement that placed orders, in commit order."""
     rows = db.execute(
@@ -161,10 +171,7 @@ def assert_invariants(db, sale_id, answers):
 
 def test_purchases_arriving_during_a_statement_go_in_the_next_one_and_the_earliest_arrivals_win(
         server, make_users, make_sale, db, database_url):
-    base, batches = server()
-    sale_id = make_sale(stock=5)
-    users = make_users(12)
-    holder, buyers = batch_behind_held_row(base, batches, db, database_url, sale_id, [t for _, t in users])
+    sale_id, holder, buyers = queued_batch(server, make_sale, make_users, db, database_url, stock=5, count=12)
     holder.rollback()
     results = buyers.join()
     # The first alone; then one statement for the eleven queued, whose first
@@ -471,10 +478,8 @@ def test_a_sale_that_ends_while_a_batch_waits_refuses_the_batch_sale_ended(
 
 def test_a_batch_that_times_out_on_the_row_answers_every_member_overloaded(
         server, make_users, make_sale, db, database_url):
-    base, batches = server(lock_timeout_ms=400)
-    sale_id = make_sale(stock=10)
-    users = make_users(4)
-    holder, buyers = batch_behind_held_row(base, batches, db, database_url, sale_id, [t for _, t in users])
+    sale_id, holder, buyers = queued_batch(server, make_sale, make_users, db, database_url, stock=10, count=4,
+                                           lock_timeout_ms=400)
     results = buyers.join()  # the row is still held: the lone statement and then the batch time out
     holder.rollback()
     assert [results[i][:2] for i in range(4)] == [(503, 'overloaded')] * 4

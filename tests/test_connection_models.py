@@ -1,12 +1,12 @@
 """The connections real crowds make, against a real `flashsale serve`: every
 arrival on a new connection left open after its answer, pages holding a
-connection each and polling with If-None-Match (loadtest.py's FreshConnections
-and Watchers), and a connection table that fills up."""
+connection each and polling with If-None-Match (scripts/loadclient.py's
+FreshConnections, scripts/scenarios.py's Watchers), and a connection table that fills up."""
 
 import socket
 import time
 
-import loadtest
+import scenarios
 import pytest
 
 from conftest import call
@@ -31,7 +31,7 @@ def admin_token(make_user):
 def test_a_crowd_on_new_connections_with_watchers_sells_exactly_the_stock(database_url, tmp_path, admin_token, db):
     proc, base_url = serve(database_url, tmp_path)
     try:
-        result = loadtest.run_scenario(
+        result = scenarios.run_scenario(
             'crowd', base_url=base_url, admin_token=admin_token, database_url=database_url, seed=7,
             users=20, stock=5, rate=300, duration=1, connection_model='per-arrival',
             watchers=60, watch_interval=0.5, timeout=20,

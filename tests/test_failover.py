@@ -1,8 +1,8 @@
 """Losing the database server: a private primary with a synchronous streaming
-standby (tests/private_postgres.py), the service on a two-host DATABASE_URL,
+standby (scripts/private_postgres.py), the service on a two-host DATABASE_URL,
 SIGKILL of the primary, `pg_ctl promote` of the standby. Every purchase
 answered 201 must be on the new primary, and a read-only server must never
-take one. README: "Losing the database server"."""
+take one. docs/operating.md: "Losing the database server"."""
 
 import threading
 import time
@@ -21,7 +21,7 @@ from conftest import wait_for_health
 from resources import database
 from private_postgres import PrivatePostgres
 
-# The bound this project promises (README): after the promotion, the service
+# The bound this project promises (docs/operating.md): after the promotion, the service
 # takes purchases again within this many seconds, by itself. Measured on
 # loopback it is a few hundredths of a second; the rest is room for a
 # loaded machine.
@@ -86,7 +86,7 @@ def client_backends(pg):
 
 
 def test_purchase_storm_across_a_failover_loses_no_order_and_the_service_follows_the_new_primary(tmp_path):
-    """scripts/chaos.py's db:failover: `flashsale serve` on a two-host URL
+    """The chaos run's db:failover (scripts/chaos.py): `flashsale serve` on a two-host URL
     under a purchase storm; SIGKILL of every process of the primary; the
     synchronous standby promoted 0.3 s later (an HA manager's decision).
     The service finds the new primary by itself, within RECOVERY_BOUND of

@@ -190,7 +190,7 @@ def test_purchase_cut_off_by_a_database_shutdown_is_503_outcome_unknown_and_sett
     assert 'GET /api/me/orders/' in resp.json['message']
     assert int(resp.headers['Retry-After']) >= 1
 
-    # What the README tells the client to do: ask.
+    # What docs/operating.md tells the client to do: ask.
     wait_for_health(client, timeout=5, message='recovery')
     resp = client.get(f'/api/me/orders/{sale_id}', headers=auth(token), status=404)
     assert resp.status_int == 404, resp.json
@@ -241,7 +241,7 @@ def test_a_database_that_stops_answering_holds_no_request_past_the_hold_limit(pr
     assert sale_state_at(private_pg.url, sale_id) == (5, 4, 1)
 
 
-# --- storms (scripts/chaos.py) --------------------------------------------------
+# --- storms (scripts/chaos.py: `load.py chaos`) ---------------------------------
 
 
 def load_chaos():
@@ -282,12 +282,12 @@ def test_purchase_storm_across_database_restarts_and_crashes_keeps_every_invaria
 
 
 def test_server_killed_and_stopped_mid_storm_keeps_every_invariant(tmp_path):
-    """scripts/chaos.py as an operator runs it: SIGKILL to the server in the
+    """`scripts/load.py chaos` as an operator runs it: SIGKILL to the server in the
     middle of the storm, then a SIGTERM, each followed by a fresh start. The
     requests the killed server never answered are settled by retries."""
     report = tmp_path / 'chaos.json'
     run = subprocess.run(
-        [sys.executable, str(ROOT / 'scripts' / 'chaos.py'), '--events', 'app:kill', 'app:term',
+        [sys.executable, str(ROOT / 'scripts' / 'load.py'), 'chaos', '--events', 'app:kill', 'app:term',
          '--users', '240', '--stock', '160', '--rate', '120', '--shoppers', '12', '--json', str(report)],
         capture_output=True, text=True, timeout=120,
     )

@@ -152,7 +152,7 @@ def test_every_answer_conforms_and_none_is_a_5xx(case, world, wsgi_app):
 
 
 def test_the_fuzzing_ran_enough_cases(capsys):
-    """Reported in the test output; README.md gives the figure."""
+    """Reported in the test output: how many cases, by operation and phase."""
     # Never a skip: a run that fuzzed nothing must not pass. (Alone, this test
     # fails; run the module, whose fuzzing test comes first.)
     assert CASES, 'no fuzz case ran before this test: run it with test_every_answer_conforms_and_none_is_a_5xx'

@@ -1,12 +1,12 @@
-"""scripts/loadtest.py against the real waitress server and PostgreSQL: small
+"""scripts/scenarios.py against the real waitress server and PostgreSQL: small
 crowd, single-user and sold-out runs with exact counts, and the invariant
-checker (scripts/invariants.py, as loadtest.py and chaos.py use it) on
+checker (scripts/invariants.py, as the scenarios and the chaos run use it) on
 outcomes that break each invariant."""
 
 import json
 
 import invariants
-import loadtest
+import scenarios
 import pytest
 
 from conftest import sale_state
@@ -19,7 +19,7 @@ def admin_token(make_user):
 
 def run(scenario, live_server, admin_token, database_url, **options):
     # settle=0: the test app runs with poll_cache_ms=0, every read-back is fresh.
-    return loadtest.run_scenario(scenario, base_url=live_server, admin_token=admin_token,
+    return scenarios.run_scenario(scenario, base_url=live_server, admin_token=admin_token,
                                  database_url=database_url, settle=0, seed=7, **options)
 
 
@@ -51,6 +51,15 @@ def test_sold_out_refuses_everyone(live_server, admin_token, database_url, db):
     assert sale_state(db, result['sale']['id']) == (2, 0, 2)
 
 
+def test_a_crowd_before_the_opening_is_refused_until_the_sale_starts(live_server, admin_token, database_url, db):
+    result = run('crowd', live_server, admin_token, database_url, users=20, stock=5, rate=100, duration=2,
+                 start_delay=1)
+    assert result['opening_offset_s'] is not None
+    assert result['by_code']['409 sale_not_started'] > 0 and result['by_code']['201'] == 5
+    assert result['invariants']['verdict'] == 'pass', result['invariants']['checks']
+    assert sale_state(db, result['sale']['id']) == (5, 0, 5)
+
+
 def test_closed_model_throughput_run_sells_one_unit_per_distinct_user(live_server, admin_token, database_url, db):
     result = run('throughput', live_server, admin_token, database_url, users=40, connections=8)
     assert result['model'] == 'closed'
@@ -62,7 +71,7 @@ def test_closed_model_throughput_run_sells_one_unit_per_distinct_user(live_serve
 def test_the_result_serialises_to_json_and_an_html_report_with_charts(live_server, admin_token, database_url):
     result = run('crowd', live_server, admin_token, database_url, users=5, stock=2, rate=100, duration=0.5)
     assert json.loads(json.dumps(result))['by_status'] == result['by_status']
-    page = loadtest.html_report(result)
+    page = scenarios.html_report(result)
     assert page.count('<svg') == 2
     assert 'Verdict: PASS' in page
     assert 'src=' not in page and 'href=' not in page  # no external assets
@@ -74,18 +83,18 @@ SALE = 'sale-1'
 
 
 def record(label, user, order=None):
-    return loadtest.Record(0.0, 0.0, 0.001, label, user, order)
+    return scenarios.Record(0.0, 0.0, 0.001, label, user, order)
 
 
 def per_user(user, orders):
     order = {'id': f'o{user}', 'userId': f'u{user}', 'flashSaleId': SALE, 'createdAt': '2026-01-01T00:00:00Z'}
-    return loadtest.UserOrders(user, order if orders else None, [dict(order, id=f'o{user}-{n}' if n else f'o{user}')
+    return scenarios.UserOrders(user, order if orders else None, [dict(order, id=f'o{user}-{n}' if n else f'o{user}')
                                                                  for n in range(orders)])
 
 
 def verdict_of(records, remaining, total, users, **kwargs):
     sale = {'totalStock': total, 'remainingStock': remaining}
-    return loadtest.check_outcome(records, sale, users, **kwargs)
+    return scenarios.check_outcome(records, sale, users, **kwargs)
 
 
 def failed(outcome):
@@ -146,7 +155,7 @@ def test_checker_calls_an_order_behind_a_timeout_inconclusive_not_wrong():
 
 
 def test_checker_counts_the_stock_bought_in_setup():
-    setup = [loadtest.invariants.Answer(1, 'created', 'o1')]
+    setup = [scenarios.invariants.Answer(1, 'created', 'o1')]
     records = [record('409 sold_out', 0)]
     outcome = verdict_of(records, remaining=0, total=1, users=[per_user(0, 0), per_user(1, 1)],
                          setup_answers=setup)
@@ -164,7 +173,7 @@ def test_checker_fails_when_the_database_disagrees_with_the_api():
 
 
 def test_checker_after_a_storm_accounts_for_orders_settled_by_a_retry():
-    """chaos.py's use: its shoppers buy again after an unknown outcome."""
+    """The chaos run's use: its shoppers buy again after an unknown outcome."""
     answers = [invariants.Answer('u0', 'outcome_unknown'), invariants.Answer('u0', 'sold_out')]
     state = invariants.SaleState(1, 0, 1)
     assert invariants.verdict(invariants.check_sale(state, {'u0': ['o0']}, answers)) == 'inconclusive'
@@ -185,8 +194,8 @@ def test_sale_state_reads_what_the_database_holds(db, make_sale, make_users):
 
 def test_percentile_is_nearest_rank():
     values = sorted(range(1, 101))
-    assert [loadtest.percentile(values, p) for p in (50, 90, 99, 100)] == [50, 90, 99, 100]
-    assert loadtest.percentile([], 50) is None
+    assert [scenarios.percentile(values, p) for p in (50, 90, 99, 100)] == [50, 90, 99, 100]
+    assert scenarios.percentile([], 50) is None
 
 
 def test_a_pooled_connection_the_server_closed_while_idle_is_replaced_not_used(make_app, serve_in_thread):

@@ -17,6 +17,7 @@ import time
 import flashsale
 import invariants
 import pytest
+import servers
 
 from conftest import NGINX_CONF
 from conftest import answer
@@ -305,10 +306,8 @@ def test_a_post_is_never_passed_on_to_a_second_process(database_url, tmp_path, m
         assert sale_state(db, sale_id) == (100, 100 - answers[201], answers[201])
     finally:
         if front is not None:
-            front.terminate()
-            front.wait(timeout=30)
-        app.terminate()
-        app.wait(timeout=30)
+            servers.stop(front)
+        servers.stop(app)
         broken.close()
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 import flashsale
+from private_postgres import server_version
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / 'README.md'
@@ -141,8 +142,14 @@ def help_text(argv):
     return result.stdout
 
 
+# Options whose value is a file the command writes: it need not exist yet.
+OUTPUT_OPTIONS = {'--markdown', '--json', '--html'}
+
+
 def check_paths(words):
-    for word in words:
+    for before, word in zip([None, *words], words):
+        if before in OUTPUT_OPTIONS:
+            continue
         if '/' in word and not word.startswith(('-', '$', '/')) and '://' not in word and '=' not in word:
             assert (ROOT / word.strip("'\"")).exists(), f'{word} does not exist'
 
@@ -150,11 +157,14 @@ def check_paths(words):
 @pytest.mark.parametrize(('path', 'words'), SH_COMMANDS,
                          ids=[f'{relative(p)}: {shlex.join(w)[:60]}' for p, w in SH_COMMANDS])
 def test_commands_name_what_exists(path, words):
-    known = names_read_in_code()
+    settings = []
     while words and re.fullmatch(r'[A-Za-z_][A-Za-z0-9_]*=.*', words[0]):
-        name = words.pop(0).split('=', 1)[0]
-        assert name in known, f'{relative(path)} sets {name}, which nothing reads'
+        settings.append(words.pop(0).split('=', 1)[0])
     program, args = words[0], words[1:]
+    if program not in EXTERNAL:  # (another program's variables are its own business)
+        known = names_read_in_code()
+        for name in settings:
+            assert name in known, f'{relative(path)} sets {name}, which nothing reads'
     options = [w.split('=', 1)[0] for w in args if w.startswith('--')]
     if program == '.venv/bin/flashsale':
         argv = [sys.executable, '-m', 'flashsale', *args[:1]]
@@ -234,3 +244,34 @@ def test_every_path_named_exists():
 def test_every_setting_has_one_row_in_the_readme():
     rows = re.findall(r'^\| `([A-Z][A-Z0-9_]+)` \|', README.read_text(), re.M)
     assert sorted(rows) == sorted(v.name for v in flashsale.VARIABLES)
+
+
+def test_every_benchmark_figure_carries_the_header_of_the_report_it_came_from():
+    """A table of figures in docs/benchmarks.md is a report of `scripts/load.py
+    bench`, pasted whole: the date, the commit, the cores, the client and the
+    command that re-runs it come before it."""
+    text = (ROOT / 'docs' / 'benchmarks.md').read_text()
+    figures = text[text.index('\n## Figures\n'):]
+    before = ''
+    for block in re.split(r'((?:^\|.*\n)+)', figures, flags=re.M):
+        if block.startswith('|'):
+            for field in ('- date: ', '- commit: ', '- cores: ', '- client: ', '```sh\n.venv/bin/python scripts/load.py bench'):
+                assert field in before, f'a table in docs/benchmarks.md has no {field.strip()!r} before it'
+            assert '(with uncommitted changes)' not in before, 'a figure from a tree that is no commit'
+            before = ''
+        else:
+            before += block
+
+
+def test_docker_compose_is_the_postgresql_the_documents_and_tests_use():
+    """No Docker here: what can be checked is that the compose file's
+    PostgreSQL is the major version the tests run on, and that the
+    DATABASE_URL its comment gives is its user, password, database and port."""
+    text = (ROOT / 'docker-compose.yml').read_text()
+    assert re.findall(r'^\s*image: postgres:(\d+)$', text, re.M) == [server_version().split('.')[0]]
+    env = dict(re.findall(r'^\s+(POSTGRES_\w+): (\S+)$', text, re.M))
+    (host_port,) = re.findall(r'"127\.0\.0\.1:(\d+):5432"', text)
+    (url,) = re.findall(r'export DATABASE_URL=(\S+)', text)
+    assert url == (f'postgresql://{env["POSTGRES_USER"]}:{env["POSTGRES_PASSWORD"]}@127.0.0.1:{host_port}/'
+                   f'{env["POSTGRES_DB"]}')
+    assert not re.search(r'^#\s+(services|volumes|image):', text, re.M), 'configuration in comments is untested'

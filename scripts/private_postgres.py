@@ -1,6 +1,6 @@
 """A PostgreSQL cluster of one's own, to stop, start and crash on purpose.
 
-The fault tests (tests/test_faults.py) and scripts/chaos.py take a database
+The fault tests (tests/test_faults.py) and the load tool's chaos run take a database
 away from a running service and give it back. They must never do that to a
 database anyone else uses, so each makes a private cluster here: `initdb` in a
 directory of its own, listening on 127.0.0.1 on a port of its own (TCP only),
@@ -11,8 +11,8 @@ embedded development database).
 A cluster can also get a streaming standby of its own (`add_standby`: a
 pg_basebackup of the running primary, synchronous or not), which can be paused
 (its walsenders stopped), promoted, and an old primary rewound to follow the
-new one (`rejoin_as_standby_of`): what tests/test_failover.py and chaos.py's
-db:failover need to lose a primary on purpose.
+new one (`rejoin_as_standby_of`): what tests/test_failover.py and the chaos
+run's db:failover need to lose a primary on purpose.
 
 PostgreSQL refuses to run as root. As root, the cluster runs as the system user
 `pgserver`, the same one pgserver itself uses.
@@ -22,11 +22,12 @@ import importlib.util
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import warnings
 from pathlib import Path
+
+from servers import free_port
 
 SYSTEM_USER = 'pgserver'
 
@@ -38,17 +39,17 @@ def _binaries():
     return Path(next(iter(spec.submodule_search_locations))) / 'pginstall' / 'bin'
 
 
+def server_version():
+    """The clusters' PostgreSQL version, as `postgres --version` says it (e.g. 16.2)."""
+    out = subprocess.run([str(_binaries() / 'postgres'), '--version'], capture_output=True, text=True).stdout
+    return out.split()[-1] if out else '?'
+
+
 class CommandFailed(subprocess.CalledProcessError):
     """A PostgreSQL program failed; its message says why."""
 
     def __str__(self):
         return f'{super().__str__()}\n{(self.stderr or "")[-2000:]}'
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def _stat(pid):

@@ -1,27 +1,24 @@
 #!/usr/bin/env python3
-"""Load generator for flashsale: drives a running server over keep-alive HTTP/1.1.
+"""The load tool's scenarios: a sale's crowd over keep-alive HTTP/1.1,
+prepared, run and checked (`scripts/load.py SCENARIO --help`).
 
 Standard library only (``--database-url`` additionally needs psycopg, imported
 only when that option is used). One process, one asyncio loop, raw HTTP/1.1 on
-asyncio streams: about 75 us of client CPU per request (0.15 of a core at
-2,000 req/s), so on a 2-core machine the server, not this client, is what a run
-measures. The summary prints the client's own CPU use and how far it fell
-behind schedule, so you can tell.
+asyncio streams (scripts/loadclient.py), so on a small machine the server, not
+this client, is what a run measures; the summary prints the client's own CPU
+use and how far it fell behind schedule, so you can tell.
 
-Scenarios (``python scripts/loadtest.py SCENARIO --help`` for every flag):
-
+  crowd        100 users, stock 50, 1,000 req/s for 4 s, each request a
+               purchase by a random one of the 100 users; with --start-delay
+               S the sale opens S seconds into the run (the stampede at the
+               start time: sale_not_started before it, then the stock)
   single-user  one user hammers one sale           -> exactly one order
-  crowd        the reference run: 100 users, stock 50, 1,000 req/s for 4 s,
-               each request a purchase by a random one of the 100 users
   throughput   thousands of distinct users, stock that never runs out,
                closed model (N connections, each sends its next request as
                soon as the previous answer arrives): raw purchase throughput
   sold-out     the stock is bought before the run: everyone is refused
-  opening      the sale starts --start-delay seconds into the run: the
-               stampede at the start time
-  opening-crowd  people who are not logged in arrive at a fixed rate; each
-               logs in, registers or renews a token, then buys (its own
-               flags: scripts/opening_crowd.py, `opening-crowd --help`)
+  watchers     the crowd, while --watchers pages (2,000) poll the sale with
+               If-None-Match, each on a connection of its own
 
 Two load models:
 
@@ -31,46 +28,36 @@ Two load models:
           the client opens more, up to --max-connections (counted), and past
           that the request waits for a connection (counted). Latency is
           measured from the *scheduled* start, so a server that falls behind
-          shows it (no coordinated omission).
+          shows it (no coordinated omission). --connection-model per-arrival
+          sends every request on a new connection of its own, left open
+          after its answer, as a crowd of visitors (and Artillery) arrives.
   closed  --connections workers each send one request at a time, for
           --requests requests or --duration seconds: the most the server can
           do at that concurrency.
 
 Every run prepares its own users and sale through the API, so it needs an
-admin: ``--admin-email/--admin-password`` (log in), or ``--grant-admin`` (the
-client registers an admin user and runs ``flashsale grant-admin EMAIL``, which
-reads the same DATABASE_URL as the server; ``--database-url`` is passed to it
-when given). Registering users costs the server one bcrypt hash each (it
-queues a burst and serves it in turn): at the default cost (BCRYPT_ROUNDS=12,
-~0.25 s of a core per hash) that is under 10 users/s on 2 cores, while
-BCRYPT_ROUNDS=4 gives ~800/s. For big runs start the server with a low cost,
-and with loopback (where this client runs) exempt from the rate limits, e.g.
-
-    BCRYPT_ROUNDS=4 RATE_LIMIT_EXEMPT=127.0.0.1,::1 DATABASE_URL=postgresql://... JWT_SECRET=... flashsale serve
-
-and then, for example:
-
-    python3 scripts/loadtest.py crowd --grant-admin --database-url postgresql://... \
-        --json crowd.json --html crowd.html
-    python3 scripts/loadtest.py throughput --users 5000 --connections 64 --admin-email a@x.io --admin-password ...
-    python3 scripts/loadtest.py opening --rate 2000 --duration 6 --start-delay 3 --grant-admin ...
+admin: --admin-email/--admin-password (log in), or --grant-admin (the client
+registers an admin user and runs `flashsale grant-admin EMAIL`, which reads
+the same DATABASE_URL as the server; --database-url is passed to it when
+given; with none, the embedded database of the current directory, as
+`flashsale serve` there uses). Registering costs the server one bcrypt hash
+per user: start it with BCRYPT_ROUNDS=4 for load tests, and with loopback
+(where this client runs) exempt from the rate limits, RATE_LIMIT_EXEMPT=
+127.0.0.1,::1 (nothing is exempt by default).
 
 After the run the client reads the outcome back from the API (the sale, and
 for every user of the run GET /api/me/orders/{saleId} and GET /api/me/orders)
-and checks the invariants: remaining + orders == total stock, no user with two
-orders, orders == 201 answers received, plus what the scenario must produce.
-With ``--database-url`` it also counts the orders in the database. The exit
-status is 0 when every check passed, 1 when one failed, 2 when a check could
-not be decided (requests that got no answer may or may not have bought), 3
-when the run could not be prepared (no admin, server unreachable, ...).
+and checks the invariants (scripts/invariants.py). With --database-url it also
+counts the orders in the database. Exit status: 0 when every check passed, 1
+when one failed, 2 when a check could not be decided (requests that got no
+answer may or may not have bought), 3 when the run could not be prepared.
 
-Importable: ``run_scenario('crowd', base_url=..., users=20, stock=5, rate=200,
-duration=1, grant_admin=True)`` returns the result dict that ``--json`` writes.
-It is four steps, each usable alone: plan() resolves a scenario's defaults and
-the options into a Plan; prepare() makes the admin, users and sale (Prepared);
+Importable: run_scenario('crowd', base_url=..., users=20, stock=5, rate=200,
+duration=1, grant_admin=True) returns the result dict that --json writes. It
+is four steps, each usable alone: plan() resolves a scenario's defaults and the
+options into a Plan; prepare() makes the admin, users and sale (Prepared);
 run_load() sends the load through one of MODELS (Ran); check() reads the
-outcome back and checks it with scripts/invariants.py. The HTTP client and
-the API calls are in loadclient.py, the text and HTML reports in loadreport.py.
+outcome back and checks it.
 """
 
 from __future__ import annotations
@@ -80,7 +67,6 @@ import asyncio
 import collections
 import dataclasses
 import itertools
-import json
 import math
 import os
 import random
@@ -94,31 +80,30 @@ from datetime import timezone
 from typing import Callable
 from typing import NamedTuple
 
-if sys.version_info < (3, 11):
-    sys.exit('loadtest.py needs Python 3.11 or newer (asyncio.timeout)')
-
-import invariants  # noqa: E402 (the scripts beside this one)
-from loadclient import DEFAULT_REGISTER_CONCURRENCY  # noqa: E402
-from loadclient import READ_BACK_CONCURRENCY  # noqa: E402
-from loadclient import Api  # noqa: E402
-from loadclient import Connection  # noqa: E402
-from loadclient import ConnectionPool  # noqa: E402
-from loadclient import FreshConnections  # noqa: E402
-from loadclient import ProtocolError  # noqa: E402
-from loadclient import SetupError  # noqa: E402
-from loadclient import UserOrders  # noqa: E402
-from loadclient import build_request  # noqa: E402
-from loadclient import iso  # noqa: E402
-from loadclient import parse_time  # noqa: E402
-from loadclient import split_base_url  # noqa: E402
-from loadreport import format_report  # noqa: E402
-from loadreport import html_report  # noqa: E402
+import invariants
+from loadclient import DEFAULT_BASE_URL
+from loadclient import DEFAULT_REGISTER_CONCURRENCY
+from loadclient import READ_BACK_CONCURRENCY
+from loadclient import Api
+from loadclient import Connection
+from loadclient import ConnectionPool
+from loadclient import FreshConnections
+from loadclient import ProtocolError
+from loadclient import SetupError
+from loadclient import UserOrders
+from loadclient import build_request
+from loadclient import iso
+from loadclient import parse_time
+from loadclient import split_base_url
+from loadreport import deliver
+from loadreport import format_report
+from loadreport import html_report
+from loadreport import latency_summary
+from loadreport import percentile
 
 __all__ = ['Api', 'SetupError', 'UserOrders', 'format_report', 'html_report', 'plan', 'prepare', 'run_load',
            'check', 'run_scenario', 'run_scenario_async', 'run_plain_async', 'check_outcome', 'latency_summary',
            'percentile', 'split_base_url']
-
-DEFAULT_BASE_URL = 'http://127.0.0.1:8000'
 
 # The open model opens more connections when every one is busy, up to this
 # many: enough for the crowd at 1,000 req/s on a 2-core machine, and well
@@ -196,6 +181,7 @@ class Scenario:
     covers_every_user: bool = False  # the stock is at least one unit per user
     buy_out_first: bool = False
     opens_late: bool = False
+    watchers: int = 0  # pages polling the sale through the run, by default
 
 
 def _labels(records):
@@ -257,8 +243,7 @@ SCENARIOS = {
                            expect=expect_one_per_user),
     'sold-out': Scenario(users=100, stock=1, model='open', duration=4.0, buy_out_first=True,
                          expect=expect_sold_out),
-    'opening': Scenario(users=100, stock=50, model='open', duration=5.0, start_delay=2.0, opens_late=True,
-                        expect=expect_opening),
+    'watchers': Scenario(users=100, stock=50, model='open', duration=4.0, watchers=2000, expect=expect_stock_sold),
 }
 
 
@@ -506,10 +491,7 @@ class Plan:
     seed: int | None
     settle: float
     bucket: float | None
-
-    @property
-    def kind(self) -> Scenario:
-        return SCENARIOS[self.scenario]
+    kind: Scenario  # SCENARIOS[scenario], opening late with a start delay
 
     def params(self):
         load = self.load
@@ -522,12 +504,17 @@ class Plan:
 
 def plan(scenario, base_url=DEFAULT_BASE_URL, users=None, stock=None, rate=None, duration=None, connections=None,
          max_connections=None, requests=None, model=None, start_delay=None, timeout=10.0, seed=None, settle=1.0,
-         bucket=None, prepared_users=None, connection_model='pooled', linger=None, watchers=0,
+         bucket=None, prepared_users=None, connection_model='pooled', linger=None, watchers=None,
          watch_interval=1.5):
     """The run to do: the scenario's defaults where no option is given."""
     if scenario not in SCENARIOS:
         raise SetupError(f'unknown scenario {scenario!r}; one of {", ".join(SCENARIOS)}')
     kind = SCENARIOS[scenario]
+    if start_delay:
+        if scenario not in ('crowd', 'watchers'):
+            raise SetupError('--start-delay: the crowd (or watchers) scenario only')
+        kind = dataclasses.replace(kind, opens_late=True, start_delay=start_delay, expect=expect_opening)
+    watchers = kind.watchers if watchers is None else watchers
     users = 1 if kind.single_user else users or (len(prepared_users) if prepared_users else kind.users)
     model = model or kind.model
     rate = rate or kind.rate
@@ -549,7 +536,7 @@ def plan(scenario, base_url=DEFAULT_BASE_URL, users=None, stock=None, rate=None,
             stock = max(stock, users)
     load = Load(model, connections, max_connections, rate if model == 'open' else None, duration, requests,
                 timeout, connection_model, linger, watchers, watch_interval)
-    return Plan(scenario, base_url, users, stock, load, planned, start_delay, seed, settle, bucket)
+    return Plan(scenario, base_url, users, stock, load, planned, start_delay, seed, settle, bucket, kind)
 
 
 # --------------------------------------------------------------------------
@@ -671,26 +658,6 @@ async def run_load(the_plan: Plan, prepared: Prepared, probe=None, log=None):
     summary['probe_delta'] = probe() - probe_before if probe else None
     summary['watchers'] = await watch.stop() if watch else None
     return Ran(run, summary, None if opening_loop_time is None else opening_loop_time - run.t0)
-
-
-def percentile(sorted_values, p):
-    """Nearest-rank percentile of an already sorted list (None when empty)."""
-    if not sorted_values:
-        return None
-    rank = max(1, math.ceil(p / 100 * len(sorted_values)))
-    return sorted_values[rank - 1]
-
-
-def latency_summary(latencies):
-    values = sorted(latencies)
-    ms = lambda v: None if v is None else round(v * 1000, 2)  # noqa: E731
-    return {
-        'p50': ms(percentile(values, 50)),
-        'p90': ms(percentile(values, 90)),
-        'p99': ms(percentile(values, 99)),
-        'max': ms(values[-1] if values else None),
-        'mean': ms(sum(values) / len(values) if values else None),
-    }
 
 
 def summarize(run: LoadRun, model, bucket=None):
@@ -901,14 +868,13 @@ async def run_plain_async(base_url, path, method='GET', token=None, model='close
 # --------------------------------------------------------------------------
 
 
-def parse_args(argv=None):
+def parse_args(argv, scenario, prog=None):
+    kind = SCENARIOS[scenario]
     parser = argparse.ArgumentParser(
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog='For big runs start the server with BCRYPT_ROUNDS=4 (every user of the run is registered) '
                'and RATE_LIMIT_EXEMPT=127.0.0.1,::1 (nothing is exempt by default).',
     )
-    parser.add_argument('scenario', choices=list(SCENARIOS))
     parser.add_argument('--base-url', default=os.environ.get('FLASHSALE_URL', DEFAULT_BASE_URL))
     parser.add_argument('--users', type=int, help='users in the run (scenario default)')
     parser.add_argument('--stock', type=int, help='total stock of the sale (scenario default)')
@@ -925,11 +891,12 @@ def parse_args(argv=None):
                              'connection of its own, left open after the answer (a crowd arriving)')
     parser.add_argument('--linger', type=float,
                         help='per-arrival: seconds a connection stays open after its answer (default: to the end)')
-    parser.add_argument('--watchers', type=int, default=0,
-                        help='also keep this many pages polling GET /api/flash-sales/current with '
+    parser.add_argument('--watchers', type=int, default=kind.watchers,
+                        help=f'(default {kind.watchers}) ''also keep this many pages polling GET /api/flash-sales/current with '
                              'If-None-Match, each on its own connection, through the run')
     parser.add_argument('--watch-interval', type=float, default=1.5, help='seconds between a watcher\'s polls')
-    parser.add_argument('--start-delay', type=float, help='opening: seconds until the sale starts (default 2)')
+    parser.add_argument('--start-delay', type=float,
+                        help='crowd: the sale opens this many seconds into the run (default: open from the start)')
     parser.add_argument('--timeout', type=float, default=10.0, help='per request, seconds (default 10)')
     parser.add_argument('--admin-email')
     parser.add_argument('--admin-password')
@@ -954,18 +921,13 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ['opening-crowd']:
-        # A scenario of its own shape (people who log in, then buy): scripts/opening_crowd.py.
-        import opening_crowd  # noqa: PLC0415
-
-        return opening_crowd.main(argv[1:])
-    args = parse_args(argv)
+def main(argv, scenario, prog=None):
+    """`scripts/load.py SCENARIO ...`: run it, print the report, exit status by the verdict."""
+    args = parse_args(argv, scenario, prog)
     log = (lambda *_: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
         result = run_scenario(
-            args.scenario, base_url=args.base_url, users=args.users, stock=args.stock, rate=args.rate,
+            scenario, base_url=args.base_url, users=args.users, stock=args.stock, rate=args.rate,
             duration=args.duration, connections=args.connections, max_connections=args.max_connections,
             requests=args.requests, model=args.model, start_delay=args.start_delay, timeout=args.timeout,
             admin_email=args.admin_email, admin_password=args.admin_password, grant_admin=args.grant_admin,
@@ -975,17 +937,7 @@ def main(argv=None):
             watch_interval=args.watch_interval,
         )
     except SetupError as exc:
-        print(f'loadtest: {exc}', file=sys.stderr)
+        print(f'{prog or scenario}: {exc}', file=sys.stderr)
         return 3
-    print(format_report(result))
-    if args.json_file:
-        with open(args.json_file, 'w') as fh:
-            json.dump(result, fh, indent=2)
-    if args.html_file:
-        with open(args.html_file, 'w') as fh:
-            fh.write(html_report(result))
+    deliver(format_report(result), result, args.json_file, args.html_file)
     return {'pass': 0, 'fail': 1, 'inconclusive': 2}[result['invariants']['verdict']]
-
-
-if __name__ == '__main__':
-    sys.exit(main())

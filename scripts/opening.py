@@ -1,7 +1,7 @@
-"""The `opening-crowd` scenario of scripts/loadtest.py: people who are not
-logged in arrive at a sale's opening.
+"""The opening crowd (`scripts/load.py opening`): people who are not logged
+in arrive at a sale's opening.
 
-    python3 scripts/loadtest.py opening-crowd --users 1000 --duration 20 --stock 100 \
+    python3 scripts/load.py opening --users 1000 --duration 20 --stock 100 \
         --tokenless 200 --grant-admin --database-url postgresql://... --jwt-secret ...
 
 `--users` people arrive at a fixed rate over `--duration` seconds. Each one:
@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -45,7 +46,8 @@ import uuid
 from datetime import timedelta
 
 import loadclient
-import loadtest
+from loadreport import deliver
+from loadreport import latency_summary
 
 REGISTER_CONCURRENCY = 32
 # A person gives up after this many tries of one step (it is then "unsettled").
@@ -91,16 +93,16 @@ async def prepare_people(api, count, run_id, database_url=None, jwt_secret=None,
     return people
 
 
+@dataclasses.dataclass
 class Crowd:
     """The run: one task per person, records of every answer."""
 
-    def __init__(self, api, sale_id, t0):
-        self.api = api
-        self.sale_id = sale_id
-        self.t0 = t0
-        # (seconds since t0 it was sent, seconds it took, step, label)
-        self.records = []
-        self.people = {}  # index -> outcome dict
+    api: loadclient.Api
+    sale_id: str
+    t0: float
+    # (seconds since t0 it was sent, seconds it took, step, label)
+    records: list = dataclasses.field(default_factory=list)
+    people: dict = dataclasses.field(default_factory=dict)  # index -> outcome dict
 
     async def send(self, step, method, path, token=None, body=None):
         raw = loadclient.build_request(method, path, self.api.host_header, token, body)
@@ -233,8 +235,8 @@ def summarize(crowd, users, stock, remaining, orders_in_db, elapsed):
 
     def latency(step):
         if step == 'purchase':
-            return loadtest.latency_summary([o['purchase_s'] for o in outcomes if 'purchase_s' in o])
-        return loadtest.latency_summary([o['session_s'] for o in outcomes if o['role'] == step])
+            return latency_summary([o['purchase_s'] for o in outcomes if 'purchase_s' in o])
+        return latency_summary([o['session_s'] for o in outcomes if o['role'] == step])
 
     checks = []
     expected = min(stock, users)
@@ -249,7 +251,7 @@ def summarize(crowd, users, stock, remaining, orders_in_db, elapsed):
         check(checks, 'the database has those orders, one per buyer', count == buyers == created,
                        f'{count} orders, {buyers} buyers, {created} x 201')
     return {
-        'scenario': 'opening-crowd',
+        'scenario': 'opening',
         'users': users,
         'stock': stock,
         'roles': dict(collections.Counter(o['role'] for o in outcomes)),
@@ -267,7 +269,7 @@ def summarize(crowd, users, stock, remaining, orders_in_db, elapsed):
 
 
 def format_report(result):
-    lines = [f'opening-crowd: {result["users"]} people ({result["roles"]}), stock {result["stock"]}',
+    lines = [f'opening: {result["users"]} people ({result["roles"]}), stock {result["stock"]}',
              f'  last arrival at {result["last_arrival_s"]} s; last person settled at {result["last_settled_s"]} s',
              f'  how it ended: {result["ends"]}']
     for step, summary in result['latency_ms'].items():
@@ -282,12 +284,12 @@ def format_report(result):
     return '\n'.join(lines)
 
 
-def parse_args(argv):
+def parse_args(argv, prog=None):
     import argparse  # noqa: PLC0415
 
-    parser = argparse.ArgumentParser(prog='loadtest.py opening-crowd', description=__doc__,
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--base-url', default=loadtest.DEFAULT_BASE_URL)
+    parser.add_argument('--base-url', default=loadclient.DEFAULT_BASE_URL)
     parser.add_argument('--users', type=int, default=1000)
     parser.add_argument('--stock', type=int, default=100)
     parser.add_argument('--duration', type=float, default=20.0, help='seconds over which the people arrive')
@@ -306,10 +308,10 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def main(argv):
+def main(argv, prog=None):
     import sys  # noqa: PLC0415
 
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     try:
         result = asyncio.run(run_async(
             args.base_url, args.users, args.stock, args.duration, args.tokenless, args.newcomers,
@@ -317,10 +319,7 @@ def main(argv):
             args.jwt_secret, args.timeout, args.max_connections, args.seed,
             log=lambda msg: print(msg, file=sys.stderr, flush=True)))
     except loadclient.SetupError as exc:
-        print(f'loadtest: {exc}', file=sys.stderr)
+        print(f'{prog or "opening"}: {exc}', file=sys.stderr)
         return 3
-    print(format_report(result))
-    if args.json_file:
-        with open(args.json_file, 'w') as fh:
-            json.dump(result, fh, indent=2)
+    deliver(format_report(result), result, args.json_file)
     return 0 if result['verdict'] == 'pass' else 1

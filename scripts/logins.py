@@ -1,10 +1,6 @@
-"""The login part of scripts/bench.py (`bench.py --logins`): bcrypt, the
-hashing queue, and what a login storm does to purchases.
-
-    python scripts/bench.py --logins
-
-starts a server of its own at the default bcrypt cost (12) against a
-throwaway embedded PostgreSQL (or --database-url) and prints:
+"""The benchmark's `logins` run (scripts/bench.py): bcrypt, the hashing
+queue, and what a login storm does to purchases, against a server at the
+default bcrypt cost (12):
 
   1. whether bcrypt releases the interpreter lock: how fast a pure-Python
      thread runs while another thread hashes, against while it sleeps;
@@ -32,10 +28,10 @@ from datetime import timedelta
 
 import bcrypt
 
-from resources import hashing
 import loadclient
-import loadtest
-import opening_crowd
+import opening
+from loadreport import latency_summary
+from resources import hashing
 
 COST = 12
 
@@ -107,7 +103,7 @@ async def logins(api, email, concurrency, total):
     started = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
     elapsed = time.perf_counter() - started
-    return {'logins_per_s': total / elapsed, 'refused': refused, **loadtest.latency_summary(latencies)}
+    return {'logins_per_s': total / elapsed, 'refused': refused, **latency_summary(latencies)}
 
 
 async def login_storm(api, email, clients, stop):
@@ -145,7 +141,7 @@ async def purchases(api, sale_id, users, rate):
         statuses[response.status] = statuses.get(response.status, 0) + 1
 
     await asyncio.gather(*(one(i, u) for i, u in enumerate(users)))
-    return {'statuses': statuses, **loadtest.latency_summary(latencies)}
+    return {'statuses': statuses, **latency_summary(latencies)}
 
 
 async def run(base_url, database_url, jwt_secret, processes, log, crowd_users=1000):
@@ -158,7 +154,7 @@ async def run(base_url, database_url, jwt_secret, processes, log, crowd_users=10
     try:
         run_id = uuid.uuid4().hex[:8]
         admin = await api.admin_token(grant_admin=True, database_url=database_url, run_id=run_id)
-        people = await opening_crowd.prepare_people(api, 1800, run_id, database_url, jwt_secret, log)
+        people = await opening.prepare_people(api, 1800, run_id, database_url, jwt_secret, log)
         email = people[0].email
         log('50 clients logging in at once ...')
         results['logins'] = await logins(api, email, 50, 100)
@@ -186,7 +182,7 @@ async def run(base_url, database_url, jwt_secret, processes, log, crowd_users=10
     finally:
         api.close()
     log(f'opening-crowd: {crowd_users} people over 20 s, stock 100 ...')
-    results['opening_crowd'] = await opening_crowd.run_async(
+    results['opening_crowd'] = await opening.run_async(
         base_url, users=crowd_users, stock=100, duration=20.0, tokenless=crowd_users // 5, grant_admin=True,
         database_url=database_url, jwt_secret=jwt_secret, log=log)
     return results
@@ -210,5 +206,5 @@ def format_table(r):
         lines.append(f'purchases, {name:11}: p50 {p["p50"]:6.1f} ms  p99 {p["p99"]:6.1f} ms  {p["statuses"]}{extra}')
     calm_p99 = max(r['calm_before']['p99'], r['calm_after']['p99'])
     lines.append(f'storm p99 / calm p99 (the worse calm run): {r["storm"]["p99"] / calm_p99:.2f}')
-    lines.append(opening_crowd.format_report(r['opening_crowd']))
+    lines.append(opening.format_report(r['opening_crowd']))
     return '\n'.join(lines)
