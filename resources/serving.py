@@ -113,6 +113,7 @@ _SWEEP_SECONDS = 1
 # on it: nginx cannot retry a POST it has sent, and answers 502. The
 # shipped nginx.conf closes its idle upstream connections sooner (2 s).
 _STOP_IDLE_SECONDS = 3.0
+_ACCEPTS_AT_STOP = 4096  # at most: LISTEN_BACKLOG's default
 
 
 class _ChunkedReceiver(ChunkedReceiver):
@@ -636,6 +637,14 @@ def serve(server, grace_seconds, stops, on_stop=None):
             poller.poll(_TICK)
         log.info('%s: stopping; finishing the requests in flight', _stop_reason(stops[0]))
         server.stopping = True
+        # The connections the kernel has completed but this process not yet
+        # accepted are taken first, and served: closing a listening socket
+        # resets them, and nginx, whose request is already sent on one,
+        # answers that 502 (it never sends a POST twice).
+        for _ in range(_ACCEPTS_AT_STOP):
+            if not select.select([server.socket], [], [], 0)[0] or len(server._map) >= server.adj.connection_limit:
+                break
+            server.handle_accept()
         # Closes the listening socket only. (server.close() would also close
         # the wake-up pipe the worker threads still use.) Out of the epoll
         # set first: after close() its fd is no longer ours to name.
