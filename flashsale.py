@@ -543,8 +543,6 @@ def _serve_process(settings, url, sock, stop):
 
 
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
-# Signals blocked while forking a worker, until it has its own handlers.
-_FORK_MASK = _STOP_SIGNALS
 # A replacement for a worker that died this soon after it started waits
 # before it starts from the second time in a row, twice as long each time,
 # up to the last: a worker that cannot start (the database is gone) is not
@@ -589,7 +587,7 @@ def _run_workers(settings, url, socks, stop):
     def start(index):
         # Blocked while forking: a signal then waits until the worker has
         # its own handlers (it would run the parent's in the worker).
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _FORK_MASK)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         pid = os.fork()
         if pid == 0:  # the worker
             # Its own process group: a Ctrl-C in the terminal reaches the

@@ -29,6 +29,7 @@ from waitress.proxy_headers import proxy_headers_middleware
 from resources.errors import CATALOGUE
 from resources.middleware import API_SECURITY_HEADERS
 from resources.serving import TRUSTED_PROXY_HEADERS
+from resources.serving import stop_reason
 
 log = logging.getLogger('flashsale')
 
@@ -180,9 +181,7 @@ def serve(server, grace_seconds, stops, on_stop=None):
     server.start()
     while not stops:
         time.sleep(_TICK)
-    first = stops[0]
-    log.info('%s: stopping; finishing the requests in flight',
-             signal.Signals(first).name if isinstance(first, int) else first)
+    log.info('%s: stopping; finishing the requests in flight', stop_reason(stops[0]))
     deadline = time.monotonic() + grace_seconds
     server.begin_stop()
     if on_stop is not None:

@@ -616,7 +616,8 @@ def create_server(app, settings, sock=None):
     return server
 
 
-def _stop_reason(reason):
+def stop_reason(reason):
+    """How a stop's first entry is logged: a signal by its name."""
     return signal.Signals(reason).name if isinstance(reason, int) else str(reason)
 
 
@@ -635,7 +636,7 @@ def serve(server, grace_seconds, stops, on_stop=None):
     try:
         while not stops:
             poller.poll(_TICK)
-        log.info('%s: stopping; finishing the requests in flight', _stop_reason(stops[0]))
+        log.info('%s: stopping; finishing the requests in flight', stop_reason(stops[0]))
         server.stopping = True
         # The connections the kernel has completed but this process not yet
         # accepted are taken first, and served: closing a listening socket
